@@ -11,9 +11,9 @@
 //! handed back), and a broken aggregate is delivered as a plain record.
 
 use std::fmt;
-use std::sync::Arc;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use md5::{Digest, Md5};
 
 use super::{DIGEST_LEN, FRAMING_LEN, MAGIC};
@@ -23,8 +23,9 @@ use crate::wire::{Reader, WIRE_LEN, WIRE_VARINT, WireError};
 /// One user record out of a Kinesis record.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DeaggregatedRecord {
-    pub partition_key: Arc<str>,
-    pub explicit_hash_key: Option<Arc<str>>,
+    /// Shares the Kinesis record's buffer, like `data`.
+    pub partition_key: ByteString,
+    pub explicit_hash_key: Option<ByteString>,
     /// A slice of the Kinesis record's data: no copy is made.
     pub data: Bytes,
     /// Position within the aggregate, from 0; always 0 for a plain record.
@@ -191,20 +192,22 @@ impl Deaggregator {
 
         // Pass 1: the key tables, wherever they are in the message (a protobuf writer may
         // interleave repeated fields; the KPL writes them first).
-        let mut partition_keys: Vec<Arc<str>> = Vec::new();
-        let mut explicit_hash_keys: Vec<(Arc<str>, u128)> = Vec::new();
+        let string_at = |range: std::ops::Range<usize>| {
+            let range = message_start + range.start..message_start + range.end;
+            ByteString::try_from(data.slice(range)).map_err(|_| Malformed::InvalidUtf8)
+        };
+        let mut partition_keys: Vec<ByteString> = Vec::new();
+        let mut explicit_hash_keys: Vec<(ByteString, u128)> = Vec::new();
         let mut reader = Reader::new(message);
         while !reader.is_empty() {
             let (field, wire_type) = reader.key()?;
             match (field, wire_type) {
-                (1, WIRE_LEN) => {
-                    partition_keys.push(utf8(&message[reader.len_delimited()?])?.into())
-                }
+                (1, WIRE_LEN) => partition_keys.push(string_at(reader.len_delimited()?)?),
                 (2, WIRE_LEN) => {
-                    let key = utf8(&message[reader.len_delimited()?])?;
-                    let hash = parse_explicit_hash_key(key)
+                    let key = string_at(reader.len_delimited()?)?;
+                    let hash = parse_explicit_hash_key(&key)
                         .map_err(|_| Malformed::InvalidExplicitHashKey)?;
-                    explicit_hash_keys.push((key.into(), hash));
+                    explicit_hash_keys.push((key, hash));
                 }
                 (1..=3, _) if wire_type != WIRE_LEN => return Err(Malformed::FieldType),
                 _ => reader.skip(wire_type)?,
@@ -243,8 +246,8 @@ impl Deaggregator {
             };
             let offset = message_start + range.start;
             let record = DeaggregatedRecord {
-                partition_key: Arc::clone(partition_key),
-                explicit_hash_key: explicit_hash_key.map(|(key, _)| Arc::clone(key)),
+                partition_key: partition_key.clone(),
+                explicit_hash_key: explicit_hash_key.map(|(key, _)| key.clone()),
                 data: data.slice(offset + fields.data.start..offset + fields.data.end),
                 sub_sequence_number,
                 aggregated: true,
@@ -310,10 +313,6 @@ fn parse_record(message: &[u8]) -> Result<RecordFields, Malformed> {
     }
 }
 
-fn utf8(bytes: &[u8]) -> Result<&str, Malformed> {
-    std::str::from_utf8(bytes).map_err(|_| Malformed::InvalidUtf8)
-}
-
 /// Decides from the framing alone whether a record can be an aggregate.
 fn classify(data: &[u8]) -> RecordFormat {
     if !data.starts_with(&MAGIC) {
@@ -332,8 +331,8 @@ fn classify(data: &[u8]) -> RecordFormat {
 
 fn plain(data: Bytes, partition_key: &str, explicit_hash_key: Option<&str>) -> DeaggregatedRecord {
     DeaggregatedRecord {
-        partition_key: partition_key.into(),
-        explicit_hash_key: explicit_hash_key.map(Into::into),
+        partition_key: ByteString::from(partition_key),
+        explicit_hash_key: explicit_hash_key.map(ByteString::from),
         data,
         sub_sequence_number: 0,
         aggregated: false,

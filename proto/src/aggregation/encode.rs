@@ -201,13 +201,18 @@ pub struct Aggregator {
     partition_key_table: Vec<u8>,
     explicit_hash_key_table: Vec<u8>,
     records: Vec<u8>,
-    partition_key_indices: HashMap<String, u64>,
-    explicit_hash_key_indices: HashMap<String, u64>,
+    partition_key_indices: KeyIndex,
+    explicit_hash_key_indices: KeyIndex,
     count: usize,
     /// The first record added, kept whole: it is emitted as it is if no other record joins it,
     /// and its keys route the aggregate.
     first: Option<UserRecord>,
 }
+
+/// Index of each distinct key in its table. Keys are short and hashed once per record, so a fast
+/// non-cryptographic hasher pays (they come from the application, and flooding one producer's
+/// own aggregate buys an attacker nothing).
+type KeyIndex = HashMap<String, u64, foldhash::fast::FixedState>;
 
 /// What adding a record would cost, worked out once and then committed.
 struct Addition {
@@ -284,15 +289,15 @@ impl Aggregator {
             // The first record is planned now (tables and record bytes) but stays whole in `first`
             // too: a lone record is emitted plain, without touching the buffers.
             let plan = self.plan(&record);
-            self.commit(&record, &plan);
-            self.first = Some(record);
+            self.first = Some(record.clone());
+            self.commit(record, &plan);
             return Ok(());
         }
         let plan = self.plan(&record);
         if FRAMING_LEN + self.message_len() + plan.growth > self.aggregate_cap() {
             return Err(Rejected::Full(record));
         }
-        self.commit(&record, &plan);
+        self.commit(record, &plan);
         Ok(())
     }
 
@@ -399,25 +404,20 @@ impl Aggregator {
         }
     }
 
-    fn commit(&mut self, record: &UserRecord, plan: &Addition) {
+    /// Appends the record's bytes; takes the record so new keys move into the index, uncopied.
+    fn commit(&mut self, record: UserRecord, plan: &Addition) {
         if plan.new_partition_key {
             put_string(
                 &mut self.partition_key_table,
                 TAG_PARTITION_KEY_TABLE,
                 &record.partition_key,
             );
-            self.partition_key_indices
-                .insert(record.partition_key.clone(), plan.partition_key_index);
         }
         if let (true, Some(ehk)) = (plan.new_explicit_hash_key, &record.explicit_hash_key) {
             put_string(
                 &mut self.explicit_hash_key_table,
                 TAG_EXPLICIT_HASH_KEY_TABLE,
                 ehk,
-            );
-            self.explicit_hash_key_indices.insert(
-                ehk.clone(),
-                plan.explicit_hash_key_index.unwrap_or_default(),
             );
         }
         let records = &mut self.records;
@@ -433,6 +433,22 @@ impl Aggregator {
         put_varint(records, record.data.len() as u64);
         records.extend_from_slice(&record.data);
         self.count += 1;
+        let UserRecord {
+            partition_key,
+            explicit_hash_key,
+            ..
+        } = record;
+        if plan.new_partition_key {
+            self.partition_key_indices
+                .insert(partition_key, plan.partition_key_index);
+        }
+        if let (true, Some(ehk), Some(index)) = (
+            plan.new_explicit_hash_key,
+            explicit_hash_key,
+            plan.explicit_hash_key_index,
+        ) {
+            self.explicit_hash_key_indices.insert(ehk, index);
+        }
     }
 }
 

@@ -48,6 +48,7 @@ impl fmt::Debug for DeaggregatedRecord {
 
 /// What a Kinesis record turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RecordFormat {
     /// A well-formed KPL aggregate.
     Aggregated,

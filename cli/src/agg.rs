@@ -110,9 +110,11 @@ pub fn encode(
                 summary.records_out += 1;
             }
             Ok(None) => {}
-            Err(Rejected::TooLarge(_, error)) => {
+            Err(rejected @ Rejected::TooLarge { .. }) => {
                 summary.bad_lines += 1;
-                writeln!(err, "line {number}: {error}")?;
+                if let Some(error) = rejected.error() {
+                    writeln!(err, "line {number}: {error}")?;
+                }
             }
             Err(Rejected::Full(_)) => {
                 // `add` finishes a full aggregate and retries on an empty one, which takes any

@@ -82,7 +82,7 @@ fn aggregate_all(
                     .expect("an empty aggregator takes any record");
                 current.push(record.clone());
             }
-            Err(Rejected::TooLarge(..)) => panic!("records are small"),
+            Err(Rejected::TooLarge { .. }) => panic!("records are small"),
         }
     }
     let before = aggregator.size();

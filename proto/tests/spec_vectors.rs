@@ -169,7 +169,11 @@ fn records_too_large_for_the_stream_come_back() {
     let mut aggregator = Aggregator::default();
     let big = UserRecord::new("k", vec![0u8; 1024 * 1024]).expect("valid");
     match aggregator.try_add(big) {
-        Err(Rejected::TooLarge(record, Error::RecordTooLarge { size, max })) => {
+        Err(rejected @ Rejected::TooLarge { .. }) => {
+            let Some(Error::RecordTooLarge { size, max }) = rejected.error() else {
+                panic!("TooLarge carries RecordTooLarge")
+            };
+            let record = rejected.into_record();
             assert_eq!((size, max), (1024 * 1024 + 1, 1024 * 1024));
             assert_eq!(record.data().len(), 1024 * 1024);
         }

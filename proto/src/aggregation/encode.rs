@@ -179,8 +179,34 @@ impl AggregatorConfig {
 pub enum Rejected {
     /// The record does not fit in the current aggregate: finish it and add the record again.
     Full(UserRecord),
-    /// The record is larger than a Kinesis record may be, even on its own.
-    TooLarge(UserRecord, Error),
+    /// The record is larger than a Kinesis record may be, even on its own: `size` bytes (data
+    /// plus partition key) against a maximum of `max`.
+    TooLarge {
+        record: UserRecord,
+        size: usize,
+        max: usize,
+    },
+}
+
+impl Rejected {
+    /// The record that was not taken.
+    pub fn into_record(self) -> UserRecord {
+        match self {
+            Rejected::Full(record) | Rejected::TooLarge { record, .. } => record,
+        }
+    }
+
+    /// The error to report for a record that can never be put; `None` for [`Rejected::Full`],
+    /// which only means "finish the aggregate first".
+    pub fn error(&self) -> Option<Error> {
+        match self {
+            Rejected::Full(_) => None,
+            Rejected::TooLarge { size, max, .. } => Some(Error::RecordTooLarge {
+                size: *size,
+                max: *max,
+            }),
+        }
+    }
 }
 
 /// Packs user records into one Kinesis record at a time, KPL-style.
@@ -280,11 +306,8 @@ impl Aggregator {
         if self.first.is_none() {
             let size = record.plain_size();
             if size > self.config.max_record_size {
-                let error = Error::RecordTooLarge {
-                    size,
-                    max: self.config.max_record_size,
-                };
-                return Err(Rejected::TooLarge(record, error));
+                let max = self.config.max_record_size;
+                return Err(Rejected::TooLarge { record, size, max });
             }
             // The first record is planned now (tables and record bytes) but stays whole in `first`
             // too: a lone record is emitted plain, without touching the buffers.

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Seeds the fuzz corpus with the real KPL vectors of the test fixture (one file each, prefixed
+# with the shard-range selector byte 0).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$here/corpus/deaggregate"
+python3 - "$here/../tests/fixtures/kpl_vectors.json" "$here/corpus/deaggregate" <<'PY'
+import base64, json, sys
+vectors = json.load(open(sys.argv[1]))["vectors"]
+for i, v in enumerate(vectors):
+    with open(f"{sys.argv[2]}/vector-{i}", "wb") as f:
+        f.write(b"\x00" + base64.b64decode(v["data_base64"]))
+PY
+echo "seeded $(ls "$here/corpus/deaggregate" | wc -l) inputs"

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The project's test command (README, and what CI runs through .ci/run).
+#
+# On a fresh machine it installs and starts what the tests need: LocalStack (host mode, no
+# Docker), PostgreSQL and MariaDB. Then: rustfmt check, clippy with warnings as errors, and every
+# test of the workspace, integration tests included. Integration tests never skip: a missing
+# service fails them. LocalStack is stopped at the end if this script started it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+# One build directory outside the clone, reused across runs and clones.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktk/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+cargo --version
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+
+step "services: LocalStack, PostgreSQL, MariaDB"
+localstack/up.sh
+trap 'localstack/down.sh --if-started' EXIT
+localstack/databases.sh
+
+# The tests reach AWS through the standard configuration chain, pointed at LocalStack.
+export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:4566}"
+export AWS_REGION="${AWS_REGION:-us-east-1}"
+export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
+export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
+export MYSQL_URL="${MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit, property, integration, doc)"
+log="$(mktemp)"
+set +e
+cargo test --workspace --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+rm -f "$log"
+if [[ $status -ne 0 && $failed -eq 0 ]]; then
+  failed=1 # a build error or a crashed test binary counts as a failure
+fi
+printf '\ntests: %d passed, %d failed\n' "$passed" "$failed"
+exit "$status"

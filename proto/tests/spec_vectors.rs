@@ -200,6 +200,28 @@ fn records_too_large_for_the_stream_come_back() {
 }
 
 #[test]
+fn a_record_too_large_for_the_stream_leaves_the_aggregate_alone() {
+    let mut aggregator = Aggregator::default();
+    aggregator
+        .add(UserRecord::new("a", "one").expect("valid"))
+        .expect("fits");
+    aggregator
+        .add(UserRecord::new("b", "two").expect("valid"))
+        .expect("fits");
+    let size = aggregator.size();
+    let big = UserRecord::new("c", vec![7u8; 2 * 1024 * 1024]).expect("valid");
+    let rejected = aggregator.add(big).expect_err("too large");
+    assert!(matches!(
+        rejected.error(),
+        Some(Error::RecordTooLarge { .. })
+    ));
+    assert_eq!(rejected.into_record().data().len(), 2 * 1024 * 1024);
+    // Nothing was finished, nothing was lost.
+    assert_eq!((aggregator.len(), aggregator.size()), (2, size));
+    assert_eq!(aggregator.finish().expect("aggregate").user_records, 2);
+}
+
+#[test]
 fn aggregates_stay_within_the_cap_and_the_record_limit() {
     let config = AggregatorConfig::default()
         .with_max_record_size(4096)

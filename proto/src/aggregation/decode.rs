@@ -17,7 +17,7 @@ use bytestring::ByteString;
 use md5::{Digest, Md5};
 
 use super::{DIGEST_LEN, FRAMING_LEN, MAGIC};
-use crate::keys::{HashKeyRange, effective_hash_key, parse_explicit_hash_key};
+use crate::keys::{HashKeyRange, parse_explicit_hash_key, partition_key_hash};
 use crate::wire::{Reader, WIRE_LEN, WIRE_VARINT, WireError};
 
 /// One user record out of a Kinesis record.
@@ -262,7 +262,7 @@ impl Deaggregator {
                     let hash = match partition_key_hashes[index] {
                         Some(hash) => hash,
                         None => {
-                            let hash = effective_hash_key(partition_key, None).unwrap_or_default();
+                            let hash = partition_key_hash(partition_key);
                             partition_key_hashes[index] = Some(hash);
                             hash
                         }

@@ -303,21 +303,19 @@ impl Aggregator {
     /// Adds `record` if the result stays within the configured caps. An empty aggregator takes
     /// any record up to the maximum record size, since a lone record is put as a plain record.
     pub fn try_add(&mut self, record: UserRecord) -> Result<(), Rejected> {
-        if self.first.is_none() {
-            let size = record.plain_size();
-            if size > self.config.max_record_size {
-                let max = self.config.max_record_size;
-                return Err(Rejected::TooLarge { record, size, max });
-            }
-            // The first record is planned now (tables and record bytes) but stays whole in `first`
-            // too: a lone record is emitted plain, without touching the buffers.
-            let plan = self.plan(&record);
-            self.first = Some(record.clone());
-            self.commit(record, &plan);
-            return Ok(());
+        // Checked first, whatever the aggregator holds, so that `Full` always means "fits once
+        // the current aggregate is finished".
+        let size = record.plain_size();
+        if size > self.config.max_record_size {
+            let max = self.config.max_record_size;
+            return Err(Rejected::TooLarge { record, size, max });
         }
         let plan = self.plan(&record);
-        if FRAMING_LEN + self.message_len() + plan.growth > self.aggregate_cap() {
+        if self.first.is_none() {
+            // The first record goes into the buffers like any other, and is also kept whole: a
+            // lone record is emitted plain, as it came.
+            self.first = Some(record.clone());
+        } else if FRAMING_LEN + self.message_len() + plan.growth > self.aggregate_cap() {
             return Err(Rejected::Full(record));
         }
         self.commit(record, &plan);
@@ -325,16 +323,21 @@ impl Aggregator {
     }
 
     /// Adds `record`, first finishing the current aggregate if the record does not fit in it.
-    /// Returns the finished record, if one was finished.
+    /// Returns the finished record, if one was finished. A record too large for the stream is
+    /// handed back and the aggregator is left as it was.
     pub fn add(&mut self, record: UserRecord) -> Result<Option<KinesisRecord>, Rejected> {
         match self.try_add(record) {
             Ok(()) => Ok(None),
             Err(Rejected::Full(record)) => {
                 let finished = self.finish();
-                // An empty aggregator takes anything up to the record size limit, which was
-                // checked above only for non-first records; this either succeeds or says why not.
-                self.try_add(record)?;
-                Ok(finished)
+                // `Full` is only returned for records within the record size limit, and an empty
+                // aggregator takes any such record.
+                match self.try_add(record) {
+                    Ok(()) => Ok(finished),
+                    Err(_) => {
+                        unreachable!("an empty aggregator refused a record within the size limit")
+                    }
+                }
             }
             Err(rejected) => Err(rejected),
         }

@@ -209,6 +209,15 @@ impl Rejected {
     }
 }
 
+/// Why [`Aggregator::try_add_ref`] did not take a record (which the caller still has).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectedRef {
+    /// Does not fit in the current aggregate: finish it and add the record again.
+    Full,
+    /// Larger than the record size limit, even alone.
+    TooLarge { size: usize, max: usize },
+}
+
 /// Packs user records into one Kinesis record at a time, KPL-style.
 ///
 /// ```
@@ -322,6 +331,37 @@ impl Aggregator {
         Ok(())
     }
 
+    /// Like [`try_add`](Self::try_add), for a caller that keeps its record (a producer holds on to
+    /// it to hand it back if the put fails): copies only what it must (new keys, and the first
+    /// record).
+    pub fn try_add_ref(&mut self, record: &UserRecord) -> Result<(), RejectedRef> {
+        let size = record.plain_size();
+        if size > self.config.max_record_size {
+            return Err(RejectedRef::TooLarge {
+                size,
+                max: self.config.max_record_size,
+            });
+        }
+        let plan = self.plan(record);
+        if self.first.is_none() {
+            self.first = Some(record.clone());
+        } else if FRAMING_LEN + self.message_len() + plan.growth > self.aggregate_cap() {
+            return Err(RejectedRef::Full);
+        }
+        self.write(record, &plan);
+        self.index_keys(
+            &plan,
+            || record.partition_key.clone(),
+            || record.explicit_hash_key.clone(),
+        );
+        Ok(())
+    }
+
+    /// Discards everything added since the last [`finish`](Self::finish).
+    pub fn reset(&mut self) {
+        self.clear();
+    }
+
     /// Adds `record`, first finishing the current aggregate if the record does not fit in it.
     /// Returns the finished record, if one was finished. A record too large for the stream is
     /// handed back and the aggregator is left as it was.
@@ -430,8 +470,8 @@ impl Aggregator {
         }
     }
 
-    /// Appends the record's bytes; takes the record so new keys move into the index, uncopied.
-    fn commit(&mut self, record: UserRecord, plan: &Addition) {
+    /// Appends the record's bytes to the tables and the records.
+    fn write(&mut self, record: &UserRecord, plan: &Addition) {
         if plan.new_partition_key {
             put_string(
                 &mut self.partition_key_table,
@@ -459,22 +499,35 @@ impl Aggregator {
         put_varint(records, record.data.len() as u64);
         records.extend_from_slice(&record.data);
         self.count += 1;
+    }
+
+    /// Records new keys in the indices; the keys are only materialised when they are new.
+    fn index_keys(
+        &mut self,
+        plan: &Addition,
+        partition_key: impl FnOnce() -> String,
+        explicit_hash_key: impl FnOnce() -> Option<String>,
+    ) {
+        if plan.new_partition_key {
+            self.partition_key_indices
+                .insert(partition_key(), plan.partition_key_index);
+        }
+        if let (true, Some(index)) = (plan.new_explicit_hash_key, plan.explicit_hash_key_index)
+            && let Some(ehk) = explicit_hash_key()
+        {
+            self.explicit_hash_key_indices.insert(ehk, index);
+        }
+    }
+
+    /// Adds a record by value: new keys move into the indices, uncopied.
+    fn commit(&mut self, record: UserRecord, plan: &Addition) {
+        self.write(&record, plan);
         let UserRecord {
             partition_key,
             explicit_hash_key,
             ..
         } = record;
-        if plan.new_partition_key {
-            self.partition_key_indices
-                .insert(partition_key, plan.partition_key_index);
-        }
-        if let (true, Some(ehk), Some(index)) = (
-            plan.new_explicit_hash_key,
-            explicit_hash_key,
-            plan.explicit_hash_key_index,
-        ) {
-            self.explicit_hash_key_indices.insert(ehk, index);
-        }
+        self.index_keys(plan, || partition_key, || explicit_hash_key);
     }
 }
 

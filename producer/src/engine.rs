@@ -1,0 +1,1005 @@
+//! The producer's engine: one task that owns every buffered record.
+//!
+//! Data flow, for one user record:
+//! 1. `Producer::put` checks the record, takes room from the outstanding limits, hashes the key and
+//!    sends a [`Pending`] here.
+//! 2. [`Engine::route`] finds the record's predicted shard in the [`ShardMap`] and adds it to that
+//!    shard's aggregator (or, while the shard is backing off after a failure, to its queue of held
+//!    records, behind the failed ones, so order per shard is kept).
+//! 3. An aggregate is finished when the next record does not fit or its first record has waited
+//!    `record_max_buffered_time`; it then waits in the shard's ready queue.
+//! 4. [`Engine::dispatch`] collects ready records of many shards into one `PutRecords` call, at most
+//!    one call in flight per shard, within the per-shard rate limits, as soon as any shard is due
+//!    (buffering time up, 256 KiB waiting, or a flush).
+//! 5. The answer resolves every user record of every successful entry; the records of failed
+//!    entries go back to the front of their shard, which backs off before sending again, or fail
+//!    when retrying cannot help or their TTL would run out.
+//!
+//! Every record ends in exactly one `resolve`, which answers its receipt and releases its room.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use ktk_proto::aggregation::{
+    Aggregator, AggregatorConfig, KinesisRecord, RejectedRef, UserRecord,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, warn};
+
+use crate::api::{
+    CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, retry_for_entry, with_timeout,
+};
+use crate::backoff;
+use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES};
+use crate::error::{PutError, PutErrorKind};
+use crate::limiter::ShardLimiter;
+use crate::metrics::Metrics;
+use crate::record::{Attempt, PutOutcome, PutResult, Record};
+use crate::shard_map::ShardMap;
+
+/// Messages from the `Producer` handles.
+pub(crate) enum Command {
+    Put(Pending),
+    /// Answer once every record received before this command is resolved.
+    Flush(oneshot::Sender<()>),
+    /// Flush, then stop; at `deadline`, fail what is left.
+    Shutdown {
+        deadline: Instant,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Room a record holds in the outstanding limits; given back when the record is dropped.
+#[derive(Debug)]
+pub(crate) struct Room {
+    pub(crate) _records: OwnedSemaphorePermit,
+    pub(crate) _bytes: OwnedSemaphorePermit,
+}
+
+/// One accepted user record, until it is resolved.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    record: Option<UserRecord>,
+    hash_key: u128,
+    reply: Option<oneshot::Sender<PutResult>>,
+    arrived: Instant,
+    expires: Instant,
+    attempts: Vec<Attempt>,
+    epoch: u64,
+    _room: Room,
+}
+
+impl Pending {
+    pub(crate) fn new(
+        record: UserRecord,
+        hash_key: u128,
+        reply: oneshot::Sender<PutResult>,
+        ttl: Duration,
+        room: Room,
+    ) -> Self {
+        let arrived = Instant::now();
+        Pending {
+            record: Some(record),
+            hash_key,
+            reply: Some(reply),
+            arrived,
+            expires: arrived + ttl,
+            attempts: Vec::new(),
+            epoch: 0,
+            _room: room,
+        }
+    }
+
+    fn record(&self) -> &UserRecord {
+        // Present from creation until `answer`, which consumes the pending record.
+        self.record
+            .as_ref()
+            .expect("a pending record holds its record until answered")
+    }
+
+    /// Sends the result to the receipt. Consumes the record, so it is answered exactly once.
+    fn answer(mut self, result: Result<PutOutcome, PutErrorKind>) {
+        let record = self.record.take().map(to_record);
+        let attempts = std::mem::take(&mut self.attempts);
+        if let Some(reply) = self.reply.take() {
+            let result = match result {
+                Ok(mut outcome) => {
+                    outcome.attempts = attempts;
+                    Ok(outcome)
+                }
+                Err(kind) => Err(PutError::new(
+                    kind,
+                    record.unwrap_or_else(|| Record::new("unknown", bytes::Bytes::new())),
+                    attempts,
+                )),
+            };
+            // The caller may have dropped its receipt: nothing to tell, nothing lost.
+            let _ = reply.send(result);
+        }
+    }
+}
+
+impl Drop for Pending {
+    /// A safety net, not a code path: every record is answered by `Engine::resolve` before it is
+    /// dropped. If the engine ever unwound past a record, its receipt still gets the record back
+    /// instead of hanging.
+    fn drop(&mut self) {
+        if let (Some(reply), Some(record)) = (self.reply.take(), self.record.take()) {
+            let error = PutError::new(
+                PutErrorKind::ShutDown { in_flight: false },
+                to_record(record),
+                std::mem::take(&mut self.attempts),
+            );
+            let _ = reply.send(Err(error));
+        }
+    }
+}
+
+fn to_record(record: UserRecord) -> Record {
+    let (partition_key, explicit_hash_key, data) = record.into_parts();
+    Record {
+        partition_key,
+        explicit_hash_key,
+        data,
+    }
+}
+
+/// A finished Kinesis record and the user records in it, in order.
+#[derive(Debug)]
+struct Ready {
+    record: KinesisRecord,
+    members: Vec<Pending>,
+    /// When it must be sent: its oldest member's arrival plus the buffering time.
+    due: Instant,
+}
+
+/// Everything the engine holds for one shard.
+#[derive(Debug)]
+struct ShardState {
+    id: Arc<str>,
+    aggregator: Aggregator,
+    members: Vec<Pending>,
+    aggregating_since: Option<Instant>,
+    ready: VecDeque<Ready>,
+    ready_bytes: usize,
+    /// Records waiting while the shard backs off (failed ones first, then newer ones), or
+    /// waiting to be re-routed after a reshard.
+    held: VecDeque<Pending>,
+    blocked_until: Option<Instant>,
+    /// Set when the rate limiter held the shard back: when to look again.
+    limited_until: Option<Instant>,
+    in_flight: bool,
+    limiter: ShardLimiter,
+}
+
+impl ShardState {
+    fn new(
+        id: Arc<str>,
+        config: &ProducerConfig,
+        aggregator_config: AggregatorConfig,
+        now: Instant,
+    ) -> Self {
+        ShardState {
+            id,
+            aggregator: Aggregator::new(aggregator_config),
+            members: Vec::new(),
+            aggregating_since: None,
+            ready: VecDeque::new(),
+            ready_bytes: 0,
+            held: VecDeque::new(),
+            blocked_until: None,
+            limited_until: None,
+            in_flight: false,
+            limiter: ShardLimiter::new(config.rate_limit_percent, now),
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.members.is_empty() && self.ready.is_empty() && self.held.is_empty() && !self.in_flight
+    }
+
+    /// Finishes the current aggregate into the ready queue.
+    fn finish_aggregate(&mut self, buffered_time: Duration) {
+        let Some(record) = self.aggregator.finish() else {
+            return;
+        };
+        let members = std::mem::take(&mut self.members);
+        let since = self.aggregating_since.take().unwrap_or_else(Instant::now);
+        self.ready_bytes += record.size();
+        self.ready.push_back(Ready {
+            record,
+            members,
+            due: since + buffered_time,
+        });
+    }
+
+    /// Takes every record that is not in flight, oldest first: held, then ready, then aggregating.
+    fn drain_unsent(&mut self) -> Vec<Pending> {
+        let mut out: Vec<Pending> = self.held.drain(..).collect();
+        for ready in self.ready.drain(..) {
+            out.extend(ready.members);
+        }
+        self.ready_bytes = 0;
+        self.aggregator.reset();
+        self.aggregating_since = None;
+        out.append(&mut self.members);
+        out
+    }
+}
+
+/// A `PutRecords` call in flight: the records it carries, per entry.
+struct InFlight {
+    entries: Vec<(Arc<str>, Ready)>,
+    started_at: SystemTime,
+}
+
+struct CallDone {
+    id: u64,
+    result: Result<Vec<EntryResult>, CallError>,
+    duration: Duration,
+}
+
+/// Counters any caller can read without a metrics recorder (`Producer::stats`).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) user_records_received: AtomicU64,
+    pub(crate) user_records_put: AtomicU64,
+    pub(crate) user_records_failed: AtomicU64,
+    pub(crate) user_records_expired: AtomicU64,
+    pub(crate) kinesis_records_put: AtomicU64,
+    pub(crate) put_records_calls: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) throttled: AtomicU64,
+    pub(crate) shard_map_refreshes: AtomicU64,
+    pub(crate) mispredicted: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+pub(crate) struct Engine {
+    config: Arc<ProducerConfig>,
+    aggregator_config: AggregatorConfig,
+    api: Arc<dyn KinesisApi>,
+    stream: Arc<str>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    commands_open: bool,
+    map: ShardMap,
+    shards: HashMap<Arc<str>, ShardState>,
+    /// Shard ids in a stable order, for fair round-robin batching.
+    order: Vec<Arc<str>>,
+    cursor: usize,
+    in_flight: HashMap<u64, InFlight>,
+    next_call_id: u64,
+    calls_done_tx: mpsc::Sender<CallDone>,
+    calls_done: mpsc::Receiver<CallDone>,
+    refresh_tx: mpsc::Sender<Result<Vec<ShardInfo>, CallError>>,
+    refresh_rx: mpsc::Receiver<Result<Vec<ShardInfo>, CallError>>,
+    refreshing: bool,
+    refresh_wanted: bool,
+    last_refresh: Instant,
+    /// Unresolved records per epoch; a flush waits for every epoch up to its own.
+    epochs: BTreeMap<u64, usize>,
+    epoch: u64,
+    flush_waiters: Vec<(u64, oneshot::Sender<()>)>,
+    shutdown: Option<(Instant, Vec<oneshot::Sender<()>>)>,
+    counters: Arc<Counters>,
+    metrics: Metrics,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        config: Arc<ProducerConfig>,
+        api: Arc<dyn KinesisApi>,
+        shards: &[ShardInfo],
+        commands: mpsc::UnboundedReceiver<Command>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let aggregator_config = AggregatorConfig::default()
+            .with_max_record_size(config.max_record_size)
+            .and_then(|c| c.with_max_aggregate_size(config.aggregation_max_size))
+            // Validated by `ProducerConfig::validate` before the engine is built.
+            .unwrap_or_default();
+        let (calls_done_tx, calls_done) = mpsc::channel(config.max_connections + 1);
+        let (refresh_tx, refresh_rx) = mpsc::channel(1);
+        let stream: Arc<str> = Arc::from(config.stream.as_str());
+        let metrics = Metrics::new(&stream);
+        let mut engine = Engine {
+            config,
+            aggregator_config,
+            api,
+            stream,
+            commands,
+            commands_open: true,
+            map: ShardMap::default(),
+            shards: HashMap::new(),
+            order: Vec::new(),
+            cursor: 0,
+            in_flight: HashMap::new(),
+            next_call_id: 0,
+            calls_done_tx,
+            calls_done,
+            refresh_tx,
+            refresh_rx,
+            refreshing: false,
+            refresh_wanted: false,
+            last_refresh: Instant::now(),
+            epochs: BTreeMap::new(),
+            epoch: 0,
+            flush_waiters: Vec::new(),
+            shutdown: None,
+            counters,
+            metrics,
+        };
+        engine.install_map(ShardMap::new(shards), Instant::now());
+        engine
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                Some(done) = self.calls_done.recv() => self.on_call_done(done),
+                Some(listing) = self.refresh_rx.recv() => self.on_refresh(listing),
+                command = self.commands.recv(), if self.commands_open => match command {
+                    Some(command) => {
+                        self.on_command(command);
+                        // Take what else is queued before dispatching, so records arriving
+                        // together are aggregated together.
+                        for _ in 0..1024 {
+                            match self.commands.try_recv() {
+                                Ok(command) => self.on_command(command),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    // Every handle is gone: finish what was accepted, then stop.
+                    None => self.commands_open = false,
+                },
+                _ = sleep_until(wake) => {}
+            }
+            let now = Instant::now();
+            self.dispatch(now);
+            if self.finished(now) {
+                break;
+            }
+        }
+        debug!(stream = %self.stream, "producer engine stopped");
+    }
+
+    fn outstanding(&self) -> usize {
+        self.epochs.values().sum()
+    }
+
+    fn flushing(&self) -> bool {
+        !self.flush_waiters.is_empty() || self.shutdown.is_some() || !self.commands_open
+    }
+
+    /// Whether the engine may stop: asked to, and nothing is left (or the deadline passed).
+    fn finished(&mut self, now: Instant) -> bool {
+        let stopping = self.shutdown.is_some() || !self.commands_open;
+        if !stopping {
+            return false;
+        }
+        let deadline_passed = self
+            .shutdown
+            .as_ref()
+            .is_some_and(|(deadline, _)| now >= *deadline);
+        if deadline_passed {
+            self.fail_everything();
+        } else if self.outstanding() > 0 || !self.in_flight.is_empty() {
+            return false;
+        }
+        if let Some((_, waiters)) = self.shutdown.take() {
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+        }
+        self.answer_flush_waiters_now();
+        true
+    }
+
+    /// At the shutdown deadline: every record still held fails with `ShutDown`, the record
+    /// handed back.
+    fn fail_everything(&mut self) {
+        let in_flight: Vec<InFlight> = self.in_flight.drain().map(|(_, call)| call).collect();
+        for call in in_flight {
+            for (_, ready) in call.entries {
+                for member in ready.members {
+                    self.resolve(member, Err(PutErrorKind::ShutDown { in_flight: true }));
+                }
+            }
+        }
+        let ids: Vec<Arc<str>> = self.shards.keys().cloned().collect();
+        for id in ids {
+            let unsent = match self.shards.get_mut(&id) {
+                Some(state) => state.drain_unsent(),
+                None => continue,
+            };
+            for member in unsent {
+                self.resolve(member, Err(PutErrorKind::ShutDown { in_flight: false }));
+            }
+        }
+        // Records still queued in the channel were accepted too.
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Put(pending) = command {
+                *self.epochs.entry(self.epoch).or_default() += 1;
+                let mut pending = pending;
+                pending.epoch = self.epoch;
+                self.resolve(pending, Err(PutErrorKind::ShutDown { in_flight: false }));
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Put(mut pending) => {
+                pending.epoch = self.epoch;
+                *self.epochs.entry(self.epoch).or_default() += 1;
+                bump(&self.counters.user_records_received, 1);
+                self.metrics.user_records_received.increment(1);
+                self.route(pending, Instant::now());
+            }
+            Command::Flush(done) => {
+                self.flush_waiters.push((self.epoch, done));
+                self.epoch += 1;
+                self.answer_flush_waiters_now();
+            }
+            Command::Shutdown { deadline, done } => {
+                match &mut self.shutdown {
+                    Some((existing, waiters)) => {
+                        *existing = (*existing).min(deadline);
+                        waiters.push(done);
+                    }
+                    None => self.shutdown = Some((deadline, vec![done])),
+                }
+                self.epoch += 1;
+            }
+        }
+    }
+
+    /// Puts a record in its predicted shard's buffers.
+    fn route(&mut self, pending: Pending, now: Instant) {
+        if pending.expires <= now {
+            bump(&self.counters.user_records_expired, 1);
+            self.metrics.user_record_expired.increment(1);
+            self.resolve(pending, Err(PutErrorKind::Expired));
+            return;
+        }
+        let Some(shard_id) = self.map.shard_for(pending.hash_key).cloned() else {
+            // No open shard known: hold the record in a placeholder until the next listing.
+            self.refresh_wanted = true;
+            self.state_for(Arc::from(""), now).held.push_back(pending);
+            return;
+        };
+        let buffered_time = self.config.record_max_buffered_time;
+        let aggregation = self.config.aggregation_enabled;
+        let state = self.state_for(shard_id, now);
+        if state.blocked_until.is_some() || !state.held.is_empty() {
+            state.held.push_back(pending);
+            return;
+        }
+        let added = match state.aggregator.try_add_ref(pending.record()) {
+            Err(RejectedRef::Full) => {
+                state.finish_aggregate(buffered_time);
+                state.aggregator.try_add_ref(pending.record())
+            }
+            other => other,
+        };
+        match added {
+            Ok(()) => {
+                state.aggregating_since.get_or_insert(pending.arrived);
+                state.members.push(pending);
+                if !aggregation {
+                    state.finish_aggregate(buffered_time);
+                }
+            }
+            // `put` checked the size, and an empty aggregator takes any record within it; fail
+            // loudly rather than drop the record if that ever changed.
+            Err(_) => {
+                let (size, max) = (pending.record().plain_size(), self.config.max_record_size);
+                self.resolve(pending, Err(PutErrorKind::TooLarge { size, max }));
+            }
+        }
+    }
+
+    fn state_for(&mut self, id: Arc<str>, now: Instant) -> &mut ShardState {
+        let (config, aggregator_config) = (&self.config, self.aggregator_config);
+        let order = &mut self.order;
+        self.shards.entry(id.clone()).or_insert_with(|| {
+            order.push(id.clone());
+            ShardState::new(id, config, aggregator_config, now)
+        })
+    }
+
+    /// Answers a record and accounts for it. Every record ends here exactly once.
+    fn resolve(&mut self, pending: Pending, result: Result<PutOutcome, PutErrorKind>) {
+        if let Some(count) = self.epochs.get_mut(&pending.epoch) {
+            *count -= 1;
+            if *count == 0 {
+                self.epochs.remove(&pending.epoch);
+            }
+        }
+        match &result {
+            Ok(_) => {
+                bump(&self.counters.user_records_put, 1);
+                self.metrics.user_records_put.increment(1);
+            }
+            Err(_) => bump(&self.counters.user_records_failed, 1),
+        }
+        self.metrics
+            .user_records_pending
+            .set(self.outstanding() as f64);
+        pending.answer(result);
+    }
+
+    /// Sends what is due; finishes aggregates that waited long enough; ends backoffs.
+    fn dispatch(&mut self, now: Instant) {
+        let flushing = self.flushing();
+        let buffered_time = self.config.record_max_buffered_time;
+        // Aggregates whose first record has waited long enough (or everything, when flushing).
+        for state in self.shards.values_mut() {
+            if state
+                .aggregating_since
+                .is_some_and(|since| flushing || since + buffered_time <= now)
+            {
+                state.finish_aggregate(buffered_time);
+            }
+        }
+        // Shards whose backoff is over take their held records back, in order.
+        let unblocked: Vec<Arc<str>> = self
+            .shards
+            .values_mut()
+            .filter(|s| {
+                s.blocked_until.is_some_and(|until| until <= now)
+                    || (s.blocked_until.is_none() && !s.held.is_empty() && !s.in_flight)
+            })
+            .map(|s| {
+                s.blocked_until = None;
+                s.id.clone()
+            })
+            .collect();
+        for id in unblocked {
+            let held: Vec<Pending> = match self.shards.get_mut(&id) {
+                Some(state) => state.held.drain(..).collect(),
+                None => continue,
+            };
+            for pending in held {
+                self.route(pending, now);
+            }
+            if flushing && let Some(state) = self.shards.get_mut(&id) {
+                state.finish_aggregate(buffered_time);
+            }
+        }
+        self.maybe_refresh(now);
+        while self.in_flight.len() < self.config.max_connections {
+            if !self.send_one_call(now, flushing) {
+                break;
+            }
+        }
+        self.answer_flush_waiters_now();
+        self.drop_idle_closed_shards();
+    }
+
+    fn answer_flush_waiters_now(&mut self) {
+        if self.flush_waiters.is_empty() {
+            return;
+        }
+        let oldest_open = self.epochs.iter().find(|(_, n)| **n > 0).map(|(e, _)| *e);
+        let waiters = std::mem::take(&mut self.flush_waiters);
+        for (epoch, waiter) in waiters {
+            if oldest_open.is_some_and(|open| open <= epoch) {
+                self.flush_waiters.push((epoch, waiter));
+            } else {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Builds and starts one `PutRecords` call if any shard is due; false if none was started.
+    fn send_one_call(&mut self, now: Instant, flushing: bool) -> bool {
+        let due = |s: &ShardState| {
+            !s.in_flight
+                && s.blocked_until.is_none()
+                && s.limited_until.is_none_or(|t| t <= now)
+                && s.ready.front().is_some_and(|r| {
+                    flushing || r.due <= now || s.ready_bytes >= SHARD_EARLY_FLUSH_BYTES
+                })
+        };
+        if !self.shards.values().any(due) {
+            return false;
+        }
+        let (max_count, max_bytes) = (
+            self.config.collection_max_count,
+            self.config.collection_max_size,
+        );
+        let mut entries: Vec<(Arc<str>, Ready)> = Vec::new();
+        let mut bytes = 0usize;
+        let n = self.order.len();
+        for step in 0..n {
+            if entries.len() >= max_count {
+                break;
+            }
+            let id = &self.order[(self.cursor + step) % n];
+            let Some(state) = self.shards.get_mut(id) else {
+                continue;
+            };
+            // Shards that are not yet due ride along when there is room: fewer calls later.
+            if state.in_flight || state.blocked_until.is_some() || state.ready.is_empty() {
+                continue;
+            }
+            if state.limited_until.is_some_and(|t| t > now) {
+                continue;
+            }
+            let mut took = false;
+            while let Some(front) = state.ready.front() {
+                let size = front.record.size();
+                if entries.len() >= max_count || bytes + size > max_bytes {
+                    break;
+                }
+                let wait = state.limiter.wait_for(size, now);
+                if !wait.is_zero() {
+                    state.limited_until = Some(now + wait);
+                    break;
+                }
+                state.limiter.take(size);
+                state.limited_until = None;
+                let Some(ready) = state.ready.pop_front() else {
+                    break;
+                };
+                state.ready_bytes -= size;
+                bytes += size;
+                entries.push((state.id.clone(), ready));
+                took = true;
+            }
+            if took {
+                state.in_flight = true;
+            }
+        }
+        self.cursor = if n == 0 { 0 } else { (self.cursor + 1) % n };
+        if entries.is_empty() {
+            return false;
+        }
+        self.start_call(entries);
+        true
+    }
+
+    fn start_call(&mut self, entries: Vec<(Arc<str>, Ready)>) {
+        let id = self.next_call_id;
+        self.next_call_id += 1;
+        let request: Vec<Entry> = entries
+            .iter()
+            .map(|(_, ready)| Entry {
+                partition_key: ready.record.partition_key.clone(),
+                explicit_hash_key: ready.record.explicit_hash_key.clone(),
+                data: ready.record.data.clone(),
+            })
+            .collect();
+        let count = request.len();
+        bump(&self.counters.put_records_calls, 1);
+        self.metrics
+            .kinesis_records_per_request
+            .record(count as f64);
+        let now = Instant::now();
+        for (_, ready) in &entries {
+            let oldest = ready.members.first().map_or(now, |m| m.arrived);
+            self.metrics
+                .buffering_time_ms
+                .record(now.saturating_duration_since(oldest).as_secs_f64() * 1000.0);
+        }
+        self.in_flight.insert(
+            id,
+            InFlight {
+                entries,
+                started_at: SystemTime::now(),
+            },
+        );
+        let api = Arc::clone(&self.api);
+        let stream = Arc::clone(&self.stream);
+        let timeout = self.config.request_timeout;
+        let done = self.calls_done_tx.clone();
+        let span = tracing::debug_span!("PutRecords", stream = %stream, records = count, call = id);
+        tokio::spawn(
+            async move {
+                let started = Instant::now();
+                let result = with_timeout(timeout, api.put_records(&stream, request)).await;
+                let duration = started.elapsed();
+                if let Err(error) = &result {
+                    debug!(code = %error.code, message = %error.message, "PutRecords failed");
+                }
+                // The engine outlives every call it starts (it waits for them before stopping,
+                // or has given up on them at the shutdown deadline): a closed channel only means
+                // the answer is no longer wanted.
+                let _ = done
+                    .send(CallDone {
+                        id,
+                        result,
+                        duration,
+                    })
+                    .await;
+            }
+            .instrument(span),
+        );
+    }
+
+    fn on_call_done(&mut self, done: CallDone) {
+        let Some(call) = self.in_flight.remove(&done.id) else {
+            return; // given up on at the shutdown deadline
+        };
+        let now = Instant::now();
+        self.metrics
+            .request_time_ms
+            .record(done.duration.as_secs_f64() * 1000.0);
+        for (shard, _) in &call.entries {
+            if let Some(state) = self.shards.get_mut(shard) {
+                state.in_flight = false;
+            }
+        }
+        let results: Vec<Result<(String, String), CallError>> = match done.result {
+            Ok(results) => {
+                let mut results: Vec<Result<(String, String), CallError>> = results
+                    .into_iter()
+                    .map(|r| match r {
+                        EntryResult::Put {
+                            shard_id,
+                            sequence_number,
+                        } => Ok((shard_id, sequence_number)),
+                        EntryResult::Failed { code, message } => {
+                            let retry = retry_for_entry(&code);
+                            Err(CallError {
+                                code,
+                                message,
+                                retry,
+                            })
+                        }
+                    })
+                    .collect();
+                // A response with fewer results than entries: the missing ones were not put.
+                while results.len() < call.entries.len() {
+                    results.push(Err(CallError {
+                        code: "MissingResult".into(),
+                        message: "the response had fewer results than the request had records"
+                            .into(),
+                        retry: Retry::Yes,
+                    }));
+                }
+                results
+            }
+            Err(error) => vec![Err(error); call.entries.len()],
+        };
+        let attempt = |error: Option<&CallError>| Attempt {
+            started_at: call.started_at,
+            duration: done.duration,
+            error_code: error.map(|e| e.code.clone()),
+            error_message: error.map(|e| e.message.clone()),
+        };
+        // Failed records per shard, in their order, to go back to the front of the shard.
+        let mut failed: Vec<(Arc<str>, Vec<Pending>, CallError)> = Vec::new();
+        for ((predicted, ready), result) in call.entries.into_iter().zip(results) {
+            match result {
+                Ok((shard_id, sequence_number)) => {
+                    if *predicted != *shard_id {
+                        bump(&self.counters.mispredicted, 1);
+                        self.refresh_wanted = true;
+                    }
+                    bump(&self.counters.kinesis_records_put, 1);
+                    self.metrics.kinesis_records_put.increment(1);
+                    let aggregated = ready.members.len() > 1;
+                    self.metrics
+                        .user_records_per_kinesis_record
+                        .record(ready.members.len() as f64);
+                    for (index, mut member) in ready.members.into_iter().enumerate() {
+                        member.attempts.push(attempt(None));
+                        self.metrics
+                            .retries_per_record
+                            .record((member.attempts.len() - 1) as f64);
+                        let outcome = PutOutcome {
+                            shard_id: shard_id.clone(),
+                            sequence_number: sequence_number.clone(),
+                            sub_sequence_number: index as u64,
+                            aggregated,
+                            attempts: Vec::new(),
+                        };
+                        self.resolve(member, Ok(outcome));
+                    }
+                }
+                Err(error) => {
+                    self.metrics.error(&error.code);
+                    let mut members = ready.members;
+                    for member in &mut members {
+                        member.attempts.push(attempt(Some(&error)));
+                    }
+                    match failed.iter_mut().find(|(id, _, _)| *id == predicted) {
+                        Some((_, list, _)) => list.extend(members),
+                        None => failed.push((predicted, members, error)),
+                    }
+                }
+            }
+        }
+        for (shard, members, error) in failed {
+            self.retry_or_fail(&shard, members, &error, now);
+        }
+    }
+
+    /// Records of a failed entry: fail them if retrying cannot help or would outlive their TTL;
+    /// otherwise put them back at the front of their shard, which backs off.
+    fn retry_or_fail(
+        &mut self,
+        shard: &Arc<str>,
+        members: Vec<Pending>,
+        error: &CallError,
+        now: Instant,
+    ) {
+        if error.retry == Retry::Throttled {
+            bump(&self.counters.throttled, members.len() as u64);
+        }
+        let attempts = members.iter().map(|m| m.attempts.len()).max().unwrap_or(1);
+        let delay = backoff::delay(attempts, self.config.min_backoff, self.config.max_backoff);
+        let retry_at = now + delay;
+        let mut keep = Vec::new();
+        for member in members {
+            let outcome = match error.retry {
+                Retry::No => Some(PutErrorKind::Rejected {
+                    code: error.code.clone(),
+                    message: error.message.clone(),
+                }),
+                Retry::Throttled if self.config.fail_if_throttled => Some(PutErrorKind::Throttled),
+                _ if member.expires <= retry_at => Some(PutErrorKind::Expired),
+                _ => None,
+            };
+            match outcome {
+                Some(kind) => {
+                    if kind == PutErrorKind::Expired {
+                        bump(&self.counters.user_records_expired, 1);
+                        self.metrics.user_record_expired.increment(1);
+                    }
+                    self.resolve(member, Err(kind));
+                }
+                None => keep.push(member),
+            }
+        }
+        if keep.is_empty() {
+            return;
+        }
+        bump(&self.counters.retries, keep.len() as u64);
+        let Some(state) = self.shards.get_mut(shard) else {
+            for member in keep {
+                self.route(member, now);
+            }
+            return;
+        };
+        // Failed records first, then everything newer that was not sent yet.
+        let newer = state.drain_unsent();
+        state.held.extend(keep);
+        state.held.extend(newer);
+        state.blocked_until = Some(state.blocked_until.map_or(retry_at, |t| t.max(retry_at)));
+        debug!(shard = %shard, code = %error.code, delay_ms = delay.as_millis() as u64, "shard backs off");
+    }
+
+    fn maybe_refresh(&mut self, now: Instant) {
+        if !self.refresh_wanted || self.refreshing {
+            return;
+        }
+        if now < self.last_refresh + self.config.shard_map_min_refresh_interval {
+            return;
+        }
+        self.refreshing = true;
+        self.refresh_wanted = false;
+        self.last_refresh = now;
+        let api = Arc::clone(&self.api);
+        let stream = Arc::clone(&self.stream);
+        let tx = self.refresh_tx.clone();
+        let timeout = self.config.request_timeout;
+        tokio::spawn(async move {
+            let listing = with_timeout(timeout * 2, api.list_shards(&stream)).await;
+            let _ = tx.send(listing).await;
+        });
+    }
+
+    fn on_refresh(&mut self, listing: Result<Vec<ShardInfo>, CallError>) {
+        self.refreshing = false;
+        let now = Instant::now();
+        match listing {
+            Ok(shards) => {
+                bump(&self.counters.shard_map_refreshes, 1);
+                let map = ShardMap::new(&shards);
+                if map.is_empty() {
+                    warn!(stream = %self.stream, "ListShards returned no open shard; keeping the old shard map");
+                    self.refresh_wanted = true;
+                    return;
+                }
+                if !map.same_as(&self.map) {
+                    debug!(stream = %self.stream, shards = map.len(), "shard map changed");
+                    self.install_map(map, now);
+                }
+            }
+            Err(error) => {
+                warn!(stream = %self.stream, code = %error.code, message = %error.message, "ListShards failed; will retry");
+                self.refresh_wanted = true;
+            }
+        }
+    }
+
+    /// Switches to a new shard map; records buffered for shards that are gone are routed again.
+    fn install_map(&mut self, map: ShardMap, now: Instant) {
+        self.map = map;
+        let ids: Vec<Arc<str>> = self.map.ids().cloned().collect();
+        for id in ids {
+            self.state_for(id, now);
+        }
+        let gone: Vec<Arc<str>> = self
+            .shards
+            .keys()
+            .filter(|id| !self.map.contains(id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let unsent = match self.shards.get_mut(&id) {
+                Some(state) => state.drain_unsent(),
+                None => continue,
+            };
+            for pending in unsent {
+                self.route(pending, now);
+            }
+        }
+    }
+
+    fn drop_idle_closed_shards(&mut self) {
+        let map = &self.map;
+        let before = self.shards.len();
+        self.shards
+            .retain(|id, state| map.contains(id) || !state.is_idle());
+        if self.shards.len() != before {
+            let shards = &self.shards;
+            self.order.retain(|id| shards.contains_key(id));
+            self.cursor = 0;
+        }
+    }
+
+    /// The next moment something becomes due.
+    fn next_wake(&self) -> Option<Instant> {
+        let buffered_time = self.config.record_max_buffered_time;
+        // With every connection busy, nothing can be sent before a call returns, which wakes the
+        // loop anyway; due records must not make it spin meanwhile.
+        let can_send = self.in_flight.len() < self.config.max_connections;
+        let mut wake: Option<Instant> = None;
+        let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
+        for state in self.shards.values() {
+            if let Some(since) = state.aggregating_since {
+                consider(since + buffered_time);
+            }
+            if let Some(until) = state.blocked_until {
+                consider(until);
+            } else if can_send
+                && !state.in_flight
+                && let Some(front) = state.ready.front()
+            {
+                let due = if state.ready_bytes >= SHARD_EARLY_FLUSH_BYTES {
+                    Instant::now()
+                } else {
+                    front.due
+                };
+                consider(state.limited_until.map_or(due, |t| t.max(due)));
+            }
+        }
+        if let Some((deadline, _)) = &self.shutdown {
+            consider(*deadline);
+        }
+        if self.refresh_wanted && !self.refreshing {
+            consider(self.last_refresh + self.config.shard_map_min_refresh_interval);
+        }
+        wake
+    }
+}
+
+async fn sleep_until(wake: Option<Instant>) {
+    match wake {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,39 @@
+//! A KPL-style producer for Amazon Kinesis Data Streams, without the KPL's native daemon.
+//!
+//! # Layout
+//! - [`Producer`] (`producer.rs`): the handle applications hold: `put` (waits for room),
+//!   `try_put` (hands the record back when full), `flush`, `shutdown(timeout)`.
+//! - [`ProducerConfig`] (`config.rs`): every setting, defaulted as the KPL defaults it.
+//! - `engine.rs`: the one task that owns buffered records: aggregation per predicted shard,
+//!   collection into `PutRecords` calls, per-shard rate limits, retries, TTLs, flushes.
+//! - `shard_map.rs`, `limiter.rs`, `backoff.rs`: shard prediction, token buckets, retry delays.
+//! - [`api`]: the Kinesis calls behind a trait, with retryability decided once per error.
+//! - `metrics.rs`: KPL-named metrics through the `metrics` facade.
+//!
+//! # Guarantees
+//! - Every accepted record's [`PutReceipt`] resolves: with where it landed and every attempt, or
+//!   with a [`PutError`] that carries the record back. Nothing is dropped silently.
+//! - Memory is bounded by the outstanding records/bytes limits, whatever the put rate.
+//! - Records of one shard are sent in the order they were put, at most one call per shard at a
+//!   time, and a failed record is retried before anything newer of its shard is sent. (Kinesis
+//!   itself can still reorder records of one call when only some of them fail.)
+#![deny(unsafe_code)]
+
+pub mod api;
+mod backoff;
+mod config;
+mod engine;
+mod error;
+mod limiter;
+mod metrics;
+mod producer;
+mod record;
+mod shard_map;
+
+pub use config::{
+    PUT_RECORDS_MAX_BYTES, PUT_RECORDS_MAX_RECORDS, ProducerConfig, SHARD_EARLY_FLUSH_BYTES,
+    SHARD_MAX_BYTES_PER_SEC, SHARD_MAX_RECORDS_PER_SEC,
+};
+pub use error::{ConfigError, PutError, PutErrorKind, StartError};
+pub use producer::{Producer, ProducerStats};
+pub use record::{Attempt, PutOutcome, PutReceipt, Record};

@@ -1,0 +1,309 @@
+//! The handle applications hold: `put`, `try_put`, `flush`, `shutdown`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use ktk_proto::aggregation::UserRecord;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::api::{AwsKinesis, KinesisApi, Retry};
+use crate::config::ProducerConfig;
+use crate::engine::{Command, Counters, Engine, Pending, Room};
+use crate::error::{PutError, PutErrorKind, StartError};
+use crate::record::{PutReceipt, Record};
+
+/// A KPL-style producer for one stream. Cheap to clone; every clone feeds the same engine.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+/// use ktk_producer::{Producer, ProducerConfig, Record};
+/// let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+/// let producer = Producer::new(ProducerConfig::new("events"), &aws).await?;
+/// let receipt = producer.put(Record::new("user-42", "play")).await?;
+/// let outcome = receipt.await?;
+/// println!("{} {} {}", outcome.shard_id, outcome.sequence_number, outcome.sub_sequence_number);
+/// producer.shutdown(std::time::Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<ProducerConfig>,
+    commands: mpsc::UnboundedSender<Command>,
+    records_room: Arc<Semaphore>,
+    bytes_room: Arc<Semaphore>,
+    counters: Arc<Counters>,
+}
+
+/// What the producer has done so far (also exported as metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProducerStats {
+    pub user_records_received: u64,
+    pub user_records_put: u64,
+    pub user_records_failed: u64,
+    pub user_records_expired: u64,
+    pub kinesis_records_put: u64,
+    pub put_records_calls: u64,
+    /// User records sent again after a failed attempt.
+    pub retries: u64,
+    /// User records throttled by Kinesis (each attempt counts).
+    pub throttled: u64,
+    pub shard_map_refreshes: u64,
+    /// Kinesis records that landed on another shard than predicted (each triggers a refresh).
+    pub mispredicted: u64,
+}
+
+impl ProducerStats {
+    /// Average user records per Kinesis record: the aggregation factor.
+    pub fn user_records_per_kinesis_record(&self) -> f64 {
+        if self.kinesis_records_put == 0 {
+            0.0
+        } else {
+            self.user_records_put as f64 / self.kinesis_records_put as f64
+        }
+    }
+}
+
+impl Producer {
+    /// A producer for the stream in `config`, talking to Kinesis with clients built from `aws`
+    /// (the standard configuration chain). Fails fast if the settings are invalid or the stream
+    /// cannot be listed.
+    pub async fn new(config: ProducerConfig, aws: &SdkConfig) -> Result<Self, StartError> {
+        Self::with_api(config, AwsKinesis::new(aws).into_arc()).await
+    }
+
+    /// A producer over any [`KinesisApi`] (a fake in tests, a no-op sink in benchmarks).
+    pub async fn with_api(
+        config: ProducerConfig,
+        api: Arc<dyn KinesisApi>,
+    ) -> Result<Self, StartError> {
+        config.validate()?;
+        let shards = api
+            .list_shards(&config.stream)
+            .await
+            .map_err(|e| StartError::Stream {
+                stream: config.stream.clone(),
+                message: match e.retry {
+                    Retry::No => format!(
+                        "{}: {} (check the stream name, region and permissions)",
+                        e.code, e.message
+                    ),
+                    _ => format!("{}: {}", e.code, e.message),
+                },
+            })?;
+        if !shards.iter().any(|s| s.open) {
+            return Err(StartError::Stream {
+                stream: config.stream.clone(),
+                message: "it has no open shard".into(),
+            });
+        }
+        let config = Arc::new(config);
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let counters = Arc::new(Counters::default());
+        let engine = Engine::new(
+            Arc::clone(&config),
+            api,
+            &shards,
+            receiver,
+            Arc::clone(&counters),
+        );
+        tokio::spawn(engine.run());
+        Ok(Producer {
+            inner: Arc::new(Inner {
+                records_room: Arc::new(Semaphore::new(config.max_outstanding_records)),
+                bytes_room: Arc::new(Semaphore::new(config.max_outstanding_bytes)),
+                config,
+                commands,
+                counters,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ProducerConfig {
+        &self.inner.config
+    }
+
+    /// Accepts a record, waiting (up to the put timeout) while the producer is at its outstanding
+    /// limit. The receipt resolves once Kinesis has the record or it has failed. Records put by
+    /// one caller are sent in order per shard.
+    pub async fn put(&self, record: Record) -> Result<PutReceipt, PutError> {
+        let (user, size) = self.check(record)?;
+        let inner = &self.inner;
+        let acquire = async {
+            let records = Arc::clone(&inner.records_room).acquire_owned().await?;
+            let bytes = Arc::clone(&inner.bytes_room)
+                .acquire_many_owned(size as u32)
+                .await?;
+            Ok::<_, tokio::sync::AcquireError>(Room {
+                _records: records,
+                _bytes: bytes,
+            })
+        };
+        match tokio::time::timeout(inner.config.put_timeout, acquire).await {
+            Ok(Ok(room)) => self.submit(user, room),
+            Ok(Err(_closed)) => Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user)),
+            Err(_elapsed) => Err(rejected(PutErrorKind::Timeout, user)),
+        }
+    }
+
+    /// Accepts a record only if there is room now; otherwise hands it back at once with
+    /// [`PutErrorKind::Full`].
+    pub fn try_put(&self, record: Record) -> Result<PutReceipt, PutError> {
+        let (user, size) = self.check(record)?;
+        let inner = &self.inner;
+        let records = match Arc::clone(&inner.records_room).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user));
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                return Err(rejected(PutErrorKind::Full, user));
+            }
+        };
+        let bytes = match Arc::clone(&inner.bytes_room).try_acquire_many_owned(size as u32) {
+            Ok(permit) => permit,
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user));
+            }
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                return Err(rejected(PutErrorKind::Full, user));
+            }
+        };
+        self.submit(
+            user,
+            Room {
+                _records: records,
+                _bytes: bytes,
+            },
+        )
+    }
+
+    /// Sends everything buffered now and resolves when every record accepted before this call
+    /// has been put or has failed.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.inner.commands.send(Command::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Stops accepting records (new puts fail with `ShutDown`), sends everything buffered, and
+    /// resolves when all of it is acknowledged or failed, or at `timeout`, when whatever is left
+    /// fails with `ShutDown` and its record. No receipt is left pending.
+    pub async fn shutdown(&self, timeout: Duration) -> ProducerStats {
+        self.inner.records_room.close();
+        self.inner.bytes_room.close();
+        let (done, wait) = oneshot::channel();
+        let deadline = Instant::now() + timeout;
+        if self
+            .inner
+            .commands
+            .send(Command::Shutdown { deadline, done })
+            .is_ok()
+        {
+            // The engine answers at the deadline at the latest; the margin covers a stalled
+            // runtime, so that shutdown itself always returns.
+            let _ = tokio::time::timeout(timeout + Duration::from_secs(5), wait).await;
+        }
+        self.stats()
+    }
+
+    pub fn stats(&self) -> ProducerStats {
+        let c = &self.inner.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        ProducerStats {
+            user_records_received: get(&c.user_records_received),
+            user_records_put: get(&c.user_records_put),
+            user_records_failed: get(&c.user_records_failed),
+            user_records_expired: get(&c.user_records_expired),
+            kinesis_records_put: get(&c.kinesis_records_put),
+            put_records_calls: get(&c.put_records_calls),
+            retries: get(&c.retries),
+            throttled: get(&c.throttled),
+            shard_map_refreshes: get(&c.shard_map_refreshes),
+            mispredicted: get(&c.mispredicted),
+        }
+    }
+
+    /// Validates keys and size; the error carries the record back.
+    fn check(&self, record: Record) -> Result<(UserRecord, usize), PutError> {
+        let size = record.size();
+        let max = self.inner.config.max_record_size;
+        if size > max {
+            return Err(PutError::new(
+                PutErrorKind::TooLarge { size, max },
+                record,
+                Vec::new(),
+            ));
+        }
+        let Record {
+            partition_key,
+            explicit_hash_key,
+            data,
+        } = record;
+        let user = match UserRecord::new(partition_key.clone(), data.clone()) {
+            Ok(user) => user,
+            Err(e) => {
+                let record = Record {
+                    partition_key,
+                    explicit_hash_key,
+                    data,
+                };
+                return Err(PutError::new(
+                    PutErrorKind::InvalidRecord(e),
+                    record,
+                    Vec::new(),
+                ));
+            }
+        };
+        let user = match explicit_hash_key {
+            None => user,
+            Some(ehk) => match user.with_explicit_hash_key(ehk.clone()) {
+                Ok(user) => user,
+                Err(e) => {
+                    let record = Record {
+                        partition_key,
+                        explicit_hash_key: Some(ehk),
+                        data,
+                    };
+                    return Err(PutError::new(
+                        PutErrorKind::InvalidRecord(e),
+                        record,
+                        Vec::new(),
+                    ));
+                }
+            },
+        };
+        Ok((user, size))
+    }
+
+    fn submit(&self, user: UserRecord, room: Room) -> Result<PutReceipt, PutError> {
+        let hash_key = user.hash_key();
+        let (reply, receipt) = oneshot::channel();
+        let pending = Pending::new(user, hash_key, reply, self.inner.config.record_ttl, room);
+        // If the engine is gone, the command comes back and dropping its record answers the
+        // receipt with `ShutDown` and the record (see `Pending`'s drop), so nothing is lost.
+        let _ = self.inner.commands.send(Command::Put(pending));
+        Ok(PutReceipt::new(receipt))
+    }
+}
+
+fn rejected(kind: PutErrorKind, user: UserRecord) -> PutError {
+    let (partition_key, explicit_hash_key, data) = user.into_parts();
+    PutError::new(
+        kind,
+        Record {
+            partition_key,
+            explicit_hash_key,
+            data,
+        },
+        Vec::new(),
+    )
+}

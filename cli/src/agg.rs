@@ -30,9 +30,8 @@ pub struct EncodeOptions {
 
 impl EncodeOptions {
     pub fn new(max_size: usize, max_record_size: usize) -> ktk_proto::Result<Self> {
-        let config = AggregatorConfig::default()
-            .with_max_record_size(max_record_size)?
-            .with_max_aggregate_size(max_size)?;
+        let config =
+            AggregatorConfig::default().with_max_record_size(max_record_size)?.with_max_aggregate_size(max_size)?;
         Ok(EncodeOptions { config })
     }
 }
@@ -120,10 +119,7 @@ pub fn encode(
                 // `add` finishes a full aggregate and retries on an empty one, which takes any
                 // record up to the size limit; a record it still refuses is too large.
                 summary.bad_lines += 1;
-                writeln!(
-                    err,
-                    "line {number}: the record does not fit in an empty aggregate"
-                )?;
+                writeln!(err, "line {number}: the record does not fit in an empty aggregate")?;
             }
         }
     }
@@ -136,11 +132,7 @@ pub fn encode(
 }
 
 /// Reads Kinesis records, writes their user records, in order.
-pub fn decode(
-    input: impl BufRead,
-    out: &mut impl Write,
-    err: &mut impl Write,
-) -> io::Result<Summary> {
+pub fn decode(input: impl BufRead, out: &mut impl Write, err: &mut impl Write) -> io::Result<Summary> {
     let mut summary = Summary::default();
     let deaggregator = Deaggregator::new();
     let mut records = Vec::new();
@@ -172,10 +164,7 @@ pub fn decode(
             &mut out_of_range,
         );
         if let Some(note) = suspicious(format) {
-            writeln!(
-                err,
-                "line {number}: warning: {note}; passed through as one plain record"
-            )?;
+            writeln!(err, "line {number}: warning: {note}; passed through as one plain record")?;
         }
         for record in &records {
             let line = UserRecordOut {
@@ -196,14 +185,11 @@ pub fn decode(
 }
 
 fn parse_user_record(line: &str) -> Result<UserRecord, String> {
-    let parsed: UserRecordLine =
-        serde_json::from_str(line).map_err(|e| format!("not a user record object: {e}"))?;
+    let parsed: UserRecordLine = serde_json::from_str(line).map_err(|e| format!("not a user record object: {e}"))?;
     let data = decode_base64(&parsed.data)?;
     let record = UserRecord::new(parsed.partition_key, data).map_err(|e| e.to_string())?;
     match parsed.explicit_hash_key {
-        Some(ehk) => record
-            .with_explicit_hash_key(ehk)
-            .map_err(|e| e.to_string()),
+        Some(ehk) => record.with_explicit_hash_key(ehk).map_err(|e| e.to_string()),
         None => Ok(record),
     }
 }
@@ -270,35 +256,18 @@ mod tests {
     }
 
     fn user_line(pk: &str, data: &[u8]) -> String {
-        format!(
-            r#"{{"partition_key": "{pk}", "data": "{}"}}"#,
-            STANDARD.encode(data)
-        )
+        format!(r#"{{"partition_key": "{pk}", "data": "{}"}}"#, STANDARD.encode(data))
     }
 
     #[test]
     fn encode_then_decode_round_trips() {
-        let input: String = (0..100)
-            .map(|i| user_line(&format!("user-{}", i % 7), format!("event {i}").as_bytes()) + "\n")
-            .collect();
+        let input: String =
+            (0..100).map(|i| user_line(&format!("user-{}", i % 7), format!("event {i}").as_bytes()) + "\n").collect();
         let (kinesis, err, summary) = run_encode(&input, 512);
         assert!(err.is_empty(), "{err}");
-        assert_eq!(
-            summary,
-            Summary {
-                lines: 100,
-                bad_lines: 0,
-                records_out: kinesis.len()
-            }
-        );
+        assert_eq!(summary, Summary { lines: 100, bad_lines: 0, records_out: kinesis.len() });
         assert!(kinesis.len() > 1, "a 512-byte cap splits 100 records");
-        assert_eq!(
-            kinesis
-                .iter()
-                .map(|k| k["user_records"].as_u64().expect("n"))
-                .sum::<u64>(),
-            100
-        );
+        assert_eq!(kinesis.iter().map(|k| k["user_records"].as_u64().expect("n")).sum::<u64>(), 100);
 
         let decode_input: String = kinesis
             .iter()
@@ -317,17 +286,10 @@ mod tests {
         for (i, u) in users.iter().enumerate() {
             assert_eq!(u["partition_key"], format!("user-{}", i % 7));
             assert_eq!(
-                STANDARD
-                    .decode(u["data"].as_str().expect("data"))
-                    .expect("b64"),
+                STANDARD.decode(u["data"].as_str().expect("data")).expect("b64"),
                 format!("event {i}").as_bytes()
             );
-            assert!(
-                u["sequence_number"]
-                    .as_str()
-                    .expect("seq")
-                    .starts_with("4960")
-            );
+            assert!(u["sequence_number"].as_str().expect("seq").starts_with("4960"));
             assert_eq!(u["aggregated"], true);
             assert!(u.get("explicit_hash_key").is_none());
         }
@@ -347,10 +309,7 @@ mod tests {
         let (kinesis, err, summary) = run_encode(&input, 51_200);
         assert_eq!(summary.bad_lines, 4);
         for n in 2..=5 {
-            assert!(
-                err.contains(&format!("line {n}: ")),
-                "line {n} reported in {err}"
-            );
+            assert!(err.contains(&format!("line {n}: ")), "line {n} reported in {err}");
         }
         assert!(!err.contains("line 1:") && !err.contains("line 6:"));
         assert_eq!(kinesis.len(), 1);
@@ -364,37 +323,19 @@ mod tests {
         let input = format!(
             "{}\n{}\n{}\n",
             r#"{"partition_key": "p", "explicit_hash_key": "5", "data": "aGVsbG8=", "sequence_number": "1"}"#,
-            format_args!(
-                r#"{{"partition_key": "q", "data": "{}"}}"#,
-                STANDARD.encode(&corrupt)
-            ),
+            format_args!(r#"{{"partition_key": "q", "data": "{}"}}"#, STANDARD.encode(&corrupt)),
             r#"{"partition_key": "q", "data": 7}"#,
         );
         let (users, err, summary) = run_decode(&input);
-        assert_eq!(
-            summary,
-            Summary {
-                lines: 3,
-                bad_lines: 1,
-                records_out: 2
-            }
-        );
+        assert_eq!(summary, Summary { lines: 3, bad_lines: 1, records_out: 2 });
         assert_eq!(users[0]["data"], "aGVsbG8=");
         assert_eq!(users[0]["explicit_hash_key"], "5");
         assert_eq!(users[0]["sequence_number"], "1");
         assert_eq!(users[0]["sub_sequence_number"], 0);
         assert_eq!(users[0]["aggregated"], false);
-        assert_eq!(
-            STANDARD
-                .decode(users[1]["data"].as_str().expect("data"))
-                .expect("b64"),
-            corrupt
-        );
+        assert_eq!(STANDARD.decode(users[1]["data"].as_str().expect("data")).expect("b64"), corrupt);
         assert!(users[1].get("sequence_number").is_none());
-        assert!(
-            err.contains("line 2: warning: ") && err.contains("digest"),
-            "{err}"
-        );
+        assert!(err.contains("line 2: warning: ") && err.contains("digest"), "{err}");
         assert!(err.contains("line 3: "), "{err}");
     }
 }

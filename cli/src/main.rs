@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 mod agg;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ktk",
-    version,
-    about = "Kinesis toolkit: KPL-compatible aggregation and more"
-)]
+#[command(name = "ktk", version, about = "Kinesis toolkit: KPL-compatible aggregation and more")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,25 +52,21 @@ fn main() -> ExitCode {
     let mut stdout = BufWriter::new(io::stdout().lock());
     let mut stderr = io::stderr().lock();
     let result = match cli.command {
-        Command::Agg(AggCommand::Encode {
-            max_size,
-            max_record_size,
-        }) => match agg::EncodeOptions::new(max_size, max_record_size) {
-            Ok(options) => agg::encode(stdin, &mut stdout, &mut stderr, &options),
-            Err(error) => {
-                eprintln!("ktk agg encode: {error}");
-                return ExitCode::from(2);
+        Command::Agg(AggCommand::Encode { max_size, max_record_size }) => {
+            match agg::EncodeOptions::new(max_size, max_record_size) {
+                Ok(options) => agg::encode(stdin, &mut stdout, &mut stderr, &options),
+                Err(error) => {
+                    eprintln!("ktk agg encode: {error}");
+                    return ExitCode::from(2);
+                }
             }
-        },
+        }
         Command::Agg(AggCommand::Decode) => agg::decode(stdin, &mut stdout, &mut stderr),
     };
     match result {
         Ok(summary) if summary.bad_lines == 0 => ExitCode::SUCCESS,
         Ok(summary) => {
-            eprintln!(
-                "ktk agg: {} malformed input line(s) skipped",
-                summary.bad_lines
-            );
+            eprintln!("ktk agg: {} malformed input line(s) skipped", summary.bad_lines);
             ExitCode::FAILURE
         }
         Err(error) => {

@@ -11,12 +11,7 @@ fn ktk(args: &[&str], stdin: &[u8]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("ktk starts");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
+    child.stdin.take().expect("stdin").write_all(stdin).expect("write stdin");
     child.wait_with_output().expect("ktk runs")
 }
 
@@ -25,30 +20,19 @@ const SAMPLE: &str = include_str!("../../examples/user-records.jsonl");
 #[test]
 fn sample_file_round_trips_through_encode_and_decode() {
     let encoded = ktk(&["agg", "encode"], SAMPLE.as_bytes());
-    assert!(
-        encoded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&encoded.stderr)
-    );
+    assert!(encoded.status.success(), "{}", String::from_utf8_lossy(&encoded.stderr));
     let kinesis_lines = String::from_utf8(encoded.stdout.clone()).expect("utf8");
     // 300 records of ~300 bytes: several 51,200-byte aggregates.
     assert!(kinesis_lines.lines().count() >= 2, "{kinesis_lines}");
 
     let decoded = ktk(&["agg", "decode"], &encoded.stdout);
-    assert!(
-        decoded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&decoded.stderr)
-    );
+    assert!(decoded.status.success(), "{}", String::from_utf8_lossy(&decoded.stderr));
     let out: Vec<serde_json::Value> = String::from_utf8(decoded.stdout)
         .expect("utf8")
         .lines()
         .map(|l| serde_json::from_str(l).expect("json"))
         .collect();
-    let input: Vec<serde_json::Value> = SAMPLE
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
+    let input: Vec<serde_json::Value> = SAMPLE.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
     assert_eq!(out.len(), input.len());
     for (got, want) in out.iter().zip(&input) {
         assert_eq!(got["partition_key"], want["partition_key"]);

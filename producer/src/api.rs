@@ -28,14 +28,8 @@ pub struct Entry {
 /// What Kinesis said about one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryResult {
-    Put {
-        shard_id: String,
-        sequence_number: String,
-    },
-    Failed {
-        code: String,
-        message: String,
-    },
+    Put { shard_id: String, sequence_number: String },
+    Failed { code: String, message: String },
 }
 
 /// How a failed call (or entry) should be treated.
@@ -74,10 +68,7 @@ pub trait KinesisApi: Send + Sync + 'static {
         entries: Vec<Entry>,
     ) -> BoxFuture<'a, Result<Vec<EntryResult>, CallError>>;
     /// Every shard of the stream (all pages).
-    fn list_shards<'a>(
-        &'a self,
-        stream: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>>;
+    fn list_shards<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>>;
 }
 
 /// The real Kinesis, through the AWS SDK. `PutRecords` goes through a client with the SDK's
@@ -91,9 +82,7 @@ pub struct AwsKinesis {
 impl AwsKinesis {
     /// Clients from a configuration loaded from the standard chain (`aws_config::load_defaults`).
     pub fn new(config: &SdkConfig) -> Self {
-        let put_config = aws_sdk_kinesis::config::Builder::from(config)
-            .retry_config(RetryConfig::disabled())
-            .build();
+        let put_config = aws_sdk_kinesis::config::Builder::from(config).retry_config(RetryConfig::disabled()).build();
         AwsKinesis {
             put_client: aws_sdk_kinesis::Client::from_conf(put_config),
             list_client: aws_sdk_kinesis::Client::new(config),
@@ -117,48 +106,34 @@ impl KinesisApi for AwsKinesis {
     ) -> BoxFuture<'a, Result<Vec<EntryResult>, CallError>> {
         Box::pin(async move {
             let mut request = self.put_client.put_records();
-            request = if is_arn(stream) {
-                request.stream_arn(stream)
-            } else {
-                request.stream_name(stream)
-            };
+            request = if is_arn(stream) { request.stream_arn(stream) } else { request.stream_name(stream) };
             for entry in entries {
                 let built = PutRecordsRequestEntry::builder()
                     .partition_key(entry.partition_key)
                     .set_explicit_hash_key(entry.explicit_hash_key)
                     .data(Blob::new(Vec::from(entry.data)))
                     .build()
-                    .map_err(|e| CallError {
-                        code: "InvalidEntry".into(),
-                        message: e.to_string(),
-                        retry: Retry::No,
-                    })?;
+                    .map_err(|e| CallError { code: "InvalidEntry".into(), message: e.to_string(), retry: Retry::No })?;
                 request = request.records(built);
             }
             let output = request.send().await.map_err(classify_put_error)?;
             Ok(output
                 .records()
                 .iter()
-                .map(
-                    |r| match (r.shard_id(), r.sequence_number(), r.error_code()) {
-                        (Some(shard), Some(seq), None) => EntryResult::Put {
-                            shard_id: shard.to_owned(),
-                            sequence_number: seq.to_owned(),
-                        },
-                        (_, _, code) => EntryResult::Failed {
-                            code: code.unwrap_or("MissingResult").to_owned(),
-                            message: r.error_message().unwrap_or_default().to_owned(),
-                        },
+                .map(|r| match (r.shard_id(), r.sequence_number(), r.error_code()) {
+                    (Some(shard), Some(seq), None) => {
+                        EntryResult::Put { shard_id: shard.to_owned(), sequence_number: seq.to_owned() }
+                    }
+                    (_, _, code) => EntryResult::Failed {
+                        code: code.unwrap_or("MissingResult").to_owned(),
+                        message: r.error_message().unwrap_or_default().to_owned(),
                     },
-                )
+                })
                 .collect())
         })
     }
 
-    fn list_shards<'a>(
-        &'a self,
-        stream: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
+    fn list_shards<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
         Box::pin(async move {
             let mut shards = Vec::new();
             let mut next_token: Option<String> = None;
@@ -177,20 +152,11 @@ impl KinesisApi for AwsKinesis {
                         retry: Retry::Yes,
                     })?;
                     let range =
-                        HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key())
-                            .map_err(|e| CallError {
-                                code: "InvalidHashKeyRange".into(),
-                                message: e.to_string(),
-                                retry: Retry::No,
-                            })?;
-                    let open = shard
-                        .sequence_number_range()
-                        .is_none_or(|r| r.ending_sequence_number().is_none());
-                    shards.push(ShardInfo {
-                        shard_id: shard.shard_id().to_owned(),
-                        range,
-                        open,
-                    });
+                        HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key()).map_err(|e| {
+                            CallError { code: "InvalidHashKeyRange".into(), message: e.to_string(), retry: Retry::No }
+                        })?;
+                    let open = shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none());
+                    shards.push(ShardInfo { shard_id: shard.shard_id().to_owned(), range, open });
                 }
                 next_token = page.next_token().map(str::to_owned);
                 if next_token.is_none() {
@@ -204,8 +170,9 @@ impl KinesisApi for AwsKinesis {
 fn classify_put_error(error: SdkError<PutRecordsError>) -> CallError {
     let retry = match &error {
         SdkError::ServiceError(e) => match e.err() {
-            PutRecordsError::ProvisionedThroughputExceededException(_)
-            | PutRecordsError::KmsThrottlingException(_) => Retry::Throttled,
+            PutRecordsError::ProvisionedThroughputExceededException(_) | PutRecordsError::KmsThrottlingException(_) => {
+                Retry::Throttled
+            }
             PutRecordsError::ResourceNotFoundException(_)
             | PutRecordsError::InvalidArgumentException(_)
             | PutRecordsError::AccessDeniedException(_)
@@ -240,15 +207,10 @@ fn classify_list_error(error: SdkError<ListShardsError>) -> CallError {
 /// the record's TTL runs out (an expired token, say, can be refreshed meanwhile).
 fn retry_for_code(code: Option<&str>) -> Retry {
     match code {
-        Some(
-            "ThrottlingException"
-            | "Throttling"
-            | "LimitExceededException"
-            | "RequestLimitExceeded",
-        ) => Retry::Throttled,
-        Some("ValidationException" | "SerializationException" | "UnrecognizedClientException") => {
-            Retry::No
+        Some("ThrottlingException" | "Throttling" | "LimitExceededException" | "RequestLimitExceeded") => {
+            Retry::Throttled
         }
+        Some("ValidationException" | "SerializationException" | "UnrecognizedClientException") => Retry::No,
         _ => Retry::Yes,
     }
 }
@@ -264,11 +226,7 @@ fn call_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt
         SdkError::ServiceError(e) => e.err().code().unwrap_or("ServiceError").to_owned(),
         _ => "SdkError".to_owned(),
     };
-    CallError {
-        code,
-        message: DisplayErrorContext(error).to_string(),
-        retry,
-    }
+    CallError { code, message: DisplayErrorContext(error).to_string(), retry }
 }
 
 /// How to treat one failed entry of a `PutRecords` response.
@@ -289,9 +247,7 @@ pub struct NoopKinesis {
 impl NoopKinesis {
     /// A pretend stream of `shards` evenly split shards.
     pub fn new(shards: usize) -> Self {
-        NoopKinesis {
-            shards: shards.max(1),
-        }
+        NoopKinesis { shards: shards.max(1) }
     }
 }
 
@@ -302,14 +258,7 @@ pub fn even_shards(count: usize) -> Vec<ShardInfo> {
     (0..count)
         .map(|i| ShardInfo {
             shard_id: format!("shardId-{i:012}"),
-            range: HashKeyRange {
-                start: i * width,
-                end: if i + 1 == count {
-                    u128::MAX
-                } else {
-                    (i + 1) * width - 1
-                },
-            },
+            range: HashKeyRange { start: i * width, end: if i + 1 == count { u128::MAX } else { (i + 1) * width - 1 } },
             open: true,
         })
         .collect()
@@ -327,28 +276,18 @@ impl KinesisApi for NoopKinesis {
                 .iter()
                 .enumerate()
                 .map(|(i, entry)| {
-                    let hash = ktk_proto::keys::effective_hash_key(
-                        &entry.partition_key,
-                        entry.explicit_hash_key.as_deref(),
-                    )
-                    .unwrap_or_default();
-                    let shard = shards
-                        .iter()
-                        .find(|s| s.range.contains(hash))
-                        .map_or("shardId-000000000000", |s| &s.shard_id);
-                    EntryResult::Put {
-                        shard_id: shard.to_owned(),
-                        sequence_number: format!("{i}"),
-                    }
+                    let hash =
+                        ktk_proto::keys::effective_hash_key(&entry.partition_key, entry.explicit_hash_key.as_deref())
+                            .unwrap_or_default();
+                    let shard =
+                        shards.iter().find(|s| s.range.contains(hash)).map_or("shardId-000000000000", |s| &s.shard_id);
+                    EntryResult::Put { shard_id: shard.to_owned(), sequence_number: format!("{i}") }
                 })
                 .collect())
         })
     }
 
-    fn list_shards<'a>(
-        &'a self,
-        _stream: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
+    fn list_shards<'a>(&'a self, _stream: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
         Box::pin(async move { Ok(even_shards(self.shards)) })
     }
 }

@@ -22,16 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use ktk_proto::aggregation::{
-    Aggregator, AggregatorConfig, KinesisRecord, RejectedRef, UserRecord,
-};
+use ktk_proto::aggregation::{Aggregator, AggregatorConfig, KinesisRecord, RejectedRef, UserRecord};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, warn};
 
-use crate::api::{
-    CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, retry_for_entry, with_timeout,
-};
+use crate::api::{CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, retry_for_entry, with_timeout};
 use crate::backoff;
 use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES};
 use crate::error::{PutError, PutErrorKind};
@@ -95,9 +91,7 @@ impl Pending {
 
     fn record(&self) -> &UserRecord {
         // Present from creation until `answer`, which consumes the pending record.
-        self.record
-            .as_ref()
-            .expect("a pending record holds its record until answered")
+        self.record.as_ref().expect("a pending record holds its record until answered")
     }
 
     /// Sends the result to the receipt. Consumes the record, so it is answered exactly once.
@@ -140,11 +134,7 @@ impl Drop for Pending {
 
 fn to_record(record: UserRecord) -> Record {
     let (partition_key, explicit_hash_key, data) = record.into_parts();
-    Record {
-        partition_key,
-        explicit_hash_key,
-        data,
-    }
+    Record { partition_key, explicit_hash_key, data }
 }
 
 /// A finished Kinesis record and the user records in it, in order.
@@ -176,12 +166,7 @@ struct ShardState {
 }
 
 impl ShardState {
-    fn new(
-        id: Arc<str>,
-        config: &ProducerConfig,
-        aggregator_config: AggregatorConfig,
-        now: Instant,
-    ) -> Self {
+    fn new(id: Arc<str>, config: &ProducerConfig, aggregator_config: AggregatorConfig, now: Instant) -> Self {
         ShardState {
             id,
             aggregator: Aggregator::new(aggregator_config),
@@ -209,11 +194,7 @@ impl ShardState {
         let members = std::mem::take(&mut self.members);
         let since = self.aggregating_since.take().unwrap_or_else(Instant::now);
         self.ready_bytes += record.size();
-        self.ready.push_back(Ready {
-            record,
-            members,
-            due: since + buffered_time,
-        });
+        self.ready.push_back(Ready { record, members, due: since + buffered_time });
     }
 
     /// Takes every record that is not in flight, oldest first: held, then ready, then aggregating.
@@ -386,10 +367,7 @@ impl Engine {
         if !stopping {
             return false;
         }
-        let deadline_passed = self
-            .shutdown
-            .as_ref()
-            .is_some_and(|(deadline, _)| now >= *deadline);
+        let deadline_passed = self.shutdown.as_ref().is_some_and(|(deadline, _)| now >= *deadline);
         if deadline_passed {
             self.fail_everything();
         } else if self.outstanding() > 0 || !self.in_flight.is_empty() {
@@ -532,9 +510,7 @@ impl Engine {
             }
             Err(_) => bump(&self.counters.user_records_failed, 1),
         }
-        self.metrics
-            .user_records_pending
-            .set(self.outstanding() as f64);
+        self.metrics.user_records_pending.set(self.outstanding() as f64);
         pending.answer(result);
     }
 
@@ -544,10 +520,7 @@ impl Engine {
         let buffered_time = self.config.record_max_buffered_time;
         // Aggregates whose first record has waited long enough (or everything, when flushing).
         for state in self.shards.values_mut() {
-            if state
-                .aggregating_since
-                .is_some_and(|since| flushing || since + buffered_time <= now)
-            {
+            if state.aggregating_since.is_some_and(|since| flushing || since + buffered_time <= now) {
                 state.finish_aggregate(buffered_time);
             }
         }
@@ -607,17 +580,13 @@ impl Engine {
             !s.in_flight
                 && s.blocked_until.is_none()
                 && s.limited_until.is_none_or(|t| t <= now)
-                && s.ready.front().is_some_and(|r| {
-                    flushing || r.due <= now || s.ready_bytes >= SHARD_EARLY_FLUSH_BYTES
-                })
+                && s.ready.front().is_some_and(|r| flushing || r.due <= now || s.ready_bytes >= SHARD_EARLY_FLUSH_BYTES)
         };
         if !self.shards.values().any(due) {
             return false;
         }
-        let (max_count, max_bytes) = (
-            self.config.collection_max_count,
-            self.config.collection_max_size,
-        );
+        let (max_count, max_bytes) = (self.config.collection_max_count, self.config.collection_max_size);
+        let strict = self.config.strict_ordering;
         let mut entries: Vec<(Arc<str>, Ready)> = Vec::new();
         let mut bytes = 0usize;
         let n = self.order.len();
@@ -639,7 +608,7 @@ impl Engine {
             let mut took = false;
             while let Some(front) = state.ready.front() {
                 let size = front.record.size();
-                if entries.len() >= max_count || bytes + size > max_bytes {
+                if entries.len() >= max_count || bytes + size > max_bytes || (took && strict) {
                     break;
                 }
                 let wait = state.limiter.wait_for(size, now);
@@ -682,23 +651,13 @@ impl Engine {
             .collect();
         let count = request.len();
         bump(&self.counters.put_records_calls, 1);
-        self.metrics
-            .kinesis_records_per_request
-            .record(count as f64);
+        self.metrics.kinesis_records_per_request.record(count as f64);
         let now = Instant::now();
         for (_, ready) in &entries {
             let oldest = ready.members.first().map_or(now, |m| m.arrived);
-            self.metrics
-                .buffering_time_ms
-                .record(now.saturating_duration_since(oldest).as_secs_f64() * 1000.0);
+            self.metrics.buffering_time_ms.record(now.saturating_duration_since(oldest).as_secs_f64() * 1000.0);
         }
-        self.in_flight.insert(
-            id,
-            InFlight {
-                entries,
-                started_at: SystemTime::now(),
-            },
-        );
+        self.in_flight.insert(id, InFlight { entries, started_at: SystemTime::now() });
         let api = Arc::clone(&self.api);
         let stream = Arc::clone(&self.stream);
         let timeout = self.config.request_timeout;
@@ -715,13 +674,7 @@ impl Engine {
                 // The engine outlives every call it starts (it waits for them before stopping,
                 // or has given up on them at the shutdown deadline): a closed channel only means
                 // the answer is no longer wanted.
-                let _ = done
-                    .send(CallDone {
-                        id,
-                        result,
-                        duration,
-                    })
-                    .await;
+                let _ = done.send(CallDone { id, result, duration }).await;
             }
             .instrument(span),
         );
@@ -732,9 +685,7 @@ impl Engine {
             return; // given up on at the shutdown deadline
         };
         let now = Instant::now();
-        self.metrics
-            .request_time_ms
-            .record(done.duration.as_secs_f64() * 1000.0);
+        self.metrics.request_time_ms.record(done.duration.as_secs_f64() * 1000.0);
         for (shard, _) in &call.entries {
             if let Some(state) = self.shards.get_mut(shard) {
                 state.in_flight = false;
@@ -745,17 +696,10 @@ impl Engine {
                 let mut results: Vec<Result<(String, String), CallError>> = results
                     .into_iter()
                     .map(|r| match r {
-                        EntryResult::Put {
-                            shard_id,
-                            sequence_number,
-                        } => Ok((shard_id, sequence_number)),
+                        EntryResult::Put { shard_id, sequence_number } => Ok((shard_id, sequence_number)),
                         EntryResult::Failed { code, message } => {
                             let retry = retry_for_entry(&code);
-                            Err(CallError {
-                                code,
-                                message,
-                                retry,
-                            })
+                            Err(CallError { code, message, retry })
                         }
                     })
                     .collect();
@@ -763,8 +707,7 @@ impl Engine {
                 while results.len() < call.entries.len() {
                     results.push(Err(CallError {
                         code: "MissingResult".into(),
-                        message: "the response had fewer results than the request had records"
-                            .into(),
+                        message: "the response had fewer results than the request had records".into(),
                         retry: Retry::Yes,
                     }));
                 }
@@ -790,14 +733,10 @@ impl Engine {
                     bump(&self.counters.kinesis_records_put, 1);
                     self.metrics.kinesis_records_put.increment(1);
                     let aggregated = ready.members.len() > 1;
-                    self.metrics
-                        .user_records_per_kinesis_record
-                        .record(ready.members.len() as f64);
+                    self.metrics.user_records_per_kinesis_record.record(ready.members.len() as f64);
                     for (index, mut member) in ready.members.into_iter().enumerate() {
                         member.attempts.push(attempt(None));
-                        self.metrics
-                            .retries_per_record
-                            .record((member.attempts.len() - 1) as f64);
+                        self.metrics.retries_per_record.record((member.attempts.len() - 1) as f64);
                         let outcome = PutOutcome {
                             shard_id: shard_id.clone(),
                             sequence_number: sequence_number.clone(),
@@ -828,13 +767,7 @@ impl Engine {
 
     /// Records of a failed entry: fail them if retrying cannot help or would outlive their TTL;
     /// otherwise put them back at the front of their shard, which backs off.
-    fn retry_or_fail(
-        &mut self,
-        shard: &Arc<str>,
-        members: Vec<Pending>,
-        error: &CallError,
-        now: Instant,
-    ) {
+    fn retry_or_fail(&mut self, shard: &Arc<str>, members: Vec<Pending>, error: &CallError, now: Instant) {
         if error.retry == Retry::Throttled {
             bump(&self.counters.throttled, members.len() as u64);
         }
@@ -844,10 +777,7 @@ impl Engine {
         let mut keep = Vec::new();
         for member in members {
             let outcome = match error.retry {
-                Retry::No => Some(PutErrorKind::Rejected {
-                    code: error.code.clone(),
-                    message: error.message.clone(),
-                }),
+                Retry::No => Some(PutErrorKind::Rejected { code: error.code.clone(), message: error.message.clone() }),
                 Retry::Throttled if self.config.fail_if_throttled => Some(PutErrorKind::Throttled),
                 _ if member.expires <= retry_at => Some(PutErrorKind::Expired),
                 _ => None,
@@ -932,12 +862,7 @@ impl Engine {
         for id in ids {
             self.state_for(id, now);
         }
-        let gone: Vec<Arc<str>> = self
-            .shards
-            .keys()
-            .filter(|id| !self.map.contains(id))
-            .cloned()
-            .collect();
+        let gone: Vec<Arc<str>> = self.shards.keys().filter(|id| !self.map.contains(id)).cloned().collect();
         for id in gone {
             let unsent = match self.shards.get_mut(&id) {
                 Some(state) => state.drain_unsent(),
@@ -952,8 +877,7 @@ impl Engine {
     fn drop_idle_closed_shards(&mut self) {
         let map = &self.map;
         let before = self.shards.len();
-        self.shards
-            .retain(|id, state| map.contains(id) || !state.is_idle());
+        self.shards.retain(|id, state| map.contains(id) || !state.is_idle());
         if self.shards.len() != before {
             let shards = &self.shards;
             self.order.retain(|id| shards.contains_key(id));
@@ -979,11 +903,7 @@ impl Engine {
                 && !state.in_flight
                 && let Some(front) = state.ready.front()
             {
-                let due = if state.ready_bytes >= SHARD_EARLY_FLUSH_BYTES {
-                    Instant::now()
-                } else {
-                    front.due
-                };
+                let due = if state.ready_bytes >= SHARD_EARLY_FLUSH_BYTES { Instant::now() } else { front.due };
                 consider(state.limited_until.map_or(due, |t| t.max(due)));
             }
         }

@@ -59,7 +59,9 @@ impl fmt::Display for PutErrorKind {
             PutErrorKind::Expired => f.write_str("the record's TTL expired before Kinesis accepted it"),
             PutErrorKind::Throttled => f.write_str("Kinesis throttled the record and fail_if_throttled is set"),
             PutErrorKind::Rejected { code, message } => write!(f, "Kinesis rejected the record: {code}: {message}"),
-            PutErrorKind::ShutDown { in_flight: false } => f.write_str("the producer was shut down before sending the record"),
+            PutErrorKind::ShutDown { in_flight: false } => {
+                f.write_str("the producer was shut down before sending the record")
+            }
             PutErrorKind::ShutDown { in_flight: true } => f.write_str(
                 "the producer was shut down while a call carrying the record was unanswered; it may be in the stream",
             ),
@@ -81,11 +83,7 @@ struct Failure {
 
 impl PutError {
     pub(crate) fn new(kind: PutErrorKind, record: Record, attempts: Vec<Attempt>) -> Self {
-        PutError(Box::new(Failure {
-            kind,
-            record,
-            attempts,
-        }))
+        PutError(Box::new(Failure { kind, record, attempts }))
     }
 
     pub fn kind(&self) -> &PutErrorKind {
@@ -108,10 +106,7 @@ impl PutError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.0.kind,
-            PutErrorKind::Full
-                | PutErrorKind::Timeout
-                | PutErrorKind::Expired
-                | PutErrorKind::Throttled
+            PutErrorKind::Full | PutErrorKind::Timeout | PutErrorKind::Expired | PutErrorKind::Throttled
         )
     }
 }

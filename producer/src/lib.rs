@@ -15,8 +15,9 @@
 //!   with a [`PutError`] that carries the record back. Nothing is dropped silently.
 //! - Memory is bounded by the outstanding records/bytes limits, whatever the put rate.
 //! - Records of one shard are sent in the order they were put, at most one call per shard at a
-//!   time, and a failed record is retried before anything newer of its shard is sent. (Kinesis
-//!   itself can still reorder records of one call when only some of them fail.)
+//!   time, and a failed record is retried before anything newer of its shard is sent. Kinesis can
+//!   still reorder records of one call when only some of them fail;
+//!   [`ProducerConfig::with_strict_ordering`] rules that out too.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -31,8 +32,8 @@ mod record;
 mod shard_map;
 
 pub use config::{
-    PUT_RECORDS_MAX_BYTES, PUT_RECORDS_MAX_RECORDS, ProducerConfig, SHARD_EARLY_FLUSH_BYTES,
-    SHARD_MAX_BYTES_PER_SEC, SHARD_MAX_RECORDS_PER_SEC,
+    PUT_RECORDS_MAX_BYTES, PUT_RECORDS_MAX_RECORDS, ProducerConfig, SHARD_EARLY_FLUSH_BYTES, SHARD_MAX_BYTES_PER_SEC,
+    SHARD_MAX_RECORDS_PER_SEC,
 };
 pub use error::{ConfigError, PutError, PutErrorKind, StartError};
 pub use producer::{Producer, ProducerStats};

@@ -19,12 +19,7 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: f64, now: Instant) -> Self {
-        Bucket {
-            rate,
-            capacity: rate,
-            tokens: rate,
-            updated: now,
-        }
+        Bucket { rate, capacity: rate, tokens: rate, updated: now }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -38,11 +33,7 @@ impl Bucket {
     /// quota still goes, and pays for it afterwards.
     fn wait_for(&self, amount: f64) -> Duration {
         let needed = amount.min(self.capacity) - self.tokens;
-        if needed <= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(needed / self.rate)
-        }
+        if needed <= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(needed / self.rate) }
     }
 }
 
@@ -67,9 +58,7 @@ impl ShardLimiter {
     pub(crate) fn wait_for(&mut self, bytes: usize, now: Instant) -> Duration {
         self.records.refill(now);
         self.bytes.refill(now);
-        self.records
-            .wait_for(1.0)
-            .max(self.bytes.wait_for(bytes as f64))
+        self.records.wait_for(1.0).max(self.bytes.wait_for(bytes as f64))
     }
 
     /// Takes the tokens for one record of `bytes` (after `wait_for` said zero).
@@ -93,15 +82,9 @@ mod tests {
             limiter.take(10);
         }
         let wait = limiter.wait_for(10, start);
-        assert!(
-            wait > Duration::ZERO && wait <= Duration::from_millis(1),
-            "{wait:?}"
-        );
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(1), "{wait:?}");
         // After that millisecond it may go.
-        assert_eq!(
-            limiter.wait_for(10, start + Duration::from_millis(1)),
-            Duration::ZERO
-        );
+        assert_eq!(limiter.wait_for(10, start + Duration::from_millis(1)), Duration::ZERO);
     }
 
     #[test]

@@ -59,9 +59,7 @@ impl Metrics {
         let stream = &self.stream;
         self.errors
             .entry(code.to_owned())
-            .or_insert_with(
-                || counter!("ErrorsByCode", "stream" => stream.clone(), "code" => code.to_owned()),
-            )
+            .or_insert_with(|| counter!("ErrorsByCode", "stream" => stream.clone(), "code" => code.to_owned()))
             .increment(1);
     }
 }

@@ -63,11 +63,7 @@ pub struct ProducerStats {
 impl ProducerStats {
     /// Average user records per Kinesis record: the aggregation factor.
     pub fn user_records_per_kinesis_record(&self) -> f64 {
-        if self.kinesis_records_put == 0 {
-            0.0
-        } else {
-            self.user_records_put as f64 / self.kinesis_records_put as f64
-        }
+        if self.kinesis_records_put == 0 { 0.0 } else { self.user_records_put as f64 / self.kinesis_records_put as f64 }
     }
 }
 
@@ -80,40 +76,22 @@ impl Producer {
     }
 
     /// A producer over any [`KinesisApi`] (a fake in tests, a no-op sink in benchmarks).
-    pub async fn with_api(
-        config: ProducerConfig,
-        api: Arc<dyn KinesisApi>,
-    ) -> Result<Self, StartError> {
+    pub async fn with_api(config: ProducerConfig, api: Arc<dyn KinesisApi>) -> Result<Self, StartError> {
         config.validate()?;
-        let shards = api
-            .list_shards(&config.stream)
-            .await
-            .map_err(|e| StartError::Stream {
-                stream: config.stream.clone(),
-                message: match e.retry {
-                    Retry::No => format!(
-                        "{}: {} (check the stream name, region and permissions)",
-                        e.code, e.message
-                    ),
-                    _ => format!("{}: {}", e.code, e.message),
-                },
-            })?;
+        let shards = api.list_shards(&config.stream).await.map_err(|e| StartError::Stream {
+            stream: config.stream.clone(),
+            message: match e.retry {
+                Retry::No => format!("{}: {} (check the stream name, region and permissions)", e.code, e.message),
+                _ => format!("{}: {}", e.code, e.message),
+            },
+        })?;
         if !shards.iter().any(|s| s.open) {
-            return Err(StartError::Stream {
-                stream: config.stream.clone(),
-                message: "it has no open shard".into(),
-            });
+            return Err(StartError::Stream { stream: config.stream.clone(), message: "it has no open shard".into() });
         }
         let config = Arc::new(config);
         let (commands, receiver) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
-        let engine = Engine::new(
-            Arc::clone(&config),
-            api,
-            &shards,
-            receiver,
-            Arc::clone(&counters),
-        );
+        let engine = Engine::new(Arc::clone(&config), api, &shards, receiver, Arc::clone(&counters));
         tokio::spawn(engine.run());
         Ok(Producer {
             inner: Arc::new(Inner {
@@ -138,13 +116,8 @@ impl Producer {
         let inner = &self.inner;
         let acquire = async {
             let records = Arc::clone(&inner.records_room).acquire_owned().await?;
-            let bytes = Arc::clone(&inner.bytes_room)
-                .acquire_many_owned(size as u32)
-                .await?;
-            Ok::<_, tokio::sync::AcquireError>(Room {
-                _records: records,
-                _bytes: bytes,
-            })
+            let bytes = Arc::clone(&inner.bytes_room).acquire_many_owned(size as u32).await?;
+            Ok::<_, tokio::sync::AcquireError>(Room { _records: records, _bytes: bytes })
         };
         match tokio::time::timeout(inner.config.put_timeout, acquire).await {
             Ok(Ok(room)) => self.submit(user, room),
@@ -176,13 +149,7 @@ impl Producer {
                 return Err(rejected(PutErrorKind::Full, user));
             }
         };
-        self.submit(
-            user,
-            Room {
-                _records: records,
-                _bytes: bytes,
-            },
-        )
+        self.submit(user, Room { _records: records, _bytes: bytes })
     }
 
     /// Sends everything buffered now and resolves when every record accepted before this call
@@ -202,12 +169,7 @@ impl Producer {
         self.inner.bytes_room.close();
         let (done, wait) = oneshot::channel();
         let deadline = Instant::now() + timeout;
-        if self
-            .inner
-            .commands
-            .send(Command::Shutdown { deadline, done })
-            .is_ok()
-        {
+        if self.inner.commands.send(Command::Shutdown { deadline, done }).is_ok() {
             // The engine answers at the deadline at the latest; the margin covers a stalled
             // runtime, so that shutdown itself always returns.
             let _ = tokio::time::timeout(timeout + Duration::from_secs(5), wait).await;
@@ -237,30 +199,14 @@ impl Producer {
         let size = record.size();
         let max = self.inner.config.max_record_size;
         if size > max {
-            return Err(PutError::new(
-                PutErrorKind::TooLarge { size, max },
-                record,
-                Vec::new(),
-            ));
+            return Err(PutError::new(PutErrorKind::TooLarge { size, max }, record, Vec::new()));
         }
-        let Record {
-            partition_key,
-            explicit_hash_key,
-            data,
-        } = record;
+        let Record { partition_key, explicit_hash_key, data } = record;
         let user = match UserRecord::new(partition_key.clone(), data.clone()) {
             Ok(user) => user,
             Err(e) => {
-                let record = Record {
-                    partition_key,
-                    explicit_hash_key,
-                    data,
-                };
-                return Err(PutError::new(
-                    PutErrorKind::InvalidRecord(e),
-                    record,
-                    Vec::new(),
-                ));
+                let record = Record { partition_key, explicit_hash_key, data };
+                return Err(PutError::new(PutErrorKind::InvalidRecord(e), record, Vec::new()));
             }
         };
         let user = match explicit_hash_key {
@@ -268,16 +214,8 @@ impl Producer {
             Some(ehk) => match user.with_explicit_hash_key(ehk.clone()) {
                 Ok(user) => user,
                 Err(e) => {
-                    let record = Record {
-                        partition_key,
-                        explicit_hash_key: Some(ehk),
-                        data,
-                    };
-                    return Err(PutError::new(
-                        PutErrorKind::InvalidRecord(e),
-                        record,
-                        Vec::new(),
-                    ));
+                    let record = Record { partition_key, explicit_hash_key: Some(ehk), data };
+                    return Err(PutError::new(PutErrorKind::InvalidRecord(e), record, Vec::new()));
                 }
             },
         };
@@ -297,13 +235,5 @@ impl Producer {
 
 fn rejected(kind: PutErrorKind, user: UserRecord) -> PutError {
     let (partition_key, explicit_hash_key, data) = user.into_parts();
-    PutError::new(
-        kind,
-        Record {
-            partition_key,
-            explicit_hash_key,
-            data,
-        },
-        Vec::new(),
-    )
+    PutError::new(kind, Record { partition_key, explicit_hash_key, data }, Vec::new())
 }

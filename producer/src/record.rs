@@ -20,11 +20,7 @@ pub struct Record {
 
 impl Record {
     pub fn new(partition_key: impl Into<String>, data: impl Into<Bytes>) -> Self {
-        Record {
-            partition_key: partition_key.into(),
-            explicit_hash_key: None,
-            data: data.into(),
-        }
+        Record { partition_key: partition_key.into(), explicit_hash_key: None, data: data.into() }
     }
 
     /// Routes the record by a 128-bit hash key in decimal instead of its partition key's hash.

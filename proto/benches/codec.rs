@@ -19,12 +19,7 @@ fn records_for_one_aggregate(size: usize) -> (Vec<UserRecord>, KinesisRecord) {
     let mut aggregator = Aggregator::default();
     let mut records = Vec::new();
     for i in 0u64.. {
-        let key = format!(
-            "{:08x}-{:04x}-4000-8000-{:012x}",
-            i * 2_654_435_761 % (1 << 32),
-            i % 65_536,
-            i
-        );
+        let key = format!("{:08x}-{:04x}-4000-8000-{:012x}", i * 2_654_435_761 % (1 << 32), i % 65_536, i);
         let data: Vec<u8> = (0..size).map(|j| (i as usize + j) as u8).collect();
         let record = UserRecord::new(key, data).expect("valid key");
         if aggregator.size_with(&record) > aggregator.config().max_aggregate_size() {
@@ -40,17 +35,11 @@ fn records_for_one_aggregate(size: usize) -> (Vec<UserRecord>, KinesisRecord) {
 fn codec(c: &mut Criterion) {
     for (label, size) in [("100B", 100), ("1KiB", 1024)] {
         let (records, aggregate) = records_for_one_aggregate(size);
-        eprintln!(
-            "{label}: {} records per aggregate, aggregate {} bytes",
-            records.len(),
-            aggregate.data.len()
-        );
+        eprintln!("{label}: {} records per aggregate, aggregate {} bytes", records.len(), aggregate.data.len());
         let mut group = c.benchmark_group(format!("aggregate_{label}"));
         group.throughput(Throughput::BytesDecimal(aggregate.data.len() as u64));
 
-        group.bench_function("md5_reference", |b| {
-            b.iter(|| Md5::digest(black_box(&aggregate.data[..])))
-        });
+        group.bench_function("md5_reference", |b| b.iter(|| Md5::digest(black_box(&aggregate.data[..]))));
 
         let mut aggregator = Aggregator::default();
         group.bench_function("encode", |b| {
@@ -73,13 +62,7 @@ fn codec(c: &mut Criterion) {
         group.bench_function("decode", |b| {
             b.iter(|| {
                 out.clear();
-                let format = deaggregator.deaggregate_into(
-                    data.clone(),
-                    "a",
-                    None,
-                    &mut out,
-                    &mut out_of_range,
-                );
+                let format = deaggregator.deaggregate_into(data.clone(), "a", None, &mut out, &mut out_of_range);
                 black_box(format);
                 black_box(out.len())
             })

@@ -15,9 +15,7 @@ pub enum Error {
     #[error("the partition key has {chars} characters; Kinesis allows at most 256")]
     PartitionKeyTooLong { chars: usize },
 
-    #[error(
-        "explicit hash key {value:?} is invalid: {reason}; it must be a decimal integer from 0 to 2^128-1"
-    )]
+    #[error("explicit hash key {value:?} is invalid: {reason}; it must be a decimal integer from 0 to 2^128-1")]
     InvalidExplicitHashKey { value: String, reason: &'static str },
 
     #[error(

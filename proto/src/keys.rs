@@ -38,10 +38,7 @@ pub fn partition_key_hash(partition_key: &str) -> u128 {
 /// Parses an explicit hash key as Kinesis accepts it: a decimal integer in `0..=2^128-1`, without
 /// sign, spaces or leading zeros (the API's pattern is `0|([1-9]\d{0,38})`).
 pub fn parse_explicit_hash_key(value: &str) -> Result<u128> {
-    let invalid = |reason: &'static str| Error::InvalidExplicitHashKey {
-        value: value.to_owned(),
-        reason,
-    };
+    let invalid = |reason: &'static str| Error::InvalidExplicitHashKey { value: value.to_owned(), reason };
     if value.is_empty() {
         return Err(invalid("it is empty"));
     }
@@ -54,9 +51,7 @@ pub fn parse_explicit_hash_key(value: &str) -> Result<u128> {
     if value.len() > 1 && value.starts_with('0') {
         return Err(invalid("it has a leading zero"));
     }
-    value
-        .parse::<u128>()
-        .map_err(|_| invalid("it is greater than 2^128-1"))
+    value.parse::<u128>().map_err(|_| invalid("it is greater than 2^128-1"))
 }
 
 /// The hash key a record is routed by: its explicit hash key if it has one, else its partition
@@ -77,18 +72,12 @@ pub struct HashKeyRange {
 
 impl HashKeyRange {
     /// The whole hash-key space: what a stream's single shard owns.
-    pub const FULL: HashKeyRange = HashKeyRange {
-        start: 0,
-        end: u128::MAX,
-    };
+    pub const FULL: HashKeyRange = HashKeyRange { start: 0, end: u128::MAX };
 
     /// A range from its bounds; `start` must not be greater than `end`.
     pub fn new(start: u128, end: u128) -> Result<Self> {
         if start > end {
-            return Err(Error::InvalidHashKeyRange {
-                start: start.to_string(),
-                end: end.to_string(),
-            });
+            return Err(Error::InvalidHashKeyRange { start: start.to_string(), end: end.to_string() });
         }
         Ok(HashKeyRange { start, end })
     }
@@ -96,10 +85,7 @@ impl HashKeyRange {
     /// A range from the decimal strings Kinesis returns in `ListShards`
     /// (`HashKeyRange.StartingHashKey` / `EndingHashKey`).
     pub fn parse(start: &str, end: &str) -> Result<Self> {
-        let range_error = || Error::InvalidHashKeyRange {
-            start: start.to_owned(),
-            end: end.to_owned(),
-        };
+        let range_error = || Error::InvalidHashKeyRange { start: start.to_owned(), end: end.to_owned() };
         let s = parse_explicit_hash_key(start).map_err(|_| range_error())?;
         let e = parse_explicit_hash_key(end).map_err(|_| range_error())?;
         HashKeyRange::new(s, e).map_err(|_| range_error())
@@ -124,31 +110,19 @@ mod tests {
 
     #[test]
     fn partition_key_lengths() {
-        assert!(matches!(
-            validate_partition_key(""),
-            Err(Error::EmptyPartitionKey)
-        ));
+        assert!(matches!(validate_partition_key(""), Err(Error::EmptyPartitionKey)));
         assert!(validate_partition_key("x").is_ok());
         assert!(validate_partition_key(&"x".repeat(256)).is_ok());
-        assert!(matches!(
-            validate_partition_key(&"x".repeat(257)),
-            Err(Error::PartitionKeyTooLong { chars: 257 })
-        ));
+        assert!(matches!(validate_partition_key(&"x".repeat(257)), Err(Error::PartitionKeyTooLong { chars: 257 })));
         // 256 four-byte characters: 1,024 bytes but 256 characters, so valid.
         assert!(validate_partition_key(&"𝄞".repeat(256)).is_ok());
-        assert!(matches!(
-            validate_partition_key(&"é".repeat(257)),
-            Err(Error::PartitionKeyTooLong { chars: 257 })
-        ));
+        assert!(matches!(validate_partition_key(&"é".repeat(257)), Err(Error::PartitionKeyTooLong { chars: 257 })));
     }
 
     #[test]
     fn explicit_hash_keys() {
         assert_eq!(parse_explicit_hash_key("0").ok(), Some(0));
-        assert_eq!(
-            parse_explicit_hash_key("340282366920938463463374607431768211455").ok(),
-            Some(u128::MAX)
-        );
+        assert_eq!(parse_explicit_hash_key("340282366920938463463374607431768211455").ok(), Some(u128::MAX));
         for bad in [
             "",
             "-1",
@@ -161,10 +135,7 @@ mod tests {
             "1234567890123456789012345678901234567890",
         ] {
             assert!(
-                matches!(
-                    parse_explicit_hash_key(bad),
-                    Err(Error::InvalidExplicitHashKey { .. })
-                ),
+                matches!(parse_explicit_hash_key(bad), Err(Error::InvalidExplicitHashKey { .. })),
                 "{bad:?} should be rejected"
             );
         }

@@ -138,17 +138,7 @@ mod tests {
 
     #[test]
     fn varint_lengths_match_encoding() {
-        for v in [
-            0u64,
-            1,
-            127,
-            128,
-            16_383,
-            16_384,
-            u32::MAX as u64,
-            u64::MAX - 1,
-            u64::MAX,
-        ] {
+        for v in [0u64, 1, 127, 128, 16_383, 16_384, u32::MAX as u64, u64::MAX - 1, u64::MAX] {
             let mut buf = Vec::new();
             put_varint(&mut buf, v);
             assert_eq!(buf.len(), varint_len(v), "length of {v}");
@@ -161,10 +151,7 @@ mod tests {
     #[test]
     fn overlong_and_truncated_varints_are_errors() {
         assert_eq!(Reader::new(&[0x80]).varint(), Err(WireError::Truncated));
-        assert_eq!(
-            Reader::new(&[0xff; 11]).varint(),
-            Err(WireError::VarintTooLong)
-        );
+        assert_eq!(Reader::new(&[0xff; 11]).varint(), Err(WireError::VarintTooLong));
         let mut ten = [0xffu8; 10];
         ten[9] = 0x02;
         assert_eq!(Reader::new(&ten).varint(), Err(WireError::VarintTooLong));
@@ -174,15 +161,9 @@ mod tests {
 
     #[test]
     fn length_delimited_bounds_are_checked() {
-        assert_eq!(
-            Reader::new(&[0x05, 1, 2]).len_delimited(),
-            Err(WireError::Truncated)
-        );
+        assert_eq!(Reader::new(&[0x05, 1, 2]).len_delimited(), Err(WireError::Truncated));
         assert_eq!(Reader::new(&[0x02, 1, 2]).len_delimited(), Ok(1..3));
         let huge = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
-        assert_eq!(
-            Reader::new(&huge).len_delimited(),
-            Err(WireError::Truncated)
-        );
+        assert_eq!(Reader::new(&huge).len_delimited(), Err(WireError::Truncated));
     }
 }

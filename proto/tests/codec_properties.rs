@@ -4,8 +4,7 @@
 
 use bytes::Bytes;
 use ktk_proto::aggregation::{
-    AGGREGATE_PARTITION_KEY, Aggregator, AggregatorConfig, Deaggregator, FRAMING_LEN, MAGIC,
-    Rejected, UserRecord,
+    AGGREGATE_PARTITION_KEY, Aggregator, AggregatorConfig, Deaggregator, FRAMING_LEN, MAGIC, Rejected, UserRecord,
 };
 use ktk_proto::keys::{HashKeyRange, partition_key_hash};
 use ktk_proto::kpl;
@@ -29,20 +28,13 @@ fn explicit_hash_key() -> impl Strategy<Value = Option<String>> {
 }
 
 fn user_record() -> impl Strategy<Value = UserRecord> {
-    (
-        partition_key(),
-        explicit_hash_key(),
-        prop::collection::vec(any::<u8>(), 0..300),
-    )
-        .prop_map(|(pk, ehk, data)| {
-            let record = UserRecord::new(pk, data).expect("strategy makes valid keys");
-            match ehk {
-                Some(ehk) => record
-                    .with_explicit_hash_key(ehk)
-                    .expect("strategy makes valid hash keys"),
-                None => record,
-            }
-        })
+    (partition_key(), explicit_hash_key(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(pk, ehk, data)| {
+        let record = UserRecord::new(pk, data).expect("strategy makes valid keys");
+        match ehk {
+            Some(ehk) => record.with_explicit_hash_key(ehk).expect("strategy makes valid hash keys"),
+            None => record,
+        }
+    })
 }
 
 /// Packs records with the default caps, asserting the size prediction at every step.
@@ -57,29 +49,16 @@ fn aggregate_all(
         let predicted = aggregator.size_with(record);
         match aggregator.try_add(record.clone()) {
             Ok(()) => {
-                assert_eq!(
-                    aggregator.size(),
-                    predicted,
-                    "size_with predicts size after add"
-                );
+                assert_eq!(aggregator.size(), predicted, "size_with predicts size after add");
                 current.push(record.clone());
             }
             Err(Rejected::Full(back)) => {
-                assert!(
-                    predicted > config.max_aggregate_size(),
-                    "rejected only when over the cap"
-                );
+                assert!(predicted > config.max_aggregate_size(), "rejected only when over the cap");
                 let before = aggregator.size();
                 let finished = aggregator.finish().expect("non-empty");
-                assert_eq!(
-                    finished.data.len(),
-                    before,
-                    "finish emits exactly the predicted size"
-                );
+                assert_eq!(finished.data.len(), before, "finish emits exactly the predicted size");
                 out.push((finished, std::mem::take(&mut current)));
-                aggregator
-                    .try_add(back)
-                    .expect("an empty aggregator takes any record");
+                aggregator.try_add(back).expect("an empty aggregator takes any record");
                 current.push(record.clone());
             }
             Err(Rejected::TooLarge { .. }) => panic!("records are small"),

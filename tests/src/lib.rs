@@ -18,24 +18,18 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
 /// AWS configuration for the tests: the standard chain, with LocalStack's endpoint, a region and
 /// dummy credentials filled in where the environment gives none.
 pub async fn aws_config() -> SdkConfig {
-    let endpoint =
-        std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .operation_timeout(Duration::from_secs(30))
-                .build(),
-        );
-    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-    {
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).timeout_config(
+        TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .operation_timeout(Duration::from_secs(30))
+            .build(),
+    );
+    if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() {
         loader = loader.region(Region::from_static("us-east-1"));
     }
-    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() && std::env::var_os("AWS_PROFILE").is_none()
-    {
-        loader =
-            loader.credentials_provider(Credentials::new("test", "test", None, None, "ktk-tests"));
+    if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() && std::env::var_os("AWS_PROFILE").is_none() {
+        loader = loader.credentials_provider(Credentials::new("test", "test", None, None, "ktk-tests"));
     }
     loader.load().await
 }
@@ -57,15 +51,8 @@ pub async fn kinesis() -> aws_sdk_kinesis::Client {
 
 /// A resource name no other test run uses: `<prefix>-<random>`.
 pub fn unique_name(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{prefix}-{}-{:x}",
-        std::process::id(),
-        nanos & 0xffff_ffff_ffff
-    )
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{prefix}-{}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
 }
 
 /// Creates a provisioned stream with `shards` shards and waits until it is active.
@@ -76,23 +63,11 @@ pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards:
         .shard_count(shards)
         .send()
         .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "create stream {name}: {}",
-                aws_sdk_kinesis::error::DisplayErrorContext(&e)
-            )
-        });
+        .unwrap_or_else(|e| panic!("create stream {name}: {}", aws_sdk_kinesis::error::DisplayErrorContext(&e)));
     for _ in 0..300 {
-        let summary = client
-            .describe_stream_summary()
-            .stream_name(name)
-            .send()
-            .await;
+        let summary = client.describe_stream_summary().stream_name(name).send().await;
         if let Ok(summary) = summary
-            && summary
-                .stream_description_summary()
-                .map(|s| s.stream_status())
-                == Some(&StreamStatus::Active)
+            && summary.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active)
         {
             return;
         }
@@ -103,10 +78,5 @@ pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards:
 
 /// Deletes a stream, ignoring errors: cleanup must not mask a test's own failure.
 pub async fn delete_stream(client: &aws_sdk_kinesis::Client, name: &str) {
-    let _ = client
-        .delete_stream()
-        .stream_name(name)
-        .enforce_consumer_deletion(true)
-        .send()
-        .await;
+    let _ = client.delete_stream().stream_name(name).enforce_consumer_deletion(true).send().await;
 }

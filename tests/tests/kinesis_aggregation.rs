@@ -26,19 +26,13 @@ async fn aggregated_records_round_trip_through_kinesis() {
 
 async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
     // The shard map, as a producer would learn it.
-    let shards = client
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .expect("list shards");
+    let shards = client.list_shards().stream_name(stream).send().await.expect("list shards");
     let shards: Vec<(String, HashKeyRange)> = shards
         .shards()
         .iter()
         .map(|s| {
             let range = s.hash_key_range().expect("hash key range");
-            let range = HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key())
-                .expect("decimal range");
+            let range = HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key()).expect("decimal range");
             (s.shard_id().to_owned(), range)
         })
         .collect();
@@ -56,9 +50,7 @@ async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
         let mut ehk = None;
         if i % 100 == 7 {
             let key = (u128::MAX / 1000 * (i as u128 % 1000)).to_string();
-            record = record
-                .with_explicit_hash_key(key.clone())
-                .expect("valid hash key");
+            record = record.with_explicit_hash_key(key.clone()).expect("valid hash key");
             ehk = Some(key);
         }
         expected.insert(id, (partition_key, ehk));
@@ -70,10 +62,7 @@ async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
     let mut kinesis_records: Vec<KinesisRecord> = Vec::new();
     for record in user_records {
         let hash = record.hash_key();
-        let shard = shards
-            .iter()
-            .position(|(_, r)| r.contains(hash))
-            .expect("shards cover the key space");
+        let shard = shards.iter().position(|(_, r)| r.contains(hash)).expect("shards cover the key space");
         if let Some(done) = aggregators[shard].add(record).expect("record fits") {
             kinesis_records.push(done);
         }
@@ -104,20 +93,10 @@ async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
                         .expect("entry")
                 })
                 .collect();
-            let out = client
-                .put_records()
-                .stream_name(stream)
-                .set_records(Some(entries))
-                .send()
-                .await
-                .expect("put records");
-            let failed: Vec<&KinesisRecord> = out
-                .records()
-                .iter()
-                .zip(&pending)
-                .filter(|(e, _)| e.error_code().is_some())
-                .map(|(_, r)| *r)
-                .collect();
+            let out =
+                client.put_records().stream_name(stream).set_records(Some(entries)).send().await.expect("put records");
+            let failed: Vec<&KinesisRecord> =
+                out.records().iter().zip(&pending).filter(|(e, _)| e.error_code().is_some()).map(|(_, r)| *r).collect();
             if failed.is_empty() {
                 break;
             }
@@ -144,36 +123,19 @@ async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
             .expect("iterator");
         let mut empty_reads = 0;
         while empty_reads < 3 {
-            let out = client
-                .get_records()
-                .shard_iterator(&iterator)
-                .limit(10_000)
-                .send()
-                .await
-                .expect("get records");
+            let out = client.get_records().shard_iterator(&iterator).limit(10_000).send().await.expect("get records");
             if out.records().is_empty() {
                 empty_reads += 1;
             }
             for record in out.records() {
                 let data = Bytes::copy_from_slice(record.data().as_ref());
-                let result = deaggregator.deaggregate(
-                    data,
-                    record.partition_key().unwrap_or_default(),
-                    None,
-                );
-                assert!(
-                    result.out_of_range.is_empty(),
-                    "sub-records outside shard {shard_id}"
-                );
+                let result = deaggregator.deaggregate(data, record.partition_key().unwrap_or_default(), None);
+                assert!(result.out_of_range.is_empty(), "sub-records outside shard {shard_id}");
                 match result.format {
                     RecordFormat::Aggregated => {
                         for user in &result.records {
-                            let id = String::from_utf8_lossy(&user.data)
-                                .trim_end_matches('.')
-                                .to_owned();
-                            let (pk, ehk) = expected
-                                .get(&id)
-                                .unwrap_or_else(|| panic!("unexpected record {id}"));
+                            let id = String::from_utf8_lossy(&user.data).trim_end_matches('.').to_owned();
+                            let (pk, ehk) = expected.get(&id).unwrap_or_else(|| panic!("unexpected record {id}"));
                             assert_eq!(&*user.partition_key, pk.as_str());
                             assert_eq!(user.explicit_hash_key.as_deref(), ehk.as_deref());
                             *seen.entry(id).or_default() += 1;
@@ -185,9 +147,7 @@ async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
                         if &user.data[..] == b"not an aggregate" {
                             plain += 1;
                         } else {
-                            let id = String::from_utf8_lossy(&user.data)
-                                .trim_end_matches('.')
-                                .to_owned();
+                            let id = String::from_utf8_lossy(&user.data).trim_end_matches('.').to_owned();
                             assert!(expected.contains_key(&id), "unexpected plain record {id}");
                             *seen.entry(id).or_default() += 1;
                         }
@@ -195,16 +155,11 @@ async fn round_trip(client: &aws_sdk_kinesis::Client, stream: &str) {
                     other => panic!("record on {shard_id} decoded as {other:?}"),
                 }
             }
-            iterator = out
-                .next_shard_iterator
-                .expect("open shard has a next iterator");
+            iterator = out.next_shard_iterator.expect("open shard has a next iterator");
         }
     }
     assert_eq!(plain, 1, "the foreign plain record arrives once");
     assert_eq!(seen.len(), USER_RECORDS, "every user record arrives");
     let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
-    assert!(
-        duplicates.is_empty(),
-        "records seen more than once: {duplicates:?}"
-    );
+    assert!(duplicates.is_empty(), "records seen more than once: {duplicates:?}");
 }

@@ -131,26 +131,11 @@ impl Deaggregator {
 
     /// Unpacks one Kinesis record, given its data and partition key (and explicit hash key, if
     /// known: `GetRecords` does not return it).
-    pub fn deaggregate(
-        &self,
-        data: Bytes,
-        partition_key: &str,
-        explicit_hash_key: Option<&str>,
-    ) -> Deaggregation {
+    pub fn deaggregate(&self, data: Bytes, partition_key: &str, explicit_hash_key: Option<&str>) -> Deaggregation {
         let mut records = Vec::new();
         let mut out_of_range = Vec::new();
-        let format = self.deaggregate_into(
-            data,
-            partition_key,
-            explicit_hash_key,
-            &mut records,
-            &mut out_of_range,
-        );
-        Deaggregation {
-            format,
-            records,
-            out_of_range,
-        }
+        let format = self.deaggregate_into(data, partition_key, explicit_hash_key, &mut records, &mut out_of_range);
+        Deaggregation { format, records, out_of_range }
     }
 
     /// Like [`deaggregate`](Self::deaggregate), appending to caller-owned vectors so a consumer
@@ -206,8 +191,7 @@ impl Deaggregator {
                 (1, WIRE_LEN) => partition_keys.push(string_at(reader.len_delimited()?)?),
                 (2, WIRE_LEN) => {
                     let key = string_at(reader.len_delimited()?)?;
-                    let hash = parse_explicit_hash_key(&key)
-                        .map_err(|_| Malformed::InvalidExplicitHashKey)?;
+                    let hash = parse_explicit_hash_key(&key).map_err(|_| Malformed::InvalidExplicitHashKey)?;
                     explicit_hash_keys.push((key, hash));
                 }
                 (1..=3, _) if wire_type != WIRE_LEN => return Err(Malformed::FieldType),
@@ -231,10 +215,8 @@ impl Deaggregator {
             }
             let range = reader.len_delimited()?;
             let fields = parse_record(&message[range.clone()])?;
-            let partition_key = partition_keys.get(
-                usize::try_from(fields.partition_key_index)
-                    .map_err(|_| Malformed::IndexOutOfRange)?,
-            );
+            let partition_key = partition_keys
+                .get(usize::try_from(fields.partition_key_index).map_err(|_| Malformed::IndexOutOfRange)?);
             let partition_key = partition_key.ok_or(Malformed::IndexOutOfRange)?;
             let explicit_hash_key = match fields.explicit_hash_key_index {
                 None => None,
@@ -305,11 +287,9 @@ fn parse_record(message: &[u8]) -> Result<RecordFields, Malformed> {
     let position = reader.position();
     debug_assert_eq!(position, message.len());
     match (partition_key_index, data) {
-        (Some(partition_key_index), Some(data)) => Ok(RecordFields {
-            partition_key_index,
-            explicit_hash_key_index,
-            data,
-        }),
+        (Some(partition_key_index), Some(data)) => {
+            Ok(RecordFields { partition_key_index, explicit_hash_key_index, data })
+        }
         _ => Err(Malformed::MissingField),
     }
 }

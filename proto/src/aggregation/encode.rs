@@ -13,8 +13,8 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use super::{
-    AGGREGATE_PARTITION_KEY, DEFAULT_MAX_AGGREGATE_SIZE, DEFAULT_MAX_RECORD_SIZE, FRAMING_LEN,
-    LARGEST_MAX_RECORD_SIZE, MAGIC,
+    AGGREGATE_PARTITION_KEY, DEFAULT_MAX_AGGREGATE_SIZE, DEFAULT_MAX_RECORD_SIZE, FRAMING_LEN, LARGEST_MAX_RECORD_SIZE,
+    MAGIC,
 };
 use crate::error::{Error, Result};
 use crate::keys::{effective_hash_key, parse_explicit_hash_key, validate_partition_key};
@@ -42,11 +42,7 @@ impl UserRecord {
     pub fn new(partition_key: impl Into<String>, data: impl Into<Bytes>) -> Result<Self> {
         let partition_key = partition_key.into();
         validate_partition_key(&partition_key)?;
-        Ok(UserRecord {
-            partition_key,
-            explicit_hash_key: None,
-            data: data.into(),
-        })
+        Ok(UserRecord { partition_key, explicit_hash_key: None, data: data.into() })
     }
 
     /// Routes the record by `explicit_hash_key` (decimal, `0..=2^128-1`) instead of the partition
@@ -130,10 +126,7 @@ pub struct AggregatorConfig {
 impl Default for AggregatorConfig {
     /// The KPL's defaults: aggregates up to 51,200 bytes (`AggregationMaxSize`), records up to 1 MiB.
     fn default() -> Self {
-        AggregatorConfig {
-            max_aggregate_size: DEFAULT_MAX_AGGREGATE_SIZE,
-            max_record_size: DEFAULT_MAX_RECORD_SIZE,
-        }
+        AggregatorConfig { max_aggregate_size: DEFAULT_MAX_AGGREGATE_SIZE, max_record_size: DEFAULT_MAX_RECORD_SIZE }
     }
 }
 
@@ -181,11 +174,7 @@ pub enum Rejected {
     Full(UserRecord),
     /// The record is larger than a Kinesis record may be, even on its own: `size` bytes (data
     /// plus partition key) against a maximum of `max`.
-    TooLarge {
-        record: UserRecord,
-        size: usize,
-        max: usize,
-    },
+    TooLarge { record: UserRecord, size: usize, max: usize },
 }
 
 impl Rejected {
@@ -201,10 +190,7 @@ impl Rejected {
     pub fn error(&self) -> Option<Error> {
         match self {
             Rejected::Full(_) => None,
-            Rejected::TooLarge { size, max, .. } => Some(Error::RecordTooLarge {
-                size: *size,
-                max: *max,
-            }),
+            Rejected::TooLarge { size, max, .. } => Some(Error::RecordTooLarge { size: *size, max: *max }),
         }
     }
 }
@@ -263,10 +249,7 @@ struct Addition {
 
 impl Aggregator {
     pub fn new(config: AggregatorConfig) -> Self {
-        Aggregator {
-            config,
-            ..Aggregator::default()
-        }
+        Aggregator { config, ..Aggregator::default() }
     }
 
     pub fn config(&self) -> &AggregatorConfig {
@@ -304,9 +287,7 @@ impl Aggregator {
     /// The largest aggregate this aggregator emits: the configured cap, kept below the record
     /// size limit, which also counts the aggregate's partition key.
     fn aggregate_cap(&self) -> usize {
-        self.config
-            .max_aggregate_size
-            .min(self.config.max_record_size - AGGREGATE_PARTITION_KEY.len())
+        self.config.max_aggregate_size.min(self.config.max_record_size - AGGREGATE_PARTITION_KEY.len())
     }
 
     /// Adds `record` if the result stays within the configured caps. An empty aggregator takes
@@ -337,10 +318,7 @@ impl Aggregator {
     pub fn try_add_ref(&mut self, record: &UserRecord) -> Result<(), RejectedRef> {
         let size = record.plain_size();
         if size > self.config.max_record_size {
-            return Err(RejectedRef::TooLarge {
-                size,
-                max: self.config.max_record_size,
-            });
+            return Err(RejectedRef::TooLarge { size, max: self.config.max_record_size });
         }
         let plan = self.plan(record);
         if self.first.is_none() {
@@ -349,11 +327,7 @@ impl Aggregator {
             return Err(RejectedRef::Full);
         }
         self.write(record, &plan);
-        self.index_keys(
-            &plan,
-            || record.partition_key.clone(),
-            || record.explicit_hash_key.clone(),
-        );
+        self.index_keys(&plan, || record.partition_key.clone(), || record.explicit_hash_key.clone());
         Ok(())
     }
 
@@ -390,12 +364,7 @@ impl Aggregator {
         let count = std::mem::take(&mut self.count);
         let record = if count == 1 {
             let (partition_key, explicit_hash_key, data) = first.into_parts();
-            KinesisRecord {
-                partition_key,
-                explicit_hash_key,
-                data,
-                user_records: 1,
-            }
+            KinesisRecord { partition_key, explicit_hash_key, data, user_records: 1 }
         } else {
             let message_len = self.message_len();
             let mut data = Vec::with_capacity(FRAMING_LEN + message_len);
@@ -435,16 +404,14 @@ impl Aggregator {
 
     fn plan(&self, record: &UserRecord) -> Addition {
         let mut growth = 0;
-        let (partition_key_index, new_partition_key) = match self
-            .partition_key_indices
-            .get(record.partition_key.as_str())
-        {
-            Some(&index) => (index, false),
-            None => {
-                growth += len_field_size(record.partition_key.len());
-                (self.partition_key_indices.len() as u64, true)
-            }
-        };
+        let (partition_key_index, new_partition_key) =
+            match self.partition_key_indices.get(record.partition_key.as_str()) {
+                Some(&index) => (index, false),
+                None => {
+                    growth += len_field_size(record.partition_key.len());
+                    (self.partition_key_indices.len() as u64, true)
+                }
+            };
         let (explicit_hash_key_index, new_explicit_hash_key) = match &record.explicit_hash_key {
             None => (None, false),
             Some(ehk) => match self.explicit_hash_key_indices.get(ehk.as_str()) {
@@ -473,18 +440,10 @@ impl Aggregator {
     /// Appends the record's bytes to the tables and the records.
     fn write(&mut self, record: &UserRecord, plan: &Addition) {
         if plan.new_partition_key {
-            put_string(
-                &mut self.partition_key_table,
-                TAG_PARTITION_KEY_TABLE,
-                &record.partition_key,
-            );
+            put_string(&mut self.partition_key_table, TAG_PARTITION_KEY_TABLE, &record.partition_key);
         }
         if let (true, Some(ehk)) = (plan.new_explicit_hash_key, &record.explicit_hash_key) {
-            put_string(
-                &mut self.explicit_hash_key_table,
-                TAG_EXPLICIT_HASH_KEY_TABLE,
-                ehk,
-            );
+            put_string(&mut self.explicit_hash_key_table, TAG_EXPLICIT_HASH_KEY_TABLE, ehk);
         }
         let records = &mut self.records;
         records.push(TAG_RECORDS);
@@ -509,8 +468,7 @@ impl Aggregator {
         explicit_hash_key: impl FnOnce() -> Option<String>,
     ) {
         if plan.new_partition_key {
-            self.partition_key_indices
-                .insert(partition_key(), plan.partition_key_index);
+            self.partition_key_indices.insert(partition_key(), plan.partition_key_index);
         }
         if let (true, Some(index)) = (plan.new_explicit_hash_key, plan.explicit_hash_key_index)
             && let Some(ehk) = explicit_hash_key()
@@ -522,11 +480,7 @@ impl Aggregator {
     /// Adds a record by value: new keys move into the indices, uncopied.
     fn commit(&mut self, record: UserRecord, plan: &Addition) {
         self.write(&record, plan);
-        let UserRecord {
-            partition_key,
-            explicit_hash_key,
-            ..
-        } = record;
+        let UserRecord { partition_key, explicit_hash_key, .. } = record;
         self.index_keys(plan, || partition_key, || explicit_hash_key);
     }
 }

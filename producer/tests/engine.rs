@@ -1,0 +1,476 @@
+//! The producer's logic against an in-process fake Kinesis that can fail, throttle, stall and
+//! reshard on cue. (The same behaviour is tested against LocalStack in `tests/`.) Time is paused,
+//! so backoffs, TTLs and buffering times run instantly and deterministically.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use ktk_producer::api::{CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, even_shards};
+use ktk_producer::{Producer, ProducerConfig, PutErrorKind, Record};
+use ktk_proto::aggregation::Deaggregator;
+use ktk_proto::keys::{HashKeyRange, effective_hash_key};
+
+/// What the fake does with one call.
+#[derive(Clone, Debug)]
+enum Plan {
+    /// Fail the whole call.
+    Call(CallError),
+    /// Fail the entries at these indices with this code.
+    Entries(Vec<usize>, &'static str),
+    /// Take `Duration` to answer (then succeed).
+    Stall(Duration),
+}
+
+#[derive(Default)]
+struct FakeKinesis {
+    shards: Mutex<Vec<ShardInfo>>,
+    /// Accepted entries per shard, with their sequence numbers, in sequence order.
+    stored: Mutex<HashMap<String, Vec<(u64, Entry)>>>,
+    plans: Mutex<VecDeque<Plan>>,
+    /// When set, every call fails like this (after the plans are used up).
+    always: Mutex<Option<Plan>>,
+    calls: AtomicUsize,
+    list_calls: AtomicUsize,
+    sequence: AtomicU64,
+}
+
+impl FakeKinesis {
+    fn new(shards: usize) -> Arc<Self> {
+        let fake = FakeKinesis::default();
+        *fake.shards.lock().expect("lock") = even_shards(shards);
+        Arc::new(fake)
+    }
+
+    fn plan(&self, plan: Plan) {
+        self.plans.lock().expect("lock").push_back(plan);
+    }
+
+    /// Splits the shard that owns hash key 0 into two children.
+    fn split_first_shard(&self) {
+        let mut shards = self.shards.lock().expect("lock");
+        let parent = shards.iter_mut().find(|s| s.open && s.range.contains(0)).expect("a first shard");
+        parent.open = false;
+        let (start, end) = (parent.range.start, parent.range.end);
+        let middle = start + (end - start) / 2;
+        shards.push(ShardInfo { shard_id: "child-a".into(), range: HashKeyRange { start, end: middle }, open: true });
+        shards.push(ShardInfo {
+            shard_id: "child-b".into(),
+            range: HashKeyRange { start: middle + 1, end },
+            open: true,
+        });
+    }
+
+    /// Every user record stored, deaggregated: (shard, partition key, data), in the order of
+    /// their sequence and sub-sequence numbers (the order a consumer sees them per shard).
+    fn user_records(&self) -> Vec<(String, String, Bytes)> {
+        let stored = self.stored.lock().expect("lock");
+        let mut entries: Vec<(u64, &String, &Entry)> =
+            stored.iter().flat_map(|(shard, list)| list.iter().map(move |(seq, e)| (*seq, shard, e))).collect();
+        entries.sort_by_key(|(seq, _, _)| *seq);
+        let mut out = Vec::new();
+        for (_, shard, entry) in entries {
+            let d = Deaggregator::new().deaggregate(
+                entry.data.clone(),
+                &entry.partition_key,
+                entry.explicit_hash_key.as_deref(),
+            );
+            for r in d.records {
+                out.push((shard.clone(), r.partition_key.to_string(), r.data));
+            }
+        }
+        out
+    }
+
+    fn kinesis_records(&self) -> usize {
+        self.stored.lock().expect("lock").values().map(Vec::len).sum()
+    }
+}
+
+impl KinesisApi for FakeKinesis {
+    fn put_records<'a>(
+        &'a self,
+        _stream: &'a str,
+        entries: Vec<Entry>,
+    ) -> BoxFuture<'a, Result<Vec<EntryResult>, CallError>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let plan = {
+                let next = self.plans.lock().expect("lock").pop_front();
+                next.or_else(|| self.always.lock().expect("lock").clone())
+            };
+            let mut failing: Vec<usize> = Vec::new();
+            let mut code = "";
+            match plan {
+                Some(Plan::Call(error)) => return Err(error),
+                Some(Plan::Entries(indices, c)) => {
+                    failing = indices;
+                    code = c;
+                }
+                Some(Plan::Stall(duration)) => tokio::time::sleep(duration).await,
+                None => {}
+            }
+            let shards = self.shards.lock().expect("lock").clone();
+            let mut stored = self.stored.lock().expect("lock");
+            Ok(entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, entry)| {
+                    if std::env::var("FAKE_DEBUG").is_ok() {
+                        let d = Deaggregator::new().deaggregate(entry.data.clone(), &entry.partition_key, None);
+                        let ids: Vec<String> = d.records.iter().map(|r| String::from_utf8_lossy(&r.data[6..]).into_owned()).collect();
+                        eprintln!("call {} entry {i} ehk {:?} failing {} ids {:?}", self.calls.load(Ordering::SeqCst), entry.explicit_hash_key.as_deref().map(|s| &s[..4]), failing.contains(&i), &ids[..ids.len().min(4)]);
+                    }
+                    if failing.contains(&i) {
+                        return EntryResult::Failed { code: code.into(), message: "injected".into() };
+                    }
+                    let hash =
+                        effective_hash_key(&entry.partition_key, entry.explicit_hash_key.as_deref()).expect("valid");
+                    let shard =
+                        shards.iter().find(|s| s.open && s.range.contains(hash)).expect("open shards cover the space");
+                    let sequence = self.sequence.fetch_add(1, Ordering::SeqCst);
+                    stored.entry(shard.shard_id.clone()).or_default().push((sequence, entry));
+                    EntryResult::Put { shard_id: shard.shard_id.clone(), sequence_number: format!("{sequence:020}") }
+                })
+                .collect())
+        })
+    }
+
+    fn list_shards<'a>(&'a self, _stream: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
+        Box::pin(async move {
+            self.list_calls.fetch_add(1, Ordering::SeqCst);
+            Ok(self.shards.lock().expect("lock").clone())
+        })
+    }
+}
+
+fn key_index(key: &str) -> usize {
+    key.trim_start_matches("user-").parse().expect("user-N")
+}
+
+fn record(i: usize, keys: usize) -> Record {
+    Record::new(format!("user-{}", i % keys), format!("event-{i:06}"))
+}
+
+/// Puts `n` records from one task and awaits every receipt; returns the outcomes in order.
+async fn put_all(
+    producer: &Producer,
+    n: usize,
+    keys: usize,
+) -> Vec<Result<ktk_producer::PutOutcome, ktk_producer::PutError>> {
+    let mut receipts = Vec::with_capacity(n);
+    for i in 0..n {
+        receipts.push(producer.put(record(i, keys)).await.expect("accepted"));
+    }
+    let mut out = Vec::with_capacity(n);
+    for receipt in receipts {
+        out.push(receipt.await);
+    }
+    out
+}
+
+/// Every record stored exactly once, and per key in the order put.
+fn assert_exactly_once_in_order(fake: &FakeKinesis, n: usize, keys: usize) {
+    assert_exactly_once(fake, n, keys, true);
+}
+
+fn assert_exactly_once(fake: &FakeKinesis, n: usize, keys: usize, in_order: bool) {
+    let stored = fake.user_records();
+    assert_eq!(stored.len(), n, "every record stored once");
+    let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (_, key, data) in &stored {
+        let i: usize = std::str::from_utf8(&data[6..]).expect("utf8").parse().expect("number");
+        per_key.entry(key.clone()).or_default().push(i);
+    }
+    assert_eq!(per_key.len(), keys.min(n));
+    for (key, mut ids) in per_key {
+        if in_order {
+            assert!(ids.windows(2).all(|w| w[0] < w[1]), "key {key} out of order: {ids:?}");
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), n / keys + usize::from(key_index(&key) < n % keys), "key {key}: duplicates or gaps");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_record_lands_once_aggregated_and_in_order() {
+    let fake = FakeKinesis::new(4);
+    let producer = Producer::with_api(ProducerConfig::new("s"), fake.clone()).await.expect("starts");
+    let n = 20_000;
+    let outcomes = put_all(&producer, n, 100).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let outcome = outcome.as_ref().unwrap_or_else(|e| panic!("record {i}: {e}"));
+        assert!(outcome.aggregated);
+        assert_eq!(outcome.attempts.len(), 1);
+        assert!(outcome.attempts[0].succeeded());
+        // The receipt names the shard the record's hash key belongs to.
+        let hash = effective_hash_key(&format!("user-{}", i % 100), None).expect("hash");
+        let shard = even_shards(4).into_iter().find(|s| s.range.contains(hash)).expect("shard");
+        assert_eq!(outcome.shard_id, shard.shard_id);
+    }
+    assert_exactly_once_in_order(&fake, n, 100);
+    // Each stored user record sits on the shard its hash key belongs to.
+    for (shard, key, _) in fake.user_records() {
+        let hash = effective_hash_key(&key, None).expect("hash");
+        let owner = even_shards(4).into_iter().find(|s| s.range.contains(hash)).expect("shard");
+        assert_eq!(owner.shard_id, shard);
+    }
+    let stats = producer.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(stats.user_records_put, n as u64);
+    assert!(stats.user_records_per_kinesis_record() > 50.0, "aggregation happened: {stats:?}");
+    assert!(stats.put_records_calls < 100, "few calls: {stats:?}");
+    assert_eq!(stats.kinesis_records_put as usize, fake.kinesis_records());
+}
+
+/// Without strict ordering, a call with several entries for one shard can have one fail and the
+/// next succeed (Kinesis writes the rest): nothing is lost or doubled, but order can break.
+#[tokio::test(start_paused = true)]
+async fn partial_failures_lose_nothing() {
+    let fake = FakeKinesis::new(2);
+    for _ in 0..5 {
+        fake.plan(Plan::Entries(vec![0, 3], "ProvisionedThroughputExceededException"));
+    }
+    fake.plan(Plan::Entries(vec![1], "InternalFailure"));
+    let config = ProducerConfig::new("s").with_aggregation_max_size(1024);
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let outcomes = put_all(&producer, 3_000, 50).await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    assert_exactly_once(&fake, 3_000, 50, false);
+    let stats = producer.shutdown(Duration::from_secs(5)).await;
+    assert!(stats.retries > 0 && stats.throttled > 0, "{stats:?}");
+    assert_eq!(stats.user_records_put, 3_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_strict_ordering_failed_records_go_before_newer_ones_of_their_shard() {
+    let fake = FakeKinesis::new(2);
+    for _ in 0..5 {
+        fake.plan(Plan::Entries(vec![0], "ProvisionedThroughputExceededException"));
+    }
+    fake.plan(Plan::Call(CallError { code: "InternalFailure".into(), message: "boom".into(), retry: Retry::Yes }));
+    let config = ProducerConfig::new("s").with_aggregation_max_size(1024).with_strict_ordering(true);
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let n = 3_000;
+    let outcomes = put_all(&producer, n, 50).await;
+    let retried = outcomes.iter().filter(|o| o.as_ref().map(|o| o.attempts.len() > 1).unwrap_or(false)).count();
+    assert!(outcomes.iter().all(Result::is_ok));
+    assert!(retried > 0, "some records needed more than one attempt");
+    let with_throttle = outcomes
+        .iter()
+        .filter_map(|o| o.as_ref().ok())
+        .find(|o| o.attempts.iter().any(|a| a.error_code.as_deref() == Some("ProvisionedThroughputExceededException")))
+        .expect("a throttled record");
+    assert!(with_throttle.attempts.last().is_some_and(|a| a.succeeded()));
+    assert_exactly_once_in_order(&fake, n, 50);
+    let stats = producer.shutdown(Duration::from_secs(5)).await;
+    assert!(stats.retries > 0 && stats.throttled > 0, "{stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_expire_with_their_attempts_when_kinesis_keeps_throttling() {
+    let fake = FakeKinesis::new(1);
+    *fake.always.lock().expect("lock") = Some(Plan::Call(CallError {
+        code: "ProvisionedThroughputExceededException".into(),
+        message: "slow down".into(),
+        retry: Retry::Throttled,
+    }));
+    let config = ProducerConfig::new("s").with_record_ttl(Duration::from_secs(2));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let receipt = producer.put(Record::new("k", "payload")).await.expect("accepted");
+    let error = receipt.await.expect_err("expires");
+    assert_eq!(error.kind(), &PutErrorKind::Expired);
+    assert_eq!(error.record().data, Bytes::from_static(b"payload"));
+    assert!(error.attempts().len() >= 2, "retried before expiring: {:?}", error.attempts());
+    assert!(error.attempts().iter().all(|a| a.error_code.as_deref() == Some("ProvisionedThroughputExceededException")));
+    let stats = producer.stats();
+    assert_eq!((stats.user_records_expired, stats.user_records_put), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_if_throttled_fails_at_the_first_throttle() {
+    let fake = FakeKinesis::new(1);
+    fake.plan(Plan::Entries(vec![0], "ProvisionedThroughputExceededException"));
+    let producer =
+        Producer::with_api(ProducerConfig::new("s").with_fail_if_throttled(true), fake.clone()).await.expect("starts");
+    let error = producer.put(Record::new("k", "x")).await.expect("accepted").await.expect_err("throttled");
+    assert_eq!(error.kind(), &PutErrorKind::Throttled);
+    assert_eq!(error.attempts().len(), 1);
+    assert!(!error.is_retryable() || error.kind() == &PutErrorKind::Throttled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_retrying_cannot_fix_fail_at_once_with_the_record() {
+    let fake = FakeKinesis::new(1);
+    fake.plan(Plan::Call(CallError {
+        code: "ResourceNotFoundException".into(),
+        message: "no stream".into(),
+        retry: Retry::No,
+    }));
+    let producer = Producer::with_api(ProducerConfig::new("s"), fake.clone()).await.expect("starts");
+    let error = producer.put(Record::new("k", "x")).await.expect("accepted").await.expect_err("rejected");
+    assert!(matches!(error.kind(), PutErrorKind::Rejected { code, .. } if code == "ResourceNotFoundException"));
+    assert_eq!(error.record().partition_key, "k");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_records_come_back_at_once() {
+    let fake = FakeKinesis::new(1);
+    let producer = Producer::with_api(ProducerConfig::new("s"), fake.clone()).await.expect("starts");
+    let empty_key = producer.put(Record::new("", "x")).await.expect_err("invalid");
+    assert!(matches!(empty_key.kind(), PutErrorKind::InvalidRecord(ktk_proto::Error::EmptyPartitionKey)));
+    let bad_hash = producer.put(Record::new("k", "x").with_explicit_hash_key("-1")).await.expect_err("invalid");
+    assert!(matches!(bad_hash.kind(), PutErrorKind::InvalidRecord(_)));
+    assert_eq!(bad_hash.record().explicit_hash_key.as_deref(), Some("-1"));
+    let big = producer.try_put(Record::new("k", vec![0u8; 1024 * 1024])).expect_err("too large");
+    assert!(
+        matches!(big.kind(), PutErrorKind::TooLarge { size, max } if *size == 1024 * 1024 + 1 && *max == 1024 * 1024)
+    );
+    assert_eq!(big.into_record().data.len(), 1024 * 1024);
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_producer_hands_records_back_and_put_waits_for_room() {
+    let fake = FakeKinesis::new(1);
+    fake.plan(Plan::Stall(Duration::from_millis(1_500)));
+    let config = ProducerConfig::new("s").with_max_outstanding_records(10).with_put_timeout(Duration::from_secs(1));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let mut receipts = Vec::new();
+    for i in 0..10 {
+        receipts.push(producer.try_put(record(i, 3)).expect("room for ten"));
+    }
+    let full = producer.try_put(record(10, 3)).expect_err("full");
+    assert_eq!(full.kind(), &PutErrorKind::Full);
+    assert_eq!(full.record(), &record(10, 3));
+    // `put` waits up to its timeout, then hands the record back too.
+    let timed_out = producer.put(record(11, 3)).await.expect_err("timeout");
+    assert_eq!(timed_out.kind(), &PutErrorKind::Timeout);
+    // Once the stalled call returns, there is room again and `put` goes through.
+    let late = producer.put(record(12, 3)).await.expect("room after the stall");
+    for receipt in receipts {
+        receipt.await.expect("put");
+    }
+    late.await.expect("put");
+}
+
+#[tokio::test(start_paused = true)]
+async fn flush_resolves_once_everything_before_it_is_put() {
+    let fake = FakeKinesis::new(2);
+    let config = ProducerConfig::new("s").with_record_max_buffered_time(Duration::from_secs(3600));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let receipts: Vec<_> = (0..100).map(|i| producer.try_put(record(i, 7)).expect("room")).collect();
+    // An hour of buffering time: only the flush sends them.
+    producer.flush().await;
+    assert_eq!(fake.user_records().len(), 100);
+    for receipt in receipts {
+        receipt.await.expect("put");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_answers_every_receipt_even_when_kinesis_hangs() {
+    let fake = FakeKinesis::new(1);
+    *fake.always.lock().expect("lock") = Some(Plan::Stall(Duration::from_secs(3600)));
+    let producer = Producer::with_api(ProducerConfig::new("s"), fake.clone()).await.expect("starts");
+    let receipts: Vec<_> = (0..50).map(|i| producer.try_put(record(i, 5)).expect("room")).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the first call go out
+    let stats = producer.shutdown(Duration::from_secs(2)).await;
+    let mut in_flight = 0;
+    for receipt in receipts {
+        let error = receipt.await.expect_err("shut down");
+        match error.kind() {
+            PutErrorKind::ShutDown { in_flight: true } => in_flight += 1,
+            PutErrorKind::ShutDown { in_flight: false } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(in_flight > 0, "the stalled call's records are reported as possibly put");
+    assert_eq!(stats.user_records_failed, 50);
+    let after = producer.put(record(0, 1)).await.expect_err("closed");
+    assert_eq!(after.kind(), &PutErrorKind::ShutDown { in_flight: false });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_split_while_producing_loses_nothing_and_later_records_use_the_children() {
+    let fake = FakeKinesis::new(2);
+    let config = ProducerConfig::new("s").with_shard_map_min_refresh_interval(Duration::from_millis(10));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let first = put_all(&producer, 2_000, 200).await;
+    assert!(first.iter().all(Result::is_ok));
+    fake.split_first_shard();
+    // Records predicted for the closed parent land on a child: the producer notices and
+    // refreshes its map, and the records after that are aggregated for the children.
+    let mut receipts = Vec::new();
+    for i in 2_000..6_000 {
+        receipts.push(producer.put(record(i, 200)).await.expect("accepted"));
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut on_children = 0;
+    for receipt in receipts {
+        let outcome = receipt.await.expect("put");
+        if outcome.shard_id.starts_with("child-") {
+            on_children += 1;
+        }
+    }
+    assert!(on_children > 0);
+    assert_exactly_once_in_order(&fake, 6_000, 200);
+    let stats = producer.shutdown(Duration::from_secs(5)).await;
+    assert!(stats.shard_map_refreshes >= 1 && stats.mispredicted >= 1, "{stats:?}");
+    assert!(fake.list_calls.load(Ordering::SeqCst) >= 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn aggregation_off_sends_one_kinesis_record_per_user_record() {
+    let fake = FakeKinesis::new(2);
+    let producer =
+        Producer::with_api(ProducerConfig::new("s").with_aggregation(false), fake.clone()).await.expect("starts");
+    let outcomes = put_all(&producer, 300, 10).await;
+    assert!(outcomes.iter().all(|o| { o.as_ref().is_ok_and(|o| !o.aggregated && o.sub_sequence_number == 0) }));
+    assert_eq!(fake.kinesis_records(), 300);
+    assert_exactly_once_in_order(&fake, 300, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_rate_limit_holds_a_shard_to_its_quota() {
+    let fake = FakeKinesis::new(1);
+    // 10% of 1,000 records/s: 100 Kinesis records per second, one user record each.
+    let config = ProducerConfig::new("s").with_aggregation(false).with_rate_limit_percent(10);
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let start = tokio::time::Instant::now();
+    let outcomes = put_all(&producer, 300, 10).await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    let elapsed = start.elapsed();
+    // 100 go at once (a full bucket), the other 200 take two seconds.
+    assert!(elapsed >= Duration::from_millis(1_900) && elapsed <= Duration::from_secs(3), "{elapsed:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_stream_fails_at_start_with_a_clear_message() {
+    struct Missing;
+    impl KinesisApi for Missing {
+        fn put_records<'a>(&'a self, _: &'a str, _: Vec<Entry>) -> BoxFuture<'a, Result<Vec<EntryResult>, CallError>> {
+            Box::pin(async { Ok(vec![]) })
+        }
+        fn list_shards<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
+            Box::pin(async {
+                Err(CallError {
+                    code: "ResourceNotFoundException".into(),
+                    message: "Stream nope not found".into(),
+                    retry: Retry::No,
+                })
+            })
+        }
+    }
+    let error = Producer::with_api(ProducerConfig::new("nope"), Arc::new(Missing)).await.expect_err("no stream");
+    let message = error.to_string();
+    assert!(message.contains("nope") && message.contains("ResourceNotFoundException"), "{message}");
+    let bad = Producer::with_api(ProducerConfig::new("s").with_collection_max_count(0), FakeKinesis::new(1)).await;
+    assert!(bad.expect_err("invalid").to_string().contains("collection_max_count"));
+}

@@ -197,6 +197,15 @@ impl ShardState {
         self.ready.push_back(Ready { record, members, due: since + buffered_time });
     }
 
+    /// Puts `records` (the oldest of the shard) back in front of everything not yet sent, and
+    /// holds the shard until `until`: the way order per shard survives a failure.
+    fn requeue_front(&mut self, records: Vec<Pending>, until: Instant) {
+        let newer = self.drain_unsent();
+        self.held.extend(records);
+        self.held.extend(newer);
+        self.blocked_until = Some(self.blocked_until.map_or(until, |t| t.max(until)));
+    }
+
     /// Takes every record that is not in flight, oldest first: held, then ready, then aggregating.
     fn drain_unsent(&mut self) -> Vec<Pending> {
         let mut out: Vec<Pending> = self.held.drain(..).collect();
@@ -587,6 +596,7 @@ impl Engine {
         }
         let (max_count, max_bytes) = (self.config.collection_max_count, self.config.collection_max_size);
         let strict = self.config.strict_ordering;
+        let mut expired_records: Vec<Pending> = Vec::new();
         let mut entries: Vec<(Arc<str>, Ready)> = Vec::new();
         let mut bytes = 0usize;
         let n = self.order.len();
@@ -611,6 +621,18 @@ impl Engine {
                 if entries.len() >= max_count || bytes + size > max_bytes || (took && strict) {
                     break;
                 }
+                // A record can outlive its TTL waiting here (behind a rate limit): it fails as
+                // expired instead of being sent late, and the rest of its aggregate goes back in
+                // front of the shard, to be aggregated again.
+                if front.members.iter().any(|m| m.expires <= now) {
+                    let Some(stale) = state.ready.pop_front() else { break };
+                    state.ready_bytes -= size;
+                    let (expired, live): (Vec<Pending>, Vec<Pending>) =
+                        stale.members.into_iter().partition(|m| m.expires <= now);
+                    expired_records.extend(expired);
+                    state.requeue_front(live, now);
+                    break;
+                }
                 let wait = state.limiter.wait_for(size, now);
                 if !wait.is_zero() {
                     state.limited_until = Some(now + wait);
@@ -631,8 +653,15 @@ impl Engine {
             }
         }
         self.cursor = if n == 0 { 0 } else { (self.cursor + 1) % n };
+        let expired_any = !expired_records.is_empty();
+        for pending in expired_records {
+            bump(&self.counters.user_records_expired, 1);
+            self.metrics.user_record_expired.increment(1);
+            self.resolve(pending, Err(PutErrorKind::Expired));
+        }
         if entries.is_empty() {
-            return false;
+            // Expired records were taken out: look again (the shard's other records wait).
+            return expired_any;
         }
         self.start_call(entries);
         true
@@ -803,11 +832,7 @@ impl Engine {
             }
             return;
         };
-        // Failed records first, then everything newer that was not sent yet.
-        let newer = state.drain_unsent();
-        state.held.extend(keep);
-        state.held.extend(newer);
-        state.blocked_until = Some(state.blocked_until.map_or(retry_at, |t| t.max(retry_at)));
+        state.requeue_front(keep, retry_at);
         debug!(shard = %shard, code = %error.code, delay_ms = delay.as_millis() as u64, "shard backs off");
     }
 

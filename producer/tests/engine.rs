@@ -121,8 +121,15 @@ impl KinesisApi for FakeKinesis {
                 .map(|(i, entry)| {
                     if std::env::var("FAKE_DEBUG").is_ok() {
                         let d = Deaggregator::new().deaggregate(entry.data.clone(), &entry.partition_key, None);
-                        let ids: Vec<String> = d.records.iter().map(|r| String::from_utf8_lossy(&r.data[6..]).into_owned()).collect();
-                        eprintln!("call {} entry {i} ehk {:?} failing {} ids {:?}", self.calls.load(Ordering::SeqCst), entry.explicit_hash_key.as_deref().map(|s| &s[..4]), failing.contains(&i), &ids[..ids.len().min(4)]);
+                        let ids: Vec<String> =
+                            d.records.iter().map(|r| String::from_utf8_lossy(&r.data[6..]).into_owned()).collect();
+                        eprintln!(
+                            "call {} entry {i} ehk {:?} failing {} ids {:?}",
+                            self.calls.load(Ordering::SeqCst),
+                            entry.explicit_hash_key.as_deref().map(|s| &s[..4]),
+                            failing.contains(&i),
+                            &ids[..ids.len().min(4)]
+                        );
                     }
                     if failing.contains(&i) {
                         return EntryResult::Failed { code: code.into(), message: "injected".into() };
@@ -473,4 +480,24 @@ async fn a_missing_stream_fails_at_start_with_a_clear_message() {
     assert!(message.contains("nope") && message.contains("ResourceNotFoundException"), "{message}");
     let bad = Producer::with_api(ProducerConfig::new("s").with_collection_max_count(0), FakeKinesis::new(1)).await;
     assert!(bad.expect_err("invalid").to_string().contains("collection_max_count"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_waiting_behind_the_rate_limit_expire_instead_of_going_late() {
+    let fake = FakeKinesis::new(1);
+    // 1% of the quota: 10 Kinesis records per second; one user record per Kinesis record.
+    let config = ProducerConfig::new("s")
+        .with_aggregation(false)
+        .with_rate_limit_percent(1)
+        .with_record_ttl(Duration::from_millis(1_500));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let outcomes = put_all(&producer, 60, 6).await;
+    let put = outcomes.iter().filter(|o| o.is_ok()).count();
+    let expired: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(expired.iter().all(|e| e.kind() == &PutErrorKind::Expired && e.attempts().is_empty()));
+    // A full bucket (10) plus ~10/s for the TTL's 1.5 s.
+    assert!((15..=35).contains(&put), "{put} put");
+    assert_eq!(put + expired.len(), 60);
+    assert_eq!(fake.user_records().len(), put, "expired records were never sent");
+    assert_eq!(producer.stats().user_records_expired as usize, expired.len());
 }

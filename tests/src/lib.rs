@@ -80,3 +80,73 @@ pub async fn create_stream(client: &aws_sdk_kinesis::Client, name: &str, shards:
 pub async fn delete_stream(client: &aws_sdk_kinesis::Client, name: &str) {
     let _ = client.delete_stream().stream_name(name).enforce_consumer_deletion(true).send().await;
 }
+
+/// One user record as read back from a stream, deaggregated.
+#[derive(Debug, Clone)]
+pub struct StoredRecord {
+    pub shard_id: String,
+    pub sequence_number: String,
+    pub sub_sequence_number: u64,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub data: bytes::Bytes,
+    pub aggregated: bool,
+    /// Whether the record's hash key (explicit, or of its partition key) is in its shard's range.
+    pub in_shard_range: bool,
+}
+
+/// Reads every shard of `stream` (closed ones to their end, open ones until caught up) from the
+/// trim horizon, and deaggregates. Per shard, records come in stream order.
+pub async fn read_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<StoredRecord> {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    use ktk_proto::aggregation::Deaggregator;
+    use ktk_proto::keys::{HashKeyRange, effective_hash_key};
+
+    let listing = client.list_shards().stream_name(stream).send().await.expect("list shards");
+    let mut out = Vec::new();
+    for shard in listing.shards() {
+        let range = shard.hash_key_range().expect("range");
+        let range = HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key()).expect("decimal range");
+        let mut iterator = client
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(shard.shard_id())
+            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("shard iterator")
+            .shard_iterator;
+        let mut quiet_reads = 0;
+        while let Some(current) = iterator.take() {
+            let page = client.get_records().shard_iterator(current).limit(10_000).send().await.expect("get records");
+            let caught_up = page.millis_behind_latest() == Some(0);
+            if page.records().is_empty() && caught_up {
+                quiet_reads += 1;
+                if quiet_reads >= 2 {
+                    break;
+                }
+            }
+            for record in page.records() {
+                let data = bytes::Bytes::copy_from_slice(record.data().as_ref());
+                let kinesis_key = record.partition_key().unwrap_or_default();
+                let unpacked = Deaggregator::new().deaggregate(data, kinesis_key, None);
+                for user in unpacked.records {
+                    let hash = effective_hash_key(&user.partition_key, user.explicit_hash_key.as_deref()).ok();
+                    out.push(StoredRecord {
+                        shard_id: shard.shard_id().to_owned(),
+                        sequence_number: record.sequence_number().to_owned(),
+                        sub_sequence_number: user.sub_sequence_number,
+                        partition_key: user.partition_key.to_string(),
+                        explicit_hash_key: user.explicit_hash_key.map(|k| k.to_string()),
+                        aggregated: user.aggregated,
+                        in_shard_range: hash.is_some_and(|h| range.contains(h)),
+                        data: user.data,
+                    });
+                }
+            }
+            // A closed shard read to its end has no next iterator.
+            iterator = page.next_shard_iterator;
+        }
+    }
+    out
+}

@@ -1,1 +1,111 @@
-fn main() {}
+//! The producer's own cost, with the network replaced by a sink that accepts everything at once
+//! (`NoopKinesis`), on one core (a current-thread runtime). Run with
+//! `cargo bench -p ktk-producer --bench producer`.
+//!
+//! Three figures for the same 20,000 user records of 100 bytes, 1,000 partition keys, 4 shards:
+//! - `codec_only`: the KPL codec packing the records (`Aggregator`), nothing else;
+//! - `codec_and_routing`: plus what any KPL-style producer must do per record: hash the partition
+//!   key (MD5) and pick the shard's aggregator;
+//! - `producer`: `Producer::put` for every record and a `flush`: validation, outstanding limits,
+//!   the channel to the engine, aggregation per shard, `PutRecords` batching, rate limiting,
+//!   per-record receipts resolved.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use ktk_producer::api::{NoopKinesis, even_shards};
+use ktk_producer::{Producer, ProducerConfig, Record};
+use ktk_proto::aggregation::{Aggregator, UserRecord};
+use ktk_proto::keys::partition_key_hash;
+
+const RECORDS: usize = 20_000;
+const KEYS: usize = 1_000;
+const SHARDS: usize = 4;
+
+fn records() -> Vec<Record> {
+    (0..RECORDS)
+        .map(|i| {
+            let mut data = format!("event-{i:08}").into_bytes();
+            data.resize(100, b'.');
+            Record::new(format!("user-{:06}", i % KEYS), data)
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let input = records();
+    let users: Vec<UserRecord> =
+        input.iter().map(|r| UserRecord::new(r.partition_key.clone(), r.data.clone()).expect("valid")).collect();
+    let mut group = c.benchmark_group("producer_100B");
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.sample_size(20);
+
+    group.bench_function("codec_only", |b| {
+        b.iter_batched(
+            || users.clone(),
+            |users| {
+                let mut aggregator = Aggregator::default();
+                let mut out = 0usize;
+                for user in users {
+                    if let Some(done) = aggregator.add(user).expect("fits") {
+                        out += done.data.len();
+                    }
+                }
+                black_box((out, aggregator.finish()))
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
+    let shards = even_shards(SHARDS);
+    group.bench_function("codec_and_routing", |b| {
+        b.iter_batched(
+            || users.clone(),
+            |users| {
+                let mut aggregators: Vec<Aggregator> = (0..SHARDS).map(|_| Aggregator::default()).collect();
+                let mut out = 0usize;
+                for user in users {
+                    let hash = partition_key_hash(user.partition_key());
+                    let shard = shards.iter().position(|s| s.range.contains(hash)).unwrap_or(0);
+                    if let Some(done) = aggregators[shard].add(user).expect("fits") {
+                        out += done.data.len();
+                    }
+                }
+                black_box((out, aggregators.iter_mut().filter_map(Aggregator::finish).count()))
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let producer = runtime.block_on(async {
+        // Rate limits off the table (the sink does not throttle), defaults otherwise.
+        let config = ProducerConfig::new("bench").with_rate_limit_percent(1_000_000);
+        Producer::with_api(config, Arc::new(NoopKinesis::new(SHARDS))).await.expect("producer")
+    });
+    group.bench_function("producer", |b| {
+        b.iter_batched(
+            || input.clone(),
+            |records| {
+                runtime.block_on(async {
+                    let mut receipts = Vec::with_capacity(RECORDS);
+                    for record in records {
+                        receipts.push(producer.put(record).await.expect("accepted"));
+                    }
+                    producer.flush().await;
+                    let mut put = 0;
+                    for receipt in receipts {
+                        put += usize::from(receipt.await.is_ok());
+                    }
+                    assert_eq!(put, RECORDS);
+                })
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -515,7 +515,6 @@ impl Engine {
         match &result {
             Ok(_) => {
                 bump(&self.counters.user_records_put, 1);
-                self.metrics.user_records_put.increment(1);
             }
             Err(_) => bump(&self.counters.user_records_failed, 1),
         }
@@ -760,7 +759,7 @@ impl Engine {
                         self.refresh_wanted = true;
                     }
                     bump(&self.counters.kinesis_records_put, 1);
-                    self.metrics.kinesis_records_put.increment(1);
+                    self.metrics.put(&shard_id, ready.members.len());
                     let aggregated = ready.members.len() > 1;
                     self.metrics.user_records_per_kinesis_record.record(ready.members.len() as f64);
                     for (index, mut member) in ready.members.into_iter().enumerate() {

@@ -9,6 +9,8 @@
 //! - `shard_map.rs`, `limiter.rs`, `backoff.rs`: shard prediction, token buckets, retry delays.
 //! - [`api`]: the Kinesis calls behind a trait, with retryability decided once per error.
 //! - `metrics.rs`: KPL-named metrics through the `metrics` facade.
+//! - [`collector`] (feature `collector`, on by default): the HTTP Event API that apps send
+//!   `events.v1` batches to, over a `Producer`; the `collector` binary runs it.
 //!
 //! # Guarantees
 //! - Every accepted record's [`PutReceipt`] resolves: with where it landed and every attempt, or
@@ -22,6 +24,8 @@
 
 pub mod api;
 mod backoff;
+#[cfg(feature = "collector")]
+pub mod collector;
 mod config;
 mod engine;
 mod error;

@@ -6,8 +6,8 @@
 //! | --- | --- | --- |
 //! | `UserRecordsReceived` | counter | stream |
 //! | `UserRecordsPending` | gauge | stream |
-//! | `UserRecordsPut` | counter | stream |
-//! | `KinesisRecordsPut` | counter | stream |
+//! | `UserRecordsPut` | counter | stream; and stream, shard |
+//! | `KinesisRecordsPut` | counter | stream; and stream, shard |
 //! | `UserRecordsPerKinesisRecord` | histogram | stream |
 //! | `KinesisRecordsPerPutRecordsRequest` | histogram | stream |
 //! | `RetriesPerRecord` | histogram | stream |
@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     pub(crate) buffering_time_ms: Histogram,
     pub(crate) request_time_ms: Histogram,
     errors: HashMap<String, Counter>,
+    /// (`UserRecordsPut`, `KinesisRecordsPut`) labelled with the shard, made once per shard.
+    shards: HashMap<String, (Counter, Counter)>,
 }
 
 impl Metrics {
@@ -50,8 +52,22 @@ impl Metrics {
             buffering_time_ms: histogram!("BufferingTime", "stream" => s.clone()),
             request_time_ms: histogram!("RequestTime", "stream" => s.clone()),
             errors: HashMap::new(),
+            shards: HashMap::new(),
             stream: s,
         }
+    }
+
+    /// Counts one Kinesis record of `user_records` put on `shard`, per stream and per shard.
+    pub(crate) fn put(&mut self, shard: &str, user_records: usize) {
+        self.user_records_put.increment(user_records as u64);
+        self.kinesis_records_put.increment(1);
+        let stream = &self.stream;
+        let (users, kinesis) = self.shards.entry(shard.to_owned()).or_insert_with(|| {
+            let labels = [("stream", stream.clone()), ("shard", shard.to_owned())];
+            (counter!("UserRecordsPut", &labels), counter!("KinesisRecordsPut", &labels))
+        });
+        users.increment(user_records as u64);
+        kinesis.increment(1);
     }
 
     /// Counts an error by its code (`ErrorsByCode`).

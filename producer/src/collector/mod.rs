@@ -1,0 +1,196 @@
+//! The Event API: the HTTP service apps (iOS, Android, Fire TV, Roku, web...) send analytics
+//! events to. It validates each event of a batch, stamps it with the server's receive time and
+//! puts it into a [`Producer`], one `events.v1.Event` (binary protobuf) per user record,
+//! partitioned by `user_id` (or `device_id` for anonymous viewers) so each user's events stay in
+//! order on one shard. The `collector` binary is a thin `main` over [`serve`].
+//!
+//! # Layout
+//! - this file: [`Collector`] (the shared state), [`serve`] (listen until the shutdown future
+//!   resolves, then drain connections and flush the producer);
+//! - `routes.rs`: the HTTP routes, body decoding and the response;
+//! - `validate.rs`: the per-event contract ([`RejectCode`] lists every reason);
+//! - `config.rs`: [`CollectorConfig`], and [`Settings`], what the binary reads from the environment.
+//!
+//! # `POST /v1/events`
+//! The body is an `events.v1.EventBatch`, as binary protobuf (`Content-Type:
+//! application/x-protobuf`) or as canonical proto3 JSON (`application/json`; lowerCamelCase or
+//! proto field names, enums by name or number, 64-bit integers as strings or numbers). Any other
+//! content type is answered 415, a body over the limit 413, a body that cannot be decoded 400; those
+//! answers are `{"error": "<code>", "reason": "<what to fix>"}`.
+//!
+//! Otherwise each event is checked (see `validate.rs`), and the valid ones are put into the
+//! producer in batch order with `try_put`, which never waits. The answer is:
+//!
+//! ```json
+//! {
+//!   "accepted": 2,
+//!   "rejected": [
+//!     {"index": 1, "event_id": "e-2", "code": "unknown_type",
+//!      "reason": "type 99 is not a known EventType value", "retryable": false}
+//!   ],
+//!   "results": [
+//!     {"index": 0, "event_id": "e-1", "shard_id": "shardId-000000000000",
+//!      "sequence_number": "49654...", "sub_sequence_number": 0}
+//!   ]
+//! }
+//! ```
+//!
+//! - `index` is the event's position in the batch; `accepted + rejected.len()` is the batch size
+//!   and `rejected` is in index order.
+//! - `accepted` counts the events the producer took: from then on they are the producer's to
+//!   deliver (it retries until the record TTL; a failure after the answer is logged with the
+//!   event id and counted in `collector_events_failed`).
+//! - `?wait=acked` waits until Kinesis has acknowledged every accepted event: `accepted` then
+//!   counts acknowledged events, `results` (present only in this mode) says where each landed
+//!   (sequence and sub-sequence number together are the event's unique position in the stream),
+//!   and events the producer failed are moved to `rejected` with code `put_failed` and the
+//!   producer's error message.
+//! - `retryable` says whether sending the event again can succeed. An app resends exactly the
+//!   rejected events that are retryable, and never the accepted ones (the pipeline deduplicates
+//!   on `event_id`, but a resend still costs).
+//!
+//! Status: 200 when the batch was read (even if every event was rejected as invalid). 503 with
+//! `Retry-After` when the producer is full or shutting down: the events before that point stay
+//! accepted, and every valid event from there on is rejected with `producer_full` /
+//! `shutting_down` without being tried (taking a later event of a user whose earlier event was
+//! turned away would put the earlier one's resend after it on the stream). 503 too, with `?wait=acked`, when no event got into Kinesis and some failed in a
+//! way a retry can fix (throttling, shutdown, TTL). And 503 when more than
+//! [`max_concurrent_requests`](CollectorConfig::with_max_concurrent_requests) are already being
+//! handled.
+//!
+//! # `GET /health`, `GET /metrics`
+//! `/health` is 200 `{"status":"ok"}`, and 503 `{"status":"shutting_down"}` once shutdown has
+//! begun. `/metrics` renders the Prometheus handle given to [`Collector::new`] (404 without one).
+//!
+//! # Metrics (through the `metrics` facade)
+//! | metric | kind | labels |
+//! | --- | --- | --- |
+//! | `collector_events_received` | counter | |
+//! | `collector_events_accepted` | counter | (taken by the producer) |
+//! | `collector_events_rejected` | counter | reason (a [`RejectCode`]) |
+//! | `collector_events_failed` | counter | (taken, then failed by the producer) |
+//! | `collector_request_duration_seconds` | histogram | route, status |
+//!
+//! # Bounded memory
+//! The collector keeps nothing between requests: a request holds at most one body (bounded by
+//! the body limit) and its events, and at most `max_concurrent_requests` are handled at once.
+//! Without `?wait=acked`, one task per request watches its receipts; each such task holds at
+//! least one record still outstanding in the producer, so there are never more of them than the
+//! producer's outstanding-records limit.
+
+mod config;
+mod routes;
+mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tracing::{info, warn};
+
+pub use config::{CollectorConfig, EnvError, LogFormat, Settings};
+pub use validate::{MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, RejectCode, Rejection};
+
+use crate::producer::{Producer, ProducerStats};
+
+/// The Event API's state: the producer, the settings and the metrics handle. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Collector {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    producer: Producer,
+    config: CollectorConfig,
+    prometheus: Option<PrometheusHandle>,
+    shutting_down: AtomicBool,
+    /// One permit per `POST /v1/events` being handled.
+    requests: Semaphore,
+}
+
+impl Collector {
+    /// The Event API over `producer`. `prometheus` is what `GET /metrics` renders: the binary
+    /// installs a global recorder and passes its handle; a library user or a test may pass none.
+    pub fn new(producer: Producer, config: CollectorConfig, prometheus: Option<PrometheusHandle>) -> Self {
+        Collector {
+            shared: Arc::new(Shared {
+                requests: Semaphore::new(config.max_concurrent_requests.clamp(1, Semaphore::MAX_PERMITS)),
+                producer,
+                config,
+                prometheus,
+                shutting_down: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn producer(&self) -> &Producer {
+        &self.shared.producer
+    }
+
+    pub fn config(&self) -> &CollectorConfig {
+        &self.shared.config
+    }
+
+    /// The routes, to serve with [`serve`] or to nest in a bigger application.
+    pub fn router(&self) -> Router {
+        routes::router(self.clone())
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves the Event API on `listener` until `shutdown` resolves; then stops accepting
+/// connections, lets open ones finish their requests (up to the drain timeout), shuts the
+/// producer down (sending what it holds, up to the flush timeout) and returns its statistics.
+pub async fn serve(
+    listener: TcpListener,
+    collector: Collector,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<ProducerStats> {
+    let address = listener.local_addr()?;
+    info!(%address, stream = %collector.producer().config().stream(), "Event API listening");
+    let (began, began_rx) = oneshot::channel::<()>();
+    let state = collector.clone();
+    let signal = async move {
+        shutdown.await;
+        state.shared.shutting_down.store(true, Ordering::Relaxed);
+        info!("shutting down: no new connections; open ones may finish their requests");
+        let _ = began.send(());
+    };
+    let server = axum::serve(listener, collector.router()).with_graceful_shutdown(signal).into_future();
+    let drain_timeout = collector.config().drain_timeout;
+    // A client that keeps a request open must not hold the shutdown up past the drain timeout.
+    let drain_deadline = async move {
+        match began_rx.await {
+            Ok(()) => tokio::time::sleep(drain_timeout).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = tokio::select! {
+        served = server => served,
+        () = drain_deadline => {
+            warn!(timeout_ms = drain_timeout.as_millis() as u64, "connections still open after the drain timeout; leaving them");
+            Ok(())
+        }
+    };
+    let stats = collector.producer().shutdown(collector.config().flush_timeout).await;
+    info!(
+        received = stats.user_records_received,
+        put = stats.user_records_put,
+        failed = stats.user_records_failed,
+        expired = stats.user_records_expired,
+        kinesis_records = stats.kinesis_records_put,
+        put_records_calls = stats.put_records_calls,
+        retries = stats.retries,
+        throttled = stats.throttled,
+        "producer flushed and stopped"
+    );
+    served.map(|()| stats)
+}

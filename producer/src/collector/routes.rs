@@ -1,0 +1,491 @@
+//! The HTTP routes: `POST /v1/events`, `GET /health`, `GET /metrics`; body decoding; the answer.
+
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use ktk_proto::events::v1::{Event, EventBatch};
+use metrics::{counter, histogram};
+use prost::Message;
+use serde::Serialize;
+use serde::de::Deserialize;
+use serde_json::Value;
+use tracing::{debug, warn};
+
+use super::Collector;
+use super::validate::{BatchValidator, RejectCode, Rejection};
+use crate::error::{PutError, PutErrorKind};
+use crate::record::{PutReceipt, Record};
+
+pub(super) fn router(collector: Collector) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/health", get(health))
+        .route("/metrics", get(render_metrics))
+        .route_layer(middleware::from_fn(observe))
+        .with_state(collector)
+}
+
+/// Records every matched request's latency by route and status.
+async fn observe(request: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    histogram!("collector_request_duration_seconds", "route" => route, "status" => status)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+async fn health(State(collector): State<Collector>) -> Response {
+    if collector.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(serde_json::json!({"status": "shutting_down"}))).into_response()
+    } else {
+        Json(serde_json::json!({"status": "ok"})).into_response()
+    }
+}
+
+async fn render_metrics(State(collector): State<Collector>) -> Response {
+    match &collector.shared.prometheus {
+        Some(handle) => {
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render()).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "no metrics exporter is installed in this process\n").into_response(),
+    }
+}
+
+/// Why a request could not be taken as a batch at all; answered `{"error", "reason"}`.
+#[derive(Debug)]
+struct RequestError {
+    status: StatusCode,
+    error: &'static str,
+    reason: String,
+}
+
+impl RequestError {
+    fn new(status: StatusCode, error: &'static str, reason: impl Into<String>) -> Self {
+        RequestError { status, error, reason: reason.into() }
+    }
+
+    fn malformed(reason: impl Into<String>) -> Self {
+        RequestError::new(StatusCode::BAD_REQUEST, "malformed_body", reason)
+    }
+}
+
+impl IntoResponse for RequestError {
+    fn into_response(self) -> Response {
+        (self.status, Json(serde_json::json!({"error": self.error, "reason": self.reason}))).into_response()
+    }
+}
+
+fn retry_after(collector: &Collector) -> [(header::HeaderName, HeaderValue); 1] {
+    [(header::RETRY_AFTER, HeaderValue::from(collector.config().retry_after_secs()))]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Protobuf,
+    Json,
+}
+
+fn format_of(headers: &HeaderMap) -> Result<Format, RequestError> {
+    let unsupported = |got: &str| {
+        RequestError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type {got} is not supported; send application/x-protobuf or application/json"),
+        )
+    };
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Err(unsupported("(none)")) };
+    let Ok(value) = value.to_str() else { return Err(unsupported("(not ASCII)")) };
+    let media_type = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    match media_type.as_str() {
+        "application/x-protobuf" | "application/protobuf" => Ok(Format::Protobuf),
+        "application/json" => Ok(Format::Json),
+        _ => Err(unsupported(&format!("{value:?}"))),
+    }
+}
+
+/// Whether the query asks to wait for Kinesis (`wait=acked`); other parameters are ignored.
+fn wait_for_acks(query: Option<&str>) -> Result<bool, RequestError> {
+    let mut wait = false;
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if name == "wait" {
+            if value != "acked" {
+                return Err(RequestError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_query",
+                    format!("wait={value} is not supported; the only value is wait=acked"),
+                ));
+            }
+            wait = true;
+        }
+    }
+    Ok(wait)
+}
+
+/// Reads the body, refusing to hold more than `limit` bytes of it.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RequestError> {
+    let too_large = || {
+        RequestError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is over the limit of {limit} bytes; send fewer events per request"),
+        )
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let mut buffer = BytesMut::with_capacity(declared.map_or(0, |length| length as usize));
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
+            RequestError::new(StatusCode::BAD_REQUEST, "body_unreadable", format!("the body could not be read: {e}"))
+        })?;
+        if buffer.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}
+
+/// One event of the batch as decoded: the event, or why it could not be read.
+struct Decoded {
+    event: Result<Event, Rejection>,
+    /// The event id as far as it could be read (for the answer, even for a malformed event).
+    event_id: String,
+    /// A `type` given in JSON that this build does not know (it reads as UNSPECIFIED).
+    unknown_type: Option<String>,
+}
+
+fn decode_protobuf(body: &[u8]) -> Result<Vec<Decoded>, RequestError> {
+    let batch = EventBatch::decode(body)
+        .map_err(|e| RequestError::malformed(format!("the body is not a binary protobuf events.v1.EventBatch: {e}")))?;
+    Ok(batch
+        .events
+        .into_iter()
+        .map(|event| Decoded { event_id: event.event_id.clone(), event: Ok(event), unknown_type: None })
+        .collect())
+}
+
+/// Reads a JSON batch event by event, so that one malformed event is rejected alone instead of
+/// failing the whole batch.
+fn decode_json(body: &[u8]) -> Result<Vec<Decoded>, RequestError> {
+    let mut batch: Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::malformed(format!("the body is not JSON: {e}")))?;
+    let Some(object) = batch.as_object_mut() else {
+        return Err(RequestError::malformed(
+            "the body is not a JSON object; send an events.v1.EventBatch: {\"events\": [...]}",
+        ));
+    };
+    let events = match object.remove("events") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(events)) => events,
+        Some(_) => return Err(RequestError::malformed("`events` is not an array")),
+    };
+    // What is left (sentAtMs, fields of later versions) must still read as an EventBatch.
+    EventBatch::deserialize(&batch)
+        .map_err(|e| RequestError::malformed(format!("the body is not an events.v1.EventBatch: {e}")))?;
+    Ok(events.iter().map(decode_json_event).collect())
+}
+
+fn decode_json_event(value: &Value) -> Decoded {
+    let field = |camel: &str, snake: &str| value.get(camel).or_else(|| value.get(snake));
+    let event_id = field("eventId", "event_id").and_then(Value::as_str).unwrap_or_default().to_owned();
+    match Event::deserialize(value) {
+        Ok(event) => {
+            // Unknown type names and numbers read as UNSPECIFIED (the schema's evolution rule);
+            // find them again to say what was wrong.
+            let unknown_type = match value.get("type") {
+                Some(given) if event.r#type == 0 && !matches!(given, Value::Null) => {
+                    let unspecified = given.as_str() == Some("EVENT_TYPE_UNSPECIFIED") || given.as_i64() == Some(0);
+                    (!unspecified).then(|| given.to_string())
+                }
+                _ => None,
+            };
+            Decoded { event: Ok(event), event_id, unknown_type }
+        }
+        Err(e) => Decoded {
+            event: Err(Rejection::new(RejectCode::MalformedEvent, format!("not an events.v1.Event: {e}"))),
+            event_id,
+            unknown_type: None,
+        },
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Answer {
+    accepted: usize,
+    rejected: Vec<Rejected>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    results: Option<Vec<Acked>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Rejected {
+    index: usize,
+    event_id: String,
+    code: &'static str,
+    reason: String,
+    retryable: bool,
+}
+
+impl Rejected {
+    fn new(index: usize, event_id: String, rejection: Rejection) -> Self {
+        Rejected {
+            index,
+            event_id,
+            code: rejection.code.as_str(),
+            retryable: rejection.code.is_retryable(),
+            reason: rejection.reason,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Acked {
+    index: usize,
+    event_id: String,
+    shard_id: String,
+    sequence_number: String,
+    sub_sequence_number: u64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+async fn post_events(
+    State(collector): State<Collector>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Cheap checks first, before the body is read.
+    let format = match format_of(&headers) {
+        Ok(format) => format,
+        Err(error) => return error.into_response(),
+    };
+    let wait = match wait_for_acks(query.as_deref()) {
+        Ok(wait) => wait,
+        Err(error) => return error.into_response(),
+    };
+    let Ok(_permit) = collector.shared.requests.try_acquire() else {
+        let error = RequestError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_requests",
+            "the collector is handling as many requests as it allows; send again after Retry-After",
+        );
+        return (retry_after(&collector), error).into_response();
+    };
+    let decoded = match read_body(&headers, body, collector.config().max_body_bytes).await {
+        Ok(body) => match format {
+            Format::Protobuf => decode_protobuf(&body),
+            Format::Json => decode_json(&body),
+        },
+        Err(error) => Err(error),
+    };
+    let events = match decoded {
+        Ok(events) => events,
+        Err(error) => return error.into_response(),
+    };
+    take_batch(&collector, events, wait).await
+}
+
+/// Validates and puts the events of one batch; builds the answer.
+async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> Response {
+    let now = now_ms();
+    let total = events.len();
+    counter!("collector_events_received").increment(total as u64);
+    let mut validator = BatchValidator::new(now, collector.config().max_event_age);
+    let mut rejected: Vec<Rejected> = Vec::new();
+    let mut receipts: Vec<(usize, String, PutReceipt)> = Vec::new();
+    // Set when the producer stops taking records: every later valid event is turned away too.
+    // Taking a later event of a user whose earlier one was turned away would put the earlier
+    // one's resend after it on the stream.
+    let mut stopped: Option<Rejection> = None;
+
+    for (index, decoded) in events.into_iter().enumerate() {
+        let Decoded { event, event_id, unknown_type } = decoded;
+        let mut event = match event {
+            Ok(event) => event,
+            Err(rejection) => {
+                validator.remember(&event_id);
+                rejected.push(Rejected::new(index, event_id, rejection));
+                continue;
+            }
+        };
+        let key = match validator.check(&event, unknown_type.as_deref()) {
+            Ok(key) => key.to_owned(),
+            Err(rejection) => {
+                rejected.push(Rejected::new(index, event_id, rejection));
+                continue;
+            }
+        };
+        if let Some(rejection) = &stopped {
+            rejected.push(Rejected::new(index, event_id, rejection.clone()));
+            continue;
+        }
+        event.received_at_ms = now;
+        match collector.producer().try_put(Record::new(key, event.encode_to_vec())) {
+            Ok(receipt) => receipts.push((index, event_id, receipt)),
+            Err(error) => {
+                let rejection = match error.kind() {
+                    PutErrorKind::Full => Rejection::new(
+                        RejectCode::ProducerFull,
+                        "the collector is at its limit of events not yet in Kinesis; send again after Retry-After",
+                    ),
+                    PutErrorKind::ShutDown { .. } => Rejection::new(
+                        RejectCode::ShuttingDown,
+                        "the collector is shutting down; send again after Retry-After",
+                    ),
+                    _ => {
+                        rejected.push(put_failed(index, event_id, &error));
+                        continue;
+                    }
+                };
+                stopped = Some(rejection.clone());
+                rejected.push(Rejected::new(index, event_id, rejection));
+            }
+        }
+    }
+
+    counter!("collector_events_accepted").increment(receipts.len() as u64);
+    for entry in &rejected {
+        counter!("collector_events_rejected", "reason" => entry.code).increment(1);
+    }
+    if let Some(rejection) = &stopped {
+        warn!(
+            code = rejection.code.as_str(),
+            accepted = receipts.len(),
+            rejected = rejected.len(),
+            "turned events away: the producer is not taking records"
+        );
+    }
+
+    let taken = receipts.len();
+    let mut retryable_failures = false;
+    let results = if wait {
+        let mut acked = Vec::with_capacity(receipts.len());
+        let (indices, receipts): (Vec<(usize, String)>, Vec<PutReceipt>) =
+            receipts.into_iter().map(|(index, id, receipt)| ((index, id), receipt)).unzip();
+        for ((index, event_id), result) in indices.into_iter().zip(futures::future::join_all(receipts).await) {
+            match result {
+                Ok(outcome) => acked.push(Acked {
+                    index,
+                    event_id,
+                    shard_id: outcome.shard_id,
+                    sequence_number: outcome.sequence_number,
+                    sub_sequence_number: outcome.sub_sequence_number,
+                }),
+                Err(error) => {
+                    counter!("collector_events_failed").increment(1);
+                    let entry = put_failed(index, event_id, &error);
+                    retryable_failures |= entry.retryable;
+                    rejected.push(entry);
+                }
+            }
+        }
+        rejected.sort_by_key(|r| r.index);
+        Some(acked)
+    } else {
+        if !receipts.is_empty() {
+            tokio::spawn(watch_receipts(receipts));
+        }
+        None
+    };
+
+    let accepted = results.as_ref().map_or(taken, Vec::len);
+    let unavailable = stopped.is_some() || (accepted == 0 && retryable_failures);
+    debug!(events = total, accepted, rejected = rejected.len(), wait, "batch taken");
+    let answer = Json(Answer { accepted, rejected, results });
+    if unavailable {
+        (StatusCode::SERVICE_UNAVAILABLE, retry_after(collector), answer).into_response()
+    } else {
+        (StatusCode::OK, answer).into_response()
+    }
+}
+
+/// A record the producer refused or failed, with the producer's message.
+fn put_failed(index: usize, event_id: String, error: &PutError) -> Rejected {
+    let mut reason = error.kind().to_string();
+    if let Some(last) = error.attempts().last()
+        && let Some(code) = &last.error_code
+    {
+        reason.push_str(&format!(" (last attempt: {code})"));
+    }
+    // Shut down or not, another instance (or this one, restarted) can take the event.
+    let retryable = error.is_retryable() || matches!(error.kind(), PutErrorKind::ShutDown { .. });
+    Rejected { index, event_id, code: RejectCode::PutFailed.as_str(), reason, retryable }
+}
+
+/// Without `?wait=acked` the app has its answer already; a record that fails later is still
+/// never dropped silently: it is logged with its event id and counted.
+async fn watch_receipts(receipts: Vec<(usize, String, PutReceipt)>) {
+    for (_, event_id, receipt) in receipts {
+        if let Err(error) = receipt.await {
+            counter!("collector_events_failed").increment(1);
+            warn!(event_id = %event_id, error = %error.kind(), "an accepted event could not be put into Kinesis");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::api::NoopKinesis;
+    use crate::collector::CollectorConfig;
+    use crate::{Producer, ProducerConfig};
+
+    async fn collector() -> Collector {
+        let producer =
+            Producer::with_api(ProducerConfig::new("s"), Arc::new(NoopKinesis::new(1))).await.expect("starts");
+        Collector::new(producer, CollectorConfig::default(), None)
+    }
+
+    #[tokio::test]
+    async fn health_turns_503_once_shutdown_begins() {
+        let collector = collector().await;
+        assert_eq!(health(State(collector.clone())).await.status(), StatusCode::OK);
+        collector.shared.shutting_down.store(true, Ordering::Relaxed);
+        assert_eq!(health(State(collector.clone())).await.status(), StatusCode::SERVICE_UNAVAILABLE);
+        collector.producer().shutdown(Duration::from_secs(1)).await;
+    }
+
+    #[test]
+    fn content_types_are_matched_on_the_media_type_alone() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).expect("header"));
+            format_of(&headers).map_err(|e| e.status)
+        };
+        assert_eq!(with("application/x-protobuf"), Ok(Format::Protobuf));
+        assert_eq!(with("application/protobuf"), Ok(Format::Protobuf));
+        assert_eq!(with("Application/JSON; charset=utf-8"), Ok(Format::Json));
+        assert_eq!(with("text/json"), Err(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        assert_eq!(format_of(&HeaderMap::new()).map_err(|e| e.status), Err(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+    }
+
+    #[test]
+    fn only_wait_acked_is_understood() {
+        assert!(matches!(wait_for_acks(None), Ok(false)));
+        assert!(matches!(wait_for_acks(Some("trace=1")), Ok(false)));
+        assert!(matches!(wait_for_acks(Some("trace=1&wait=acked")), Ok(true)));
+        assert!(wait_for_acks(Some("wait=")).is_err());
+        assert!(wait_for_acks(Some("wait=all")).is_err());
+    }
+}

@@ -1,0 +1,601 @@
+//! The collector (the Event API) served for real on 127.0.0.1:0, over a producer whose Kinesis is
+//! an in-process fake, and called with a real HTTP client. (The same service against LocalStack
+//! is tested in `tests/`.) Time is real here: HTTP over sockets does not mix with paused time, so
+//! the producer buffers for 10 ms and every wait is bounded.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use ktk_producer::api::{CallError, Entry, EntryResult, KinesisApi, ShardInfo, even_shards};
+use ktk_producer::collector::{self, Collector, CollectorConfig};
+use ktk_producer::{Producer, ProducerConfig, ProducerStats};
+use ktk_proto::aggregation::Deaggregator;
+use ktk_proto::events::v1::{Event, EventBatch, EventType, Platform};
+use ktk_proto::keys::effective_hash_key;
+use metrics_exporter_prometheus::PrometheusHandle;
+use prost::Message;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+/// Longest any test waits for anything.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// A Kinesis that stores what it is given, and can stall or throttle on cue.
+#[derive(Default)]
+struct FakeKinesis {
+    shards: Vec<ShardInfo>,
+    /// (shard, sequence number, entry), in the order stored.
+    stored: Mutex<Vec<(String, String, Entry)>>,
+    /// While set, calls wait (for `release`) before answering.
+    stalled: AtomicBool,
+    release: Notify,
+    /// While set, every entry fails with a throttling error.
+    throttling: AtomicBool,
+    calls: AtomicUsize,
+    sequence: AtomicU64,
+}
+
+impl FakeKinesis {
+    fn new(shards: usize) -> Arc<Self> {
+        Arc::new(FakeKinesis { shards: even_shards(shards), ..FakeKinesis::default() })
+    }
+
+    fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    fn unstall(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
+        self.release.notify_waiters();
+    }
+
+    /// Every event stored, deaggregated: (shard, sequence number, partition key, event).
+    fn events(&self) -> Vec<(String, String, String, Event)> {
+        let stored = self.stored.lock().expect("lock");
+        let mut out = Vec::new();
+        for (shard, sequence, entry) in stored.iter() {
+            let records = Deaggregator::new().deaggregate(
+                entry.data.clone(),
+                &entry.partition_key,
+                entry.explicit_hash_key.as_deref(),
+            );
+            for record in records.records {
+                let event = Event::decode(record.data).expect("every record is an events.v1.Event");
+                out.push((shard.clone(), sequence.clone(), record.partition_key.to_string(), event));
+            }
+        }
+        out
+    }
+
+    fn event_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.events().into_iter().map(|(_, _, _, e)| e.event_id).collect();
+        ids.sort();
+        ids
+    }
+}
+
+impl KinesisApi for FakeKinesis {
+    fn put_records<'a>(
+        &'a self,
+        _stream: &'a str,
+        entries: Vec<Entry>,
+    ) -> BoxFuture<'a, Result<Vec<EntryResult>, CallError>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            loop {
+                let released = self.release.notified();
+                if !self.stalled.load(Ordering::SeqCst) {
+                    break;
+                }
+                released.await;
+            }
+            if self.throttling.load(Ordering::SeqCst) {
+                let throttled = EntryResult::Failed {
+                    code: "ProvisionedThroughputExceededException".into(),
+                    message: "Rate exceeded for shard".into(),
+                };
+                return Ok(vec![throttled; entries.len()]);
+            }
+            let mut stored = self.stored.lock().expect("lock");
+            Ok(entries
+                .into_iter()
+                .map(|entry| {
+                    let hash =
+                        effective_hash_key(&entry.partition_key, entry.explicit_hash_key.as_deref()).expect("valid");
+                    let shard = self.shards.iter().find(|s| s.range.contains(hash)).expect("shards cover the space");
+                    let sequence = format!("{:056}", self.sequence.fetch_add(1, Ordering::SeqCst));
+                    stored.push((shard.shard_id.clone(), sequence.clone(), entry));
+                    EntryResult::Put { shard_id: shard.shard_id.clone(), sequence_number: sequence }
+                })
+                .collect())
+        })
+    }
+
+    fn list_shards<'a>(&'a self, _stream: &'a str) -> BoxFuture<'a, Result<Vec<ShardInfo>, CallError>> {
+        Box::pin(async move { Ok(self.shards.clone()) })
+    }
+}
+
+/// A collector serving on 127.0.0.1:0 until `stop`.
+struct Server {
+    base: String,
+    http: reqwest::Client,
+    fake: Arc<FakeKinesis>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<ProducerStats>>>,
+}
+
+fn producer_config() -> ProducerConfig {
+    ProducerConfig::new("events").with_record_max_buffered_time(Duration::from_millis(10))
+}
+
+impl Server {
+    async fn start(fake: Arc<FakeKinesis>) -> Self {
+        Self::start_with(fake, producer_config(), CollectorConfig::default(), None).await
+    }
+
+    async fn start_with(
+        fake: Arc<FakeKinesis>,
+        producer: ProducerConfig,
+        config: CollectorConfig,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Self {
+        let producer = Producer::with_api(producer, fake.clone()).await.expect("producer starts");
+        let collector = Collector::new(producer, config, prometheus);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let base = format!("http://{}", listener.local_addr().expect("bound"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(collector::serve(listener, collector, shutdown));
+        let http = reqwest::Client::builder().timeout(BOUND).build().expect("client");
+        Server { base, http, fake, stop: Some(stop), task: Some(task) }
+    }
+
+    async fn post(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("an answer")
+    }
+
+    async fn post_protobuf(&self, path: &str, batch: &EventBatch) -> reqwest::Response {
+        self.post(path, "application/x-protobuf", batch.encode_to_vec()).await
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.http.get(format!("{}{path}", self.base)).send().await.expect("an answer")
+    }
+
+    /// Stops the server the way the binary does on SIGTERM, and returns the producer's stats.
+    async fn stop(&mut self) -> ProducerStats {
+        let _ = self.stop.take().expect("running").send(());
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(BOUND, task).await.expect("stops in time").expect("no panic").expect("served")
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_millis() as i64
+}
+
+fn event(id: &str, user: &str, device: &str) -> Event {
+    Event {
+        event_id: id.into(),
+        r#type: EventType::Play as i32,
+        occurred_at_ms: now_ms() - 5_000,
+        user_id: user.into(),
+        device_id: device.into(),
+        platform: Platform::Roku as i32,
+        content_id: format!("content-of-{id}"),
+        ..Event::default()
+    }
+}
+
+fn batch(events: Vec<Event>) -> EventBatch {
+    EventBatch { events, sent_at_ms: now_ms() }
+}
+
+async fn json_of(response: reqwest::Response) -> Value {
+    response.json().await.expect("a JSON answer")
+}
+
+/// The (index, code) pairs of an answer's rejected events.
+fn rejected(answer: &Value) -> Vec<(u64, String)> {
+    answer["rejected"]
+        .as_array()
+        .expect("rejected is an array")
+        .iter()
+        .map(|r| (r["index"].as_u64().expect("index"), r["code"].as_str().expect("code").to_owned()))
+        .collect()
+}
+
+/// Waits until `condition` holds, at most `BOUND`.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_protobuf_batch_is_accepted_stamped_and_keyed_by_user_then_device() {
+    let mut server = Server::start(FakeKinesis::new(2)).await;
+    let mut sent = vec![event("e-1", "user-1", "device-1"), event("e-2", "", "device-2"), event("e-3", "user-3", "")];
+    sent[0].received_at_ms = 1; // whatever the client says is overwritten
+    let before = now_ms();
+    let response = server.post_protobuf("/v1/events", &batch(sent.clone())).await;
+    let after = now_ms();
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await, json!({"accepted": 3, "rejected": []}));
+
+    let stats = server.stop().await;
+    assert_eq!((stats.user_records_received, stats.user_records_put), (3, 3), "flushed at shutdown");
+    let stored = server.fake.events();
+    assert_eq!(stored.len(), 3, "exactly the events sent: {stored:?}");
+    for (_, _, key, got) in stored {
+        let original = sent.iter().find(|e| e.event_id == got.event_id).expect("an event that was sent");
+        assert!(
+            (before..=after).contains(&got.received_at_ms),
+            "received_at_ms {} is the server's",
+            got.received_at_ms
+        );
+        assert_eq!(got, Event { received_at_ms: got.received_at_ms, ..original.clone() }, "nothing else changed");
+        let expected_key = if original.user_id.is_empty() { &original.device_id } else { &original.user_id };
+        assert_eq!(&key, expected_key, "partition key of {}", got.event_id);
+    }
+}
+
+#[tokio::test]
+async fn a_json_batch_is_accepted_with_either_field_naming() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    let occurred = (now_ms() - 1_000).to_string();
+    let body = json!({
+        "events": [
+            {"eventId": "j-1", "type": "EVENT_TYPE_AD_START", "occurredAtMs": occurred, "userId": "u-1",
+             "platform": "PLATFORM_IOS", "adId": "ad-7", "attributes": {"cdn": "edge"}},
+            {"event_id": "j-2", "type": 40, "occurred_at_ms": now_ms() - 2_000, "device_id": "d-2", "page": "/home"},
+        ],
+        "sentAtMs": now_ms().to_string(),
+    });
+    let response = server.post("/v1/events", "application/json; charset=utf-8", body.to_string()).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await, json!({"accepted": 2, "rejected": []}));
+    // The client's JSON serialization of the generated types is accepted too.
+    let response = server
+        .http
+        .post(format!("{}/v1/events", server.base))
+        .json(&batch(vec![event("j-3", "u-3", "d-3")]))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(json_of(response).await, json!({"accepted": 1, "rejected": []}));
+
+    server.stop().await;
+    let by_id: HashMap<String, (String, Event)> =
+        server.fake.events().into_iter().map(|(_, _, key, e)| (e.event_id.clone(), (key, e))).collect();
+    assert_eq!(by_id.len(), 3);
+    let (key, first) = &by_id["j-1"];
+    assert_eq!((key.as_str(), first.r#type(), first.platform()), ("u-1", EventType::AdStart, Platform::Ios));
+    assert_eq!((first.ad_id.as_str(), first.attributes["cdn"].as_str()), ("ad-7", "edge"));
+    assert_eq!(first.occurred_at_ms.to_string(), occurred);
+    let (key, second) = &by_id["j-2"];
+    assert_eq!((key.as_str(), second.r#type(), second.page.as_str()), ("d-2", EventType::PageView, "/home"));
+    assert!(second.received_at_ms > 0);
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_400_with_a_reason() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("application/x-protobuf", vec![0x0a, 0xff, 0xff, 0xff]),
+        ("application/json", b"{not json".to_vec()),
+        ("application/json", b"[1, 2]".to_vec()),
+        ("application/json", br#"{"events": 5}"#.to_vec()),
+        ("application/json", br#"{"events": [], "sentAtMs": "yesterday"}"#.to_vec()),
+    ];
+    for (content_type, body) in cases {
+        let response = server.post("/v1/events", content_type, body.clone()).await;
+        assert_eq!(response.status(), 400, "{content_type} {:?}", String::from_utf8_lossy(&body));
+        let answer = json_of(response).await;
+        assert_eq!(answer["error"], "malformed_body");
+        assert!(answer["reason"].as_str().is_some_and(|r| !r.is_empty()), "{answer}");
+    }
+    let response = server.post_protobuf("/v1/events?wait=forever", &batch(vec![])).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(json_of(response).await["error"], "bad_query");
+    server.stop().await;
+    assert!(server.fake.events().is_empty());
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_413_with_or_without_a_content_length() {
+    let config = CollectorConfig::default().with_max_body_bytes(1024);
+    let mut server = Server::start_with(FakeKinesis::new(1), producer_config(), config, None).await;
+    let response = server.post("/v1/events", "application/json", vec![b' '; 2048]).await;
+    assert_eq!(response.status(), 413);
+    let answer = json_of(response).await;
+    assert_eq!(answer["error"], "body_too_large");
+    assert!(answer["reason"].as_str().is_some_and(|r| r.contains("1024")), "{answer}");
+    // Just under the limit is read (and then found malformed).
+    let response = server.post("/v1/events", "application/json", vec![b'x'; 1024]).await;
+    assert_eq!(response.status(), 400);
+
+    // A chunked body declares no length: the limit holds while it is read.
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let status_line = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(address).expect("connects");
+        stream.set_read_timeout(Some(BOUND)).expect("timeout");
+        let head = "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+        stream.write_all(head.as_bytes()).expect("writes");
+        for _ in 0..3 {
+            let chunk = format!("{:x}\r\n{}\r\n", 512, " ".repeat(512));
+            if stream.write_all(chunk.as_bytes()).is_err() {
+                break; // the server may answer and close before the last chunk
+            }
+        }
+        let _ = stream.write_all(b"0\r\n\r\n");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).lines().next().unwrap_or_default().to_owned()
+    })
+    .await
+    .expect("no panic");
+    assert_eq!(status_line, "HTTP/1.1 413 Payload Too Large");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn other_content_types_are_415() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    for content_type in ["text/plain", "application/xml", "multipart/form-data"] {
+        let response = server.post("/v1/events", content_type, "{}").await;
+        assert_eq!(response.status(), 415, "{content_type}");
+        let answer = json_of(response).await;
+        assert_eq!(answer["error"], "unsupported_media_type");
+        assert!(answer["reason"].as_str().is_some_and(|r| r.contains(content_type)), "{answer}");
+    }
+    let response = server.http.post(format!("{}/v1/events", server.base)).body("{}").send().await.expect("answer");
+    assert_eq!(response.status(), 415, "no content type");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_events_are_rejected_alone_with_index_and_reason() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    let events = vec![
+        event("ok-1", "u", "d"),
+        event("", "u", "d"),
+        Event { r#type: 99, ..event("unknown-type", "u", "d") },
+        Event { r#type: 0, ..event("no-type", "u", "d") },
+        event(&"x".repeat(129), "u", "d"),
+        Event { occurred_at_ms: now_ms() - 8 * 86_400_000, ..event("too-old", "u", "d") },
+        Event { occurred_at_ms: now_ms() + 2 * 86_400_000, ..event("future", "u", "d") },
+        Event { occurred_at_ms: 0, ..event("no-time", "u", "d") },
+        event("nobody", "", ""),
+        event("ok-2", "", "d"),
+    ];
+    let response = server.post_protobuf("/v1/events", &batch(events)).await;
+    assert_eq!(response.status(), 200);
+    let answer = json_of(response).await;
+    assert_eq!(answer["accepted"], 2);
+    let expected = [
+        (1, "missing_event_id"),
+        (2, "unknown_type"),
+        (3, "unspecified_type"),
+        (4, "event_id_too_long"),
+        (5, "too_old"),
+        (6, "occurred_in_future"),
+        (7, "missing_occurred_at"),
+        (8, "missing_user_and_device"),
+    ];
+    assert_eq!(rejected(&answer), expected.map(|(i, c)| (i, c.to_owned())));
+    let unknown = &answer["rejected"][1];
+    assert_eq!(unknown["event_id"], "unknown-type");
+    assert_eq!(unknown["retryable"], false);
+    assert!(unknown["reason"].as_str().is_some_and(|r| r.contains("99")), "{unknown}");
+
+    // In JSON, an unknown type name and an unreadable event are rejected alone as well.
+    let body = json!({"events": [
+        {"eventId": "j-ok", "type": "EVENT_TYPE_PLAY", "occurredAtMs": now_ms(), "userId": "u"},
+        {"eventId": "j-teleport", "type": "EVENT_TYPE_TELEPORT", "occurredAtMs": now_ms(), "userId": "u"},
+        {"eventId": "j-bad", "type": "EVENT_TYPE_PLAY", "occurredAtMs": "soon", "userId": "u"},
+        "not an object",
+    ]});
+    let answer = json_of(server.post("/v1/events", "application/json", body.to_string()).await).await;
+    assert_eq!(answer["accepted"], 1);
+    assert_eq!(
+        rejected(&answer),
+        [(1, "unknown_type".to_owned()), (2, "malformed_event".to_owned()), (3, "malformed_event".to_owned())]
+    );
+    assert!(answer["rejected"][0]["reason"].as_str().is_some_and(|r| r.contains("EVENT_TYPE_TELEPORT")), "{answer}");
+    assert_eq!(answer["rejected"][1]["event_id"], "j-bad");
+
+    server.stop().await;
+    assert_eq!(server.fake.event_ids(), ["j-ok", "ok-1", "ok-2"]);
+}
+
+#[tokio::test]
+async fn a_duplicate_event_id_in_a_batch_keeps_the_first() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    let first = Event { content_id: "first".into(), ..event("dup", "u", "d") };
+    let second = Event { content_id: "second".into(), ..event("dup", "u", "d") };
+    let response = server.post_protobuf("/v1/events", &batch(vec![first, event("other", "u", "d"), second])).await;
+    assert_eq!(response.status(), 200);
+    let answer = json_of(response).await;
+    assert_eq!(answer["accepted"], 2);
+    assert_eq!(rejected(&answer), [(2, "duplicate_event_id".to_owned())]);
+    assert_eq!(answer["rejected"][0]["event_id"], "dup");
+    server.stop().await;
+    let stored = server.fake.events();
+    assert_eq!(stored.len(), 2);
+    assert!(stored.iter().any(|(_, _, _, e)| e.event_id == "dup" && e.content_id == "first"));
+}
+
+#[tokio::test]
+async fn wait_acked_reports_shard_and_sequence_numbers() {
+    let mut server = Server::start(FakeKinesis::new(4)).await;
+    let events: Vec<Event> = (0..6).map(|i| event(&format!("a-{i}"), &format!("user-{i}"), "d")).collect();
+    let mut with_invalid = events.clone();
+    with_invalid.insert(2, event("", "u", "d"));
+    let response = server.post_protobuf("/v1/events?wait=acked", &batch(with_invalid)).await;
+    assert_eq!(response.status(), 200);
+    let answer = json_of(response).await;
+    assert_eq!(answer["accepted"], 6);
+    assert_eq!(rejected(&answer), [(2, "missing_event_id".to_owned())]);
+    let results = answer["results"].as_array().expect("results with wait=acked");
+    assert_eq!(results.len(), 6);
+    // Acknowledged means stored: every result names where the fake put that very event.
+    let stored = server.fake.events();
+    for result in results {
+        let id = result["event_id"].as_str().expect("event_id");
+        let (shard, sequence, _, _) = stored.iter().find(|(_, _, _, e)| e.event_id == id).expect("stored");
+        assert_eq!(result["shard_id"].as_str(), Some(shard.as_str()), "{result}");
+        assert_eq!(result["sequence_number"].as_str(), Some(sequence.as_str()), "{result}");
+        assert!(result["sub_sequence_number"].is_u64());
+    }
+    let indices: Vec<u64> = results.iter().map(|r| r["index"].as_u64().expect("index")).collect();
+    assert_eq!(indices, [0, 1, 3, 4, 5, 6]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wait_acked_reports_producer_failures_and_is_503_when_nothing_got_in() {
+    let fake = FakeKinesis::new(1);
+    fake.throttling.store(true, Ordering::SeqCst);
+    let producer = producer_config().with_fail_if_throttled(true);
+    let config = CollectorConfig::default().with_retry_after(Duration::from_secs(7));
+    let mut server = Server::start_with(fake, producer, config, None).await;
+    let response = server.post_protobuf("/v1/events?wait=acked", &batch(vec![event("t-1", "u", "d")])).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let answer = json_of(response).await;
+    assert_eq!(answer["accepted"], 0);
+    assert_eq!(answer["results"], json!([]));
+    let failed = &answer["rejected"][0];
+    assert_eq!((failed["index"].as_u64(), failed["code"].as_str()), (Some(0), Some("put_failed")));
+    assert_eq!(failed["retryable"], true);
+    let reason = failed["reason"].as_str().expect("reason");
+    assert!(reason.contains("throttled") && reason.contains("ProvisionedThroughputExceededException"), "{reason}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_producer_is_503_with_retry_after_and_lists_what_it_did_not_take() {
+    let fake = FakeKinesis::new(1);
+    fake.stall();
+    let producer = producer_config().with_max_outstanding_records(2);
+    let config = CollectorConfig::default().with_retry_after(Duration::from_secs(3));
+    let mut server = Server::start_with(fake.clone(), producer, config, None).await;
+    let events = vec![
+        event("f-0", "u", "d"),
+        event("f-1", "v", "d"),
+        event("f-2", "u", "d"),
+        event("", "u", "d"), // invalid anyway: reported as such, not as producer_full
+        event("f-4", "w", "d"),
+    ];
+    let response = server.post_protobuf("/v1/events", &batch(events)).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let answer = json_of(response).await;
+    assert_eq!(answer["accepted"], 2, "the events taken before the producer filled up stay taken");
+    assert_eq!(
+        rejected(&answer),
+        [(2, "producer_full".to_owned()), (3, "missing_event_id".to_owned()), (4, "producer_full".to_owned())]
+    );
+    assert_eq!(answer["rejected"][0]["retryable"], true);
+    assert_eq!(answer["rejected"][1]["retryable"], false);
+    assert_eq!(answer["rejected"][2]["event_id"], "f-4");
+
+    // Still full: a later request is turned away whole.
+    let answer = json_of(server.post_protobuf("/v1/events", &batch(vec![event("f-5", "u", "d")])).await).await;
+    assert_eq!((answer["accepted"].as_u64(), rejected(&answer)), (Some(0), vec![(0, "producer_full".to_owned())]));
+
+    fake.unstall();
+    let stats = server.stop().await;
+    assert_eq!(stats.user_records_put, 2);
+    assert_eq!(fake.event_ids(), ["f-0", "f-1"]);
+}
+
+#[tokio::test]
+async fn requests_over_the_concurrency_limit_are_503_before_their_body_is_read() {
+    let fake = FakeKinesis::new(1);
+    fake.stall();
+    let config = CollectorConfig::default().with_max_concurrent_requests(1);
+    let mut server = Server::start_with(fake.clone(), producer_config(), config, None).await;
+    // The first request holds the only permit while it waits for Kinesis.
+    let first = {
+        let (http, url) = (server.http.clone(), format!("{}/v1/events?wait=acked", server.base));
+        let body = batch(vec![event("c-1", "u", "d")]).encode_to_vec();
+        tokio::spawn(
+            async move { http.post(url).header("content-type", "application/x-protobuf").body(body).send().await },
+        )
+    };
+    eventually("the first request to reach Kinesis", || fake.calls.load(Ordering::SeqCst) > 0).await;
+    let response = server.post_protobuf("/v1/events", &batch(vec![event("c-2", "u", "d")])).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(json_of(response).await["error"], "too_many_requests");
+
+    fake.unstall();
+    let first = tokio::time::timeout(BOUND, first).await.expect("in time").expect("no panic").expect("answer");
+    assert_eq!(first.status(), 200);
+    assert_eq!(json_of(first).await["accepted"], 1);
+    server.stop().await;
+    assert_eq!(fake.event_ids(), ["c-1"]);
+}
+
+#[tokio::test]
+async fn health_is_ok_while_serving() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    let response = server.get("/health").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(json_of(response).await, json!({"status": "ok"}));
+    server.stop().await;
+    // Stopped: the listener is closed.
+    assert!(server.http.get(format!("{}/health", server.base)).send().await.is_err());
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text() {
+    // The only test in this binary that installs a global recorder, as the binary's main does.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).expect("no other test installs a recorder");
+    let mut server =
+        Server::start_with(FakeKinesis::new(1), producer_config(), CollectorConfig::default(), Some(handle)).await;
+    let events = vec![event("m-1", "u", "d"), event("", "u", "d")];
+    assert_eq!(server.post_protobuf("/v1/events", &batch(events)).await.status(), 200);
+
+    let response = server.get("/metrics").await;
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"].to_str().expect("ascii").to_owned();
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    let text = response.text().await.expect("text");
+    for expected in [
+        "collector_events_received ",
+        "collector_events_accepted ",
+        "collector_events_rejected{reason=\"missing_event_id\"}",
+        "collector_request_duration_seconds",
+        "route=\"/v1/events\"",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from:\n{text}");
+    }
+    server.stop().await;
+
+    // Without a handle there is nothing to render.
+    let mut bare = Server::start(FakeKinesis::new(1)).await;
+    assert_eq!(bare.get("/metrics").await.status(), 404);
+    bare.stop().await;
+}

@@ -17,7 +17,7 @@
 //!
 //! Every record ends in exactly one `resolve`, which answers its receipt and releases its room.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -99,17 +99,9 @@ impl Pending {
         let record = self.record.take().map(to_record);
         let attempts = std::mem::take(&mut self.attempts);
         if let Some(reply) = self.reply.take() {
-            let result = match result {
-                Ok(mut outcome) => {
-                    outcome.attempts = attempts;
-                    Ok(outcome)
-                }
-                Err(kind) => Err(PutError::new(
-                    kind,
-                    record.unwrap_or_else(|| Record::new("unknown", bytes::Bytes::new())),
-                    attempts,
-                )),
-            };
+            let result = result.map_err(|kind| {
+                PutError::new(kind, record.unwrap_or_else(|| Record::new("unknown", bytes::Bytes::new())), attempts)
+            });
             // The caller may have dropped its receipt: nothing to tell, nothing lost.
             let _ = reply.send(result);
         }
@@ -259,7 +251,7 @@ pub(crate) struct Engine {
     commands: mpsc::UnboundedReceiver<Command>,
     commands_open: bool,
     map: ShardMap,
-    shards: HashMap<Arc<str>, ShardState>,
+    shards: HashMap<Arc<str>, ShardState, foldhash::fast::FixedState>,
     /// Shard ids in a stable order, for fair round-robin batching.
     order: Vec<Arc<str>>,
     cursor: usize,
@@ -272,8 +264,11 @@ pub(crate) struct Engine {
     refreshing: bool,
     refresh_wanted: bool,
     last_refresh: Instant,
-    /// Unresolved records per epoch; a flush waits for every epoch up to its own.
-    epochs: BTreeMap<u64, usize>,
+    /// Unresolved records per epoch, oldest first; a flush waits for every epoch up to its own.
+    /// Epochs only change at flushes, so this stays a handful of entries.
+    epochs: VecDeque<(u64, usize)>,
+    /// Sum of `epochs`.
+    outstanding: usize,
     epoch: u64,
     flush_waiters: Vec<(u64, oneshot::Sender<()>)>,
     shutdown: Option<(Instant, Vec<oneshot::Sender<()>>)>,
@@ -306,7 +301,7 @@ impl Engine {
             commands,
             commands_open: true,
             map: ShardMap::default(),
-            shards: HashMap::new(),
+            shards: HashMap::default(),
             order: Vec::new(),
             cursor: 0,
             in_flight: HashMap::new(),
@@ -318,7 +313,8 @@ impl Engine {
             refreshing: false,
             refresh_wanted: false,
             last_refresh: Instant::now(),
-            epochs: BTreeMap::new(),
+            epochs: VecDeque::new(),
+            outstanding: 0,
             epoch: 0,
             flush_waiters: Vec::new(),
             shutdown: None,
@@ -363,7 +359,17 @@ impl Engine {
     }
 
     fn outstanding(&self) -> usize {
-        self.epochs.values().sum()
+        self.outstanding
+    }
+
+    /// Counts a newly received record in the current epoch.
+    fn count_in(&mut self, pending: &mut Pending) {
+        pending.epoch = self.epoch;
+        match self.epochs.back_mut() {
+            Some((epoch, count)) if *epoch == self.epoch => *count += 1,
+            _ => self.epochs.push_back((self.epoch, 1)),
+        }
+        self.outstanding += 1;
     }
 
     fn flushing(&self) -> bool {
@@ -415,9 +421,8 @@ impl Engine {
         // Records still queued in the channel were accepted too.
         while let Ok(command) = self.commands.try_recv() {
             if let Command::Put(pending) = command {
-                *self.epochs.entry(self.epoch).or_default() += 1;
                 let mut pending = pending;
-                pending.epoch = self.epoch;
+                self.count_in(&mut pending);
                 self.resolve(pending, Err(PutErrorKind::ShutDown { in_flight: false }));
             }
         }
@@ -426,8 +431,7 @@ impl Engine {
     fn on_command(&mut self, command: Command) {
         match command {
             Command::Put(mut pending) => {
-                pending.epoch = self.epoch;
-                *self.epochs.entry(self.epoch).or_default() += 1;
+                self.count_in(&mut pending);
                 bump(&self.counters.user_records_received, 1);
                 self.metrics.user_records_received.increment(1);
                 self.route(pending, Instant::now());
@@ -506,10 +510,11 @@ impl Engine {
 
     /// Answers a record and accounts for it. Every record ends here exactly once.
     fn resolve(&mut self, pending: Pending, result: Result<PutOutcome, PutErrorKind>) {
-        if let Some(count) = self.epochs.get_mut(&pending.epoch) {
-            *count -= 1;
-            if *count == 0 {
-                self.epochs.remove(&pending.epoch);
+        if let Some(position) = self.epochs.iter().position(|(epoch, _)| *epoch == pending.epoch) {
+            self.epochs[position].1 -= 1;
+            self.outstanding -= 1;
+            if self.epochs[position].1 == 0 {
+                self.epochs.remove(position);
             }
         }
         match &result {
@@ -571,7 +576,7 @@ impl Engine {
         if self.flush_waiters.is_empty() {
             return;
         }
-        let oldest_open = self.epochs.iter().find(|(_, n)| **n > 0).map(|(e, _)| *e);
+        let oldest_open = self.epochs.front().map(|(epoch, _)| *epoch);
         let waiters = std::mem::take(&mut self.flush_waiters);
         for (epoch, waiter) in waiters {
             if oldest_open.is_some_and(|open| open <= epoch) {
@@ -749,6 +754,7 @@ impl Engine {
             error_code: error.map(|e| e.code.clone()),
             error_message: error.map(|e| e.message.clone()),
         };
+        let first_try: Arc<[Attempt]> = Arc::from(vec![attempt(None)]);
         // Failed records per shard, in their order, to go back to the front of the shard.
         let mut failed: Vec<(Arc<str>, Vec<Pending>, CallError)> = Vec::new();
         for ((predicted, ready), result) in call.entries.into_iter().zip(results) {
@@ -762,15 +768,24 @@ impl Engine {
                     self.metrics.put(&shard_id, ready.members.len());
                     let aggregated = ready.members.len() > 1;
                     self.metrics.user_records_per_kinesis_record.record(ready.members.len() as f64);
+                    let shard_id: Arc<str> = Arc::from(shard_id);
+                    let sequence_number: Arc<str> = Arc::from(sequence_number);
                     for (index, mut member) in ready.members.into_iter().enumerate() {
-                        member.attempts.push(attempt(None));
-                        self.metrics.retries_per_record.record((member.attempts.len() - 1) as f64);
+                        // Records on their first attempt (nearly all) share the call's attempt list.
+                        let attempts = if member.attempts.is_empty() {
+                            Arc::clone(&first_try)
+                        } else {
+                            let mut own = std::mem::take(&mut member.attempts);
+                            own.push(attempt(None));
+                            Arc::from(own)
+                        };
+                        self.metrics.retries_per_record.record((attempts.len() - 1) as f64);
                         let outcome = PutOutcome {
-                            shard_id: shard_id.clone(),
-                            sequence_number: sequence_number.clone(),
+                            shard_id: Arc::clone(&shard_id),
+                            sequence_number: Arc::clone(&sequence_number),
                             sub_sequence_number: index as u64,
                             aggregated,
-                            attempts: Vec::new(),
+                            attempts,
                         };
                         self.resolve(member, Ok(outcome));
                     }

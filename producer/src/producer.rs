@@ -5,8 +5,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
-use ktk_proto::aggregation::UserRecord;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use ktk_proto::aggregation::{InvalidRecord, UserRecord};
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::api::{AwsKinesis, KinesisApi, Retry};
@@ -113,6 +113,12 @@ impl Producer {
     /// one caller are sent in order per shard.
     pub async fn put(&self, record: Record) -> Result<PutReceipt, PutError> {
         let (user, size) = self.check(record)?;
+        // The common case, room now, costs no timer.
+        match self.try_room(size) {
+            Ok(room) => return self.submit(user, room),
+            Err(TryAcquireError::Closed) => return Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user)),
+            Err(TryAcquireError::NoPermits) => {}
+        }
         let inner = &self.inner;
         let acquire = async {
             let records = Arc::clone(&inner.records_room).acquire_owned().await?;
@@ -130,26 +136,11 @@ impl Producer {
     /// [`PutErrorKind::Full`].
     pub fn try_put(&self, record: Record) -> Result<PutReceipt, PutError> {
         let (user, size) = self.check(record)?;
-        let inner = &self.inner;
-        let records = match Arc::clone(&inner.records_room).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(tokio::sync::TryAcquireError::Closed) => {
-                return Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user));
-            }
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                return Err(rejected(PutErrorKind::Full, user));
-            }
-        };
-        let bytes = match Arc::clone(&inner.bytes_room).try_acquire_many_owned(size as u32) {
-            Ok(permit) => permit,
-            Err(tokio::sync::TryAcquireError::Closed) => {
-                return Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user));
-            }
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                return Err(rejected(PutErrorKind::Full, user));
-            }
-        };
-        self.submit(user, Room { _records: records, _bytes: bytes })
+        match self.try_room(size) {
+            Ok(room) => self.submit(user, room),
+            Err(TryAcquireError::Closed) => Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user)),
+            Err(TryAcquireError::NoPermits) => Err(rejected(PutErrorKind::Full, user)),
+        }
     }
 
     /// Sends everything buffered now and resolves when every record accepted before this call
@@ -202,24 +193,21 @@ impl Producer {
             return Err(PutError::new(PutErrorKind::TooLarge { size, max }, record, Vec::new()));
         }
         let Record { partition_key, explicit_hash_key, data } = record;
-        let user = match UserRecord::new(partition_key.clone(), data.clone()) {
-            Ok(user) => user,
-            Err(e) => {
+        match UserRecord::from_parts(partition_key, explicit_hash_key, data) {
+            Ok(user) => Ok((user, size)),
+            Err(invalid) => {
+                let InvalidRecord { error, partition_key, explicit_hash_key, data } = *invalid;
                 let record = Record { partition_key, explicit_hash_key, data };
-                return Err(PutError::new(PutErrorKind::InvalidRecord(e), record, Vec::new()));
+                Err(PutError::new(PutErrorKind::InvalidRecord(error), record, Vec::new()))
             }
-        };
-        let user = match explicit_hash_key {
-            None => user,
-            Some(ehk) => match user.with_explicit_hash_key(ehk.clone()) {
-                Ok(user) => user,
-                Err(e) => {
-                    let record = Record { partition_key, explicit_hash_key: Some(ehk), data };
-                    return Err(PutError::new(PutErrorKind::InvalidRecord(e), record, Vec::new()));
-                }
-            },
-        };
-        Ok((user, size))
+        }
+    }
+
+    /// Room for a record of `size` bytes if there is some now.
+    fn try_room(&self, size: usize) -> Result<Room, TryAcquireError> {
+        let records = Arc::clone(&self.inner.records_room).try_acquire_owned()?;
+        let bytes = Arc::clone(&self.inner.bytes_room).try_acquire_many_owned(size as u32)?;
+        Ok(Room { _records: records, _bytes: bytes })
     }
 
     fn submit(&self, user: UserRecord, room: Room) -> Result<PutReceipt, PutError> {

@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -53,17 +54,19 @@ impl Attempt {
     }
 }
 
-/// Where a record landed.
+/// Where a record landed. The strings and the attempts are shared by every user record of the
+/// same Kinesis record (cheap to clone, `Deref` to `str` and `[Attempt]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutOutcome {
-    pub shard_id: String,
-    pub sequence_number: String,
+    pub shard_id: Arc<str>,
+    pub sequence_number: Arc<str>,
     /// Position in its aggregate (0 for a record sent alone); with the sequence number, the
     /// record's unique position in the stream, as the KCL reports it.
     pub sub_sequence_number: u64,
     /// Whether it went in a KPL aggregate.
     pub aggregated: bool,
-    pub attempts: Vec<Attempt>,
+    /// Every attempt, the last one the successful one.
+    pub attempts: Arc<[Attempt]>,
 }
 
 pub(crate) type PutResult = Result<PutOutcome, PutError>;

@@ -217,7 +217,7 @@ async fn every_record_lands_once_aggregated_and_in_order() {
         // The receipt names the shard the record's hash key belongs to.
         let hash = effective_hash_key(&format!("user-{}", i % 100), None).expect("hash");
         let shard = even_shards(4).into_iter().find(|s| s.range.contains(hash)).expect("shard");
-        assert_eq!(outcome.shard_id, shard.shard_id);
+        assert_eq!(&*outcome.shard_id, shard.shard_id.as_str());
     }
     assert_exactly_once_in_order(&fake, n, 100);
     // Each stored user record sits on the shard its hash key belongs to.

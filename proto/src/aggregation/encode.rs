@@ -54,6 +54,22 @@ impl UserRecord {
         Ok(self)
     }
 
+    /// Like [`new`](Self::new) plus [`with_explicit_hash_key`](Self::with_explicit_hash_key), for
+    /// callers that must get their parts back when a key is invalid (a producer returns the
+    /// caller's record with the error).
+    pub fn from_parts(
+        partition_key: String,
+        explicit_hash_key: Option<String>,
+        data: Bytes,
+    ) -> Result<Self, Box<InvalidRecord>> {
+        let check = validate_partition_key(&partition_key)
+            .and_then(|()| explicit_hash_key.as_deref().map_or(Ok(0), parse_explicit_hash_key).map(drop));
+        match check {
+            Ok(()) => Ok(UserRecord { partition_key, explicit_hash_key, data }),
+            Err(error) => Err(Box::new(InvalidRecord { error, partition_key, explicit_hash_key, data })),
+        }
+    }
+
     pub fn partition_key(&self) -> &str {
         &self.partition_key
     }
@@ -92,6 +108,15 @@ impl fmt::Debug for UserRecord {
             .field("data_len", &self.data.len())
             .finish()
     }
+}
+
+/// The parts of a record [`UserRecord::from_parts`] refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRecord {
+    pub error: Error,
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub data: Bytes,
 }
 
 /// A record ready for `PutRecords`: what the aggregator emits.

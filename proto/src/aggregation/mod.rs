@@ -14,7 +14,7 @@ mod decode;
 mod encode;
 
 pub use decode::{DeaggregatedRecord, Deaggregation, Deaggregator, Malformed, RecordFormat};
-pub use encode::{Aggregator, AggregatorConfig, KinesisRecord, Rejected, RejectedRef, UserRecord};
+pub use encode::{Aggregator, AggregatorConfig, InvalidRecord, KinesisRecord, Rejected, RejectedRef, UserRecord};
 
 /// The four bytes every aggregated record starts with.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];

@@ -138,7 +138,10 @@ async fn a_split_while_producing_loses_nothing() {
     let after = shard_ranges(&client, &stream).await;
     let children: Vec<&String> = after.keys().filter(|id| !before.contains_key(*id)).collect();
     assert_eq!(children.len(), 2, "the split made two children: {after:?}");
-    assert!(shards_used.iter().any(|s| children.iter().any(|c| c.as_str() == &**s)), "later records land on the children");
+    assert!(
+        shards_used.iter().any(|s| children.iter().any(|c| c.as_str() == &**s)),
+        "later records land on the children"
+    );
     assert!(stats.shard_map_refreshes >= 1, "the producer noticed the split: {stats:?}");
     let stored = read_stream(&client, &stream).await;
     delete_stream(&client, &stream).await;

@@ -15,7 +15,8 @@
 //!    entries go back to the front of their shard, which backs off before sending again, or fail
 //!    when retrying cannot help or their TTL would run out.
 //!
-//! Every record ends in exactly one `resolve`, which answers its receipt and releases its room.
+//! Every record ends in exactly one `resolve`, which answers its receipt and gives back its room
+//! in the outstanding limits.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use ktk_proto::aggregation::{Aggregator, AggregatorConfig, KinesisRecord, RejectedRef, UserRecord};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, warn};
 
@@ -32,8 +33,9 @@ use crate::backoff;
 use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES};
 use crate::error::{PutError, PutErrorKind};
 use crate::limiter::ShardLimiter;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::record::{Attempt, PutOutcome, PutResult, Record};
+use crate::record::{Attempt, Landing, PutOutcome, PutResult, Record};
 use crate::shard_map::ShardMap;
 
 /// Messages from the `Producer` handles.
@@ -48,13 +50,6 @@ pub(crate) enum Command {
     },
 }
 
-/// Room a record holds in the outstanding limits; given back when the record is dropped.
-#[derive(Debug)]
-pub(crate) struct Room {
-    pub(crate) _records: OwnedSemaphorePermit,
-    pub(crate) _bytes: OwnedSemaphorePermit,
-}
-
 /// One accepted user record, until it is resolved.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -65,17 +60,10 @@ pub(crate) struct Pending {
     expires: Instant,
     attempts: Vec<Attempt>,
     epoch: u64,
-    _room: Room,
 }
 
 impl Pending {
-    pub(crate) fn new(
-        record: UserRecord,
-        hash_key: u128,
-        reply: oneshot::Sender<PutResult>,
-        ttl: Duration,
-        room: Room,
-    ) -> Self {
+    pub(crate) fn new(record: UserRecord, hash_key: u128, reply: oneshot::Sender<PutResult>, ttl: Duration) -> Self {
         let arrived = Instant::now();
         Pending {
             record: Some(record),
@@ -85,7 +73,6 @@ impl Pending {
             expires: arrived + ttl,
             attempts: Vec::new(),
             epoch: 0,
-            _room: room,
         }
     }
 
@@ -274,6 +261,7 @@ pub(crate) struct Engine {
     shutdown: Option<(Instant, Vec<oneshot::Sender<()>>)>,
     counters: Arc<Counters>,
     metrics: Metrics,
+    limits: Arc<Limits>,
 }
 
 impl Engine {
@@ -283,6 +271,7 @@ impl Engine {
         shards: &[ShardInfo],
         commands: mpsc::UnboundedReceiver<Command>,
         counters: Arc<Counters>,
+        limits: Arc<Limits>,
     ) -> Self {
         let aggregator_config = AggregatorConfig::default()
             .with_max_record_size(config.max_record_size)
@@ -320,6 +309,7 @@ impl Engine {
             shutdown: None,
             counters,
             metrics,
+            limits,
         };
         engine.install_map(ShardMap::new(shards), Instant::now());
         engine
@@ -524,6 +514,7 @@ impl Engine {
             Err(_) => bump(&self.counters.user_records_failed, 1),
         }
         self.metrics.user_records_pending.set(self.outstanding() as f64);
+        self.limits.give_back(pending.record().plain_size());
         pending.answer(result);
     }
 
@@ -754,7 +745,6 @@ impl Engine {
             error_code: error.map(|e| e.code.clone()),
             error_message: error.map(|e| e.message.clone()),
         };
-        let first_try: Arc<[Attempt]> = Arc::from(vec![attempt(None)]);
         // Failed records per shard, in their order, to go back to the front of the shard.
         let mut failed: Vec<(Arc<str>, Vec<Pending>, CallError)> = Vec::new();
         for ((predicted, ready), result) in call.entries.into_iter().zip(results) {
@@ -768,25 +758,29 @@ impl Engine {
                     self.metrics.put(&shard_id, ready.members.len());
                     let aggregated = ready.members.len() > 1;
                     self.metrics.user_records_per_kinesis_record.record(ready.members.len() as f64);
-                    let shard_id: Arc<str> = Arc::from(shard_id);
-                    let sequence_number: Arc<str> = Arc::from(sequence_number);
+                    // Shared by every user record of this Kinesis record on its first attempt.
+                    let landing = Arc::new(Landing {
+                        shard_id: shard_id.clone(),
+                        sequence_number: sequence_number.clone(),
+                        aggregated,
+                        attempts: vec![attempt(None)],
+                    });
                     for (index, mut member) in ready.members.into_iter().enumerate() {
                         // Records on their first attempt (nearly all) share the call's attempt list.
-                        let attempts = if member.attempts.is_empty() {
-                            Arc::clone(&first_try)
+                        let landing = if member.attempts.is_empty() {
+                            Arc::clone(&landing)
                         } else {
-                            let mut own = std::mem::take(&mut member.attempts);
-                            own.push(attempt(None));
-                            Arc::from(own)
+                            let mut attempts = std::mem::take(&mut member.attempts);
+                            attempts.push(attempt(None));
+                            Arc::new(Landing {
+                                shard_id: shard_id.clone(),
+                                sequence_number: sequence_number.clone(),
+                                aggregated,
+                                attempts,
+                            })
                         };
-                        self.metrics.retries_per_record.record((attempts.len() - 1) as f64);
-                        let outcome = PutOutcome {
-                            shard_id: Arc::clone(&shard_id),
-                            sequence_number: Arc::clone(&sequence_number),
-                            sub_sequence_number: index as u64,
-                            aggregated,
-                            attempts,
-                        };
+                        self.metrics.retries_per_record.record((landing.attempts.len() - 1) as f64);
+                        let outcome = PutOutcome::new(landing, index as u64);
                         self.resolve(member, Ok(outcome));
                     }
                 }

@@ -30,6 +30,7 @@ mod config;
 mod engine;
 mod error;
 mod limiter;
+mod limits;
 mod metrics;
 mod producer;
 mod record;

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use aws_config::SdkConfig;
 use ktk_proto::aggregation::{InvalidRecord, UserRecord};
-use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::api::{AwsKinesis, KinesisApi, Retry};
 use crate::config::ProducerConfig;
-use crate::engine::{Command, Counters, Engine, Pending, Room};
+use crate::engine::{Command, Counters, Engine, Pending};
 use crate::error::{PutError, PutErrorKind, StartError};
+use crate::limits::{Limits, NoRoom};
 use crate::record::{PutReceipt, Record};
 
 /// A KPL-style producer for one stream. Cheap to clone; every clone feeds the same engine.
@@ -24,7 +25,7 @@ use crate::record::{PutReceipt, Record};
 /// let producer = Producer::new(ProducerConfig::new("events"), &aws).await?;
 /// let receipt = producer.put(Record::new("user-42", "play")).await?;
 /// let outcome = receipt.await?;
-/// println!("{} {} {}", outcome.shard_id, outcome.sequence_number, outcome.sub_sequence_number);
+/// println!("{} {} {}", outcome.shard_id(), outcome.sequence_number(), outcome.sub_sequence_number());
 /// producer.shutdown(std::time::Duration::from_secs(10)).await;
 /// # Ok(()) }
 /// ```
@@ -37,8 +38,7 @@ pub struct Producer {
 struct Inner {
     config: Arc<ProducerConfig>,
     commands: mpsc::UnboundedSender<Command>,
-    records_room: Arc<Semaphore>,
-    bytes_room: Arc<Semaphore>,
+    limits: Arc<Limits>,
     counters: Arc<Counters>,
 }
 
@@ -91,17 +91,11 @@ impl Producer {
         let config = Arc::new(config);
         let (commands, receiver) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
-        let engine = Engine::new(Arc::clone(&config), api, &shards, receiver, Arc::clone(&counters));
+        let limits = Arc::new(Limits::new(config.max_outstanding_records, config.max_outstanding_bytes));
+        let engine =
+            Engine::new(Arc::clone(&config), api, &shards, receiver, Arc::clone(&counters), Arc::clone(&limits));
         tokio::spawn(engine.run());
-        Ok(Producer {
-            inner: Arc::new(Inner {
-                records_room: Arc::new(Semaphore::new(config.max_outstanding_records)),
-                bytes_room: Arc::new(Semaphore::new(config.max_outstanding_bytes)),
-                config,
-                commands,
-                counters,
-            }),
-        })
+        Ok(Producer { inner: Arc::new(Inner { limits, config, commands, counters }) })
     }
 
     pub fn config(&self) -> &ProducerConfig {
@@ -113,22 +107,9 @@ impl Producer {
     /// one caller are sent in order per shard.
     pub async fn put(&self, record: Record) -> Result<PutReceipt, PutError> {
         let (user, size) = self.check(record)?;
-        // The common case, room now, costs no timer.
-        match self.try_room(size) {
-            Ok(room) => return self.submit(user, room),
-            Err(TryAcquireError::Closed) => return Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user)),
-            Err(TryAcquireError::NoPermits) => {}
-        }
-        let inner = &self.inner;
-        let acquire = async {
-            let records = Arc::clone(&inner.records_room).acquire_owned().await?;
-            let bytes = Arc::clone(&inner.bytes_room).acquire_many_owned(size as u32).await?;
-            Ok::<_, tokio::sync::AcquireError>(Room { _records: records, _bytes: bytes })
-        };
-        match tokio::time::timeout(inner.config.put_timeout, acquire).await {
-            Ok(Ok(room)) => self.submit(user, room),
-            Ok(Err(_closed)) => Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user)),
-            Err(_elapsed) => Err(rejected(PutErrorKind::Timeout, user)),
+        match self.inner.limits.take(size, self.inner.config.put_timeout).await {
+            Ok(()) => self.submit(user),
+            Err(no_room) => Err(rejected(no_room_kind(no_room), user)),
         }
     }
 
@@ -136,10 +117,9 @@ impl Producer {
     /// [`PutErrorKind::Full`].
     pub fn try_put(&self, record: Record) -> Result<PutReceipt, PutError> {
         let (user, size) = self.check(record)?;
-        match self.try_room(size) {
-            Ok(room) => self.submit(user, room),
-            Err(TryAcquireError::Closed) => Err(rejected(PutErrorKind::ShutDown { in_flight: false }, user)),
-            Err(TryAcquireError::NoPermits) => Err(rejected(PutErrorKind::Full, user)),
+        match self.inner.limits.try_take(size) {
+            Ok(()) => self.submit(user),
+            Err(no_room) => Err(rejected(no_room_kind(no_room), user)),
         }
     }
 
@@ -156,8 +136,7 @@ impl Producer {
     /// resolves when all of it is acknowledged or failed, or at `timeout`, when whatever is left
     /// fails with `ShutDown` and its record. No receipt is left pending.
     pub async fn shutdown(&self, timeout: Duration) -> ProducerStats {
-        self.inner.records_room.close();
-        self.inner.bytes_room.close();
+        self.inner.limits.close();
         let (done, wait) = oneshot::channel();
         let deadline = Instant::now() + timeout;
         if self.inner.commands.send(Command::Shutdown { deadline, done }).is_ok() {
@@ -203,21 +182,22 @@ impl Producer {
         }
     }
 
-    /// Room for a record of `size` bytes if there is some now.
-    fn try_room(&self, size: usize) -> Result<Room, TryAcquireError> {
-        let records = Arc::clone(&self.inner.records_room).try_acquire_owned()?;
-        let bytes = Arc::clone(&self.inner.bytes_room).try_acquire_many_owned(size as u32)?;
-        Ok(Room { _records: records, _bytes: bytes })
-    }
-
-    fn submit(&self, user: UserRecord, room: Room) -> Result<PutReceipt, PutError> {
+    fn submit(&self, user: UserRecord) -> Result<PutReceipt, PutError> {
         let hash_key = user.hash_key();
         let (reply, receipt) = oneshot::channel();
-        let pending = Pending::new(user, hash_key, reply, self.inner.config.record_ttl, room);
+        let pending = Pending::new(user, hash_key, reply, self.inner.config.record_ttl);
         // If the engine is gone, the command comes back and dropping its record answers the
         // receipt with `ShutDown` and the record (see `Pending`'s drop), so nothing is lost.
         let _ = self.inner.commands.send(Command::Put(pending));
         Ok(PutReceipt::new(receipt))
+    }
+}
+
+fn no_room_kind(no_room: NoRoom) -> PutErrorKind {
+    match no_room {
+        NoRoom::Full => PutErrorKind::Full,
+        NoRoom::Timeout => PutErrorKind::Timeout,
+        NoRoom::Closed => PutErrorKind::ShutDown { in_flight: false },
     }
 }
 

@@ -54,19 +54,51 @@ impl Attempt {
     }
 }
 
-/// Where a record landed. The strings and the attempts are shared by every user record of the
-/// same Kinesis record (cheap to clone, `Deref` to `str` and `[Attempt]`).
+/// Where a record landed. Cheap to clone: what the user records of one Kinesis record have in
+/// common is shared.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutOutcome {
-    pub shard_id: Arc<str>,
-    pub sequence_number: Arc<str>,
+    landing: Arc<Landing>,
+    sub_sequence_number: u64,
+}
+
+/// The part of an outcome shared by the user records of one Kinesis record.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Landing {
+    pub(crate) shard_id: String,
+    pub(crate) sequence_number: String,
+    pub(crate) aggregated: bool,
+    pub(crate) attempts: Vec<Attempt>,
+}
+
+impl PutOutcome {
+    pub(crate) fn new(landing: Arc<Landing>, sub_sequence_number: u64) -> Self {
+        PutOutcome { landing, sub_sequence_number }
+    }
+
+    pub fn shard_id(&self) -> &str {
+        &self.landing.shard_id
+    }
+
+    pub fn sequence_number(&self) -> &str {
+        &self.landing.sequence_number
+    }
+
     /// Position in its aggregate (0 for a record sent alone); with the sequence number, the
     /// record's unique position in the stream, as the KCL reports it.
-    pub sub_sequence_number: u64,
+    pub fn sub_sequence_number(&self) -> u64 {
+        self.sub_sequence_number
+    }
+
     /// Whether it went in a KPL aggregate.
-    pub aggregated: bool,
-    /// Every attempt, the last one the successful one.
-    pub attempts: Arc<[Attempt]>,
+    pub fn aggregated(&self) -> bool {
+        self.landing.aggregated
+    }
+
+    /// Every attempt, oldest first; the last one succeeded.
+    pub fn attempts(&self) -> &[Attempt] {
+        &self.landing.attempts
+    }
 }
 
 pub(crate) type PutResult = Result<PutOutcome, PutError>;

@@ -211,13 +211,13 @@ async fn every_record_lands_once_aggregated_and_in_order() {
     let outcomes = put_all(&producer, n, 100).await;
     for (i, outcome) in outcomes.iter().enumerate() {
         let outcome = outcome.as_ref().unwrap_or_else(|e| panic!("record {i}: {e}"));
-        assert!(outcome.aggregated);
-        assert_eq!(outcome.attempts.len(), 1);
-        assert!(outcome.attempts[0].succeeded());
+        assert!(outcome.aggregated());
+        assert_eq!(outcome.attempts().len(), 1);
+        assert!(outcome.attempts()[0].succeeded());
         // The receipt names the shard the record's hash key belongs to.
         let hash = effective_hash_key(&format!("user-{}", i % 100), None).expect("hash");
         let shard = even_shards(4).into_iter().find(|s| s.range.contains(hash)).expect("shard");
-        assert_eq!(&*outcome.shard_id, shard.shard_id.as_str());
+        assert_eq!(outcome.shard_id(), shard.shard_id.as_str());
     }
     assert_exactly_once_in_order(&fake, n, 100);
     // Each stored user record sits on the shard its hash key belongs to.
@@ -263,15 +263,17 @@ async fn with_strict_ordering_failed_records_go_before_newer_ones_of_their_shard
     let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
     let n = 3_000;
     let outcomes = put_all(&producer, n, 50).await;
-    let retried = outcomes.iter().filter(|o| o.as_ref().map(|o| o.attempts.len() > 1).unwrap_or(false)).count();
+    let retried = outcomes.iter().filter(|o| o.as_ref().map(|o| o.attempts().len() > 1).unwrap_or(false)).count();
     assert!(outcomes.iter().all(Result::is_ok));
     assert!(retried > 0, "some records needed more than one attempt");
     let with_throttle = outcomes
         .iter()
         .filter_map(|o| o.as_ref().ok())
-        .find(|o| o.attempts.iter().any(|a| a.error_code.as_deref() == Some("ProvisionedThroughputExceededException")))
+        .find(|o| {
+            o.attempts().iter().any(|a| a.error_code.as_deref() == Some("ProvisionedThroughputExceededException"))
+        })
         .expect("a throttled record");
-    assert!(with_throttle.attempts.last().is_some_and(|a| a.succeeded()));
+    assert!(with_throttle.attempts().last().is_some_and(|a| a.succeeded()));
     assert_exactly_once_in_order(&fake, n, 50);
     let stats = producer.shutdown(Duration::from_secs(5)).await;
     assert!(stats.retries > 0 && stats.throttled > 0, "{stats:?}");
@@ -422,7 +424,7 @@ async fn a_split_while_producing_loses_nothing_and_later_records_use_the_childre
     let mut on_children = 0;
     for receipt in receipts {
         let outcome = receipt.await.expect("put");
-        if outcome.shard_id.starts_with("child-") {
+        if outcome.shard_id().starts_with("child-") {
             on_children += 1;
         }
     }
@@ -439,7 +441,7 @@ async fn aggregation_off_sends_one_kinesis_record_per_user_record() {
     let producer =
         Producer::with_api(ProducerConfig::new("s").with_aggregation(false), fake.clone()).await.expect("starts");
     let outcomes = put_all(&producer, 300, 10).await;
-    assert!(outcomes.iter().all(|o| { o.as_ref().is_ok_and(|o| !o.aggregated && o.sub_sequence_number == 0) }));
+    assert!(outcomes.iter().all(|o| { o.as_ref().is_ok_and(|o| !o.aggregated() && o.sub_sequence_number() == 0) }));
     assert_eq!(fake.kinesis_records(), 300);
     assert_exactly_once_in_order(&fake, 300, 10);
 }

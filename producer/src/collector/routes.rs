@@ -384,9 +384,9 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
                 Ok(outcome) => acked.push(Acked {
                     index,
                     event_id,
-                    shard_id: outcome.shard_id.to_string(),
-                    sequence_number: outcome.sequence_number.to_string(),
-                    sub_sequence_number: outcome.sub_sequence_number,
+                    shard_id: outcome.shard_id().to_owned(),
+                    sequence_number: outcome.sequence_number().to_owned(),
+                    sub_sequence_number: outcome.sub_sequence_number(),
                 }),
                 Err(error) => {
                     counter!("collector_events_failed").increment(1);

@@ -1,11 +1,13 @@
 //! The handle applications hold: `put`, `try_put`, `flush`, `shutdown`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use aws_config::SdkConfig;
 use ktk_proto::aggregation::{InvalidRecord, UserRecord};
+use ktk_proto::keys::partition_key_hash;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -183,7 +185,10 @@ impl Producer {
     }
 
     fn submit(&self, user: UserRecord) -> Result<PutReceipt, PutError> {
-        let hash_key = user.hash_key();
+        let hash_key = match user.explicit_hash_key() {
+            Some(_) => user.hash_key(),
+            None => cached_partition_key_hash(user.partition_key()),
+        };
         let (reply, receipt) = oneshot::channel();
         let pending = Pending::new(user, hash_key, reply, self.inner.config.record_ttl);
         // If the engine is gone, the command comes back and dropping its record answers the
@@ -191,6 +196,33 @@ impl Producer {
         let _ = self.inner.commands.send(Command::Put(pending));
         Ok(PutReceipt::new(receipt))
     }
+}
+
+/// Partition keys this thread hashed lately, at most this many.
+const HASH_CACHE_ENTRIES: usize = 4096;
+
+thread_local! {
+    /// Recently hashed partition keys: applications put many records per key (a user, a
+    /// device), and a lookup costs a fraction of an MD5. Per thread, so callers never contend.
+    static HASH_CACHE: std::cell::RefCell<HashMap<String, u128, foldhash::fast::FixedState>> =
+        std::cell::RefCell::new(HashMap::default());
+}
+
+/// MD5 of the partition key as Kinesis computes it, remembered for recently seen keys.
+fn cached_partition_key_hash(partition_key: &str) -> u128 {
+    HASH_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(hash) = cache.get(partition_key) {
+            return *hash;
+        }
+        let hash = partition_key_hash(partition_key);
+        if cache.len() >= HASH_CACHE_ENTRIES {
+            // Crude but bounded: start over. Hot keys are back after one miss each.
+            cache.clear();
+        }
+        cache.insert(partition_key.to_owned(), hash);
+        hash
+    })
 }
 
 fn no_room_kind(no_room: NoRoom) -> PutErrorKind {
@@ -204,4 +236,19 @@ fn no_room_kind(no_room: NoRoom) -> PutErrorKind {
 fn rejected(kind: PutErrorKind, user: UserRecord) -> PutError {
     let (partition_key, explicit_hash_key, data) = user.into_parts();
     PutError::new(kind, Record { partition_key, explicit_hash_key, data }, Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hash_cache_agrees_with_md5_and_stays_bounded() {
+        for i in 0..(HASH_CACHE_ENTRIES * 2 + 10) {
+            let key = format!("key-{i}");
+            assert_eq!(cached_partition_key_hash(&key), partition_key_hash(&key));
+            assert_eq!(cached_partition_key_hash(&key), partition_key_hash(&key), "cached value");
+        }
+        HASH_CACHE.with(|cache| assert!(cache.borrow().len() <= HASH_CACHE_ENTRIES));
+    }
 }

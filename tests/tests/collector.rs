@@ -23,7 +23,7 @@ fn event(id: &str, u: usize) -> Event {
         event_id: id.to_owned(),
         r#type: EventType::Play as i32,
         occurred_at_ms: now_ms() - 1_000,
-        user_id: if u % 5 == 0 { String::new() } else { format!("user-{u}") },
+        user_id: if u.is_multiple_of(5) { String::new() } else { format!("user-{u}") },
         device_id: format!("device-{u}"),
         session_id: format!("session-{u}"),
         platform: Platform::Roku as i32,

@@ -15,21 +15,36 @@ LS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KTK_CACHE="${KTK_CACHE:-$HOME/.cache/ktk}"
 case "$KTK_CACHE" in /*) ;; *) KTK_CACHE="$PWD/$KTK_CACHE" ;; esac
 LS_VENV="$KTK_CACHE/localstack-venv"
-LS_FS="$KTK_CACHE/localstack-fs"                 # LocalStack's FILESYSTEM_ROOT
-LS_LIB="$LS_FS/var/lib/localstack/lib"           # where LocalStack looks for its packages
+LS_FS="$KTK_CACHE/localstack-fs"                 # FILESYSTEM_ROOT of the default instance (port 4566)
+LS_LIB="$LS_FS/var/lib/localstack/lib"           # where install.sh puts LocalStack's packages (shared)
 LS_DDB_DIR="$LS_LIB/dynamodb-local/2"
 LS_DDB_AGENT="$LS_DDB_DIR/ddb-local-loader-0.1.jar"
 LS_JAVA_LINK="$LS_LIB/java/21"
 LS_KINESIS_DIR="$LS_LIB/kinesis-local/$LS_KINESIS_MOCK_VERSION"
-LS_LOG="$KTK_CACHE/localstack.log"
-LS_PIDFILE="$KTK_CACHE/localstack.pid"
-LS_STARTED="$KTK_CACHE/localstack.started-by-up" # holds the PID if the last up.sh started it
-LS_LOCK="$KTK_CACHE/localstack.lock"
 
+# --- the instance: one LocalStack per port -------------------------------------------------------
+# KTK_LOCALSTACK_PORT picks the instance. The default port keeps the plain file names; any other
+# port gets its own FILESYSTEM_ROOT, log, pid file, started-by-up marker and lock, suffixed -PORT.
+# All instances share the venv and the packages in LS_LIB (an extra instance's lib is a symlink).
 LS_HOST="127.0.0.1"
-LS_PORT="4566"
+LS_DEFAULT_PORT="4566"
+LS_PORT="${KTK_LOCALSTACK_PORT:-$LS_DEFAULT_PORT}"
+if [[ ! "$LS_PORT" =~ ^[1-9][0-9]{0,4}$ ]] || ((LS_PORT > 65535)); then
+  printf '[localstack/%s] ERROR: KTK_LOCALSTACK_PORT must be a TCP port, got %s\n' "$(basename "$0")" "$LS_PORT" >&2
+  exit 1
+fi
+export KTK_LOCALSTACK_PORT="$LS_PORT" # up.sh calls wait.sh, down.sh: the same instance
+if [[ "$LS_PORT" == "$LS_DEFAULT_PORT" ]]; then LS_SUFFIX=""; else LS_SUFFIX="-$LS_PORT"; fi
 LS_URL="http://$LS_HOST:$LS_PORT"
+LS_INSTANCE_FS="$KTK_CACHE/localstack-fs$LS_SUFFIX"          # this instance's FILESYSTEM_ROOT
+LS_INSTANCE_LIB="$LS_INSTANCE_FS/var/lib/localstack/lib"     # LS_LIB itself, or a symlink to it
+LS_LOG="$KTK_CACHE/localstack$LS_SUFFIX.log"
+LS_PIDFILE="$KTK_CACHE/localstack$LS_SUFFIX.pid"
+LS_STARTED="$KTK_CACHE/localstack$LS_SUFFIX.started-by-up" # holds the PID if the last up.sh started it
+LS_LOCK="$KTK_CACHE/localstack$LS_SUFFIX.lock"
 LS_TIMEOUT="${KTK_LOCALSTACK_TIMEOUT:-120}"
+# How the scripts are called for this instance, for messages ("localstack/down.sh" on 4566).
+if [[ -n "$LS_SUFFIX" ]]; then LS_CALL_PREFIX="KTK_LOCALSTACK_PORT=$LS_PORT "; else LS_CALL_PREFIX=""; fi
 
 # --- output --------------------------------------------------------------------------------------
 LS_ME="$(basename "$0")"
@@ -92,6 +107,13 @@ ls_recorded_pid() {
   local pid=""
   [[ -f "$LS_PIDFILE" ]] && pid="$(tr -dc '0-9' <"$LS_PIDFILE")"
   printf '%s' "$pid"
+}
+
+# The value of environment variable NAME that process PID was started with; empty if unset or the
+# process is not ours to read. (Tells which KINESIS_ERROR_PROBABILITY a running LocalStack has.)
+env_of_pid() {
+  local pid="$1" name="$2"
+  { tr '\0' '\n' <"/proc/$pid/environ" | sed -n "s/^$name=//p" | head -n 1; } 2>/dev/null || true
 }
 
 # All descendants of PID (children, grandchildren, ...), one per line.

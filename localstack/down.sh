@@ -2,6 +2,7 @@
 # Stops the host-mode LocalStack that up.sh started, by its recorded PID (never by process name):
 # SIGTERM to its process group, up to 15 s grace, then SIGKILL to the group and to any remaining
 # descendants (DynamoDB Local's java, kinesis-mock's node). No error if nothing runs.
+# Only the instance of $KTK_LOCALSTACK_PORT (default 4566): its own pid file and started-by-up marker.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -11,6 +12,7 @@ usage() {
 Usage: localstack/down.sh [--if-started]
   --if-started  stop only if the most recent up.sh call started LocalStack (for CI: leaves alone an
                 instance that up.sh merely reused)
+Env: KTK_LOCALSTACK_PORT (which instance, now $LS_PORT), KTK_CACHE (now $KTK_CACHE)
 EOF
 }
 if_started=0
@@ -110,7 +112,7 @@ else
   fi
 fi
 
-log "stopping LocalStack (pid $pid, ${#start_of[@]} processes): SIGTERM, up to ${GRACE_S} s grace"
+log "stopping LocalStack on port $LS_PORT (pid $pid, ${#start_of[@]} processes): SIGTERM, up to ${GRACE_S} s grace"
 if ((group_signal)); then
   kill -TERM -- "-$pid" 2>/dev/null || true
 else

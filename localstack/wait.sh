@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Waits until LocalStack on 127.0.0.1:4566 is really usable: init stage completed, health lists
-# kinesis/dynamodb/s3 as running/available, and a real DynamoDB ListTables and Kinesis ListStreams
-# both answer 200 (health says "available" before DynamoDB Local's JVM is up).
+# Waits until LocalStack on 127.0.0.1:$KTK_LOCALSTACK_PORT (default 4566) is really usable: init
+# stage completed, health lists kinesis/dynamodb/s3 as running/available, and a real DynamoDB
+# ListTables and Kinesis ListStreams both answer 200 (health says "available" before DynamoDB
+# Local's JVM is up).
 # Works for the host-mode LocalStack of up.sh and for the Docker one alike.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -12,6 +13,7 @@ usage() {
 Usage: localstack/wait.sh [--pid PID] [TIMEOUT_SECONDS]
   TIMEOUT_SECONDS  default \$KTK_LOCALSTACK_TIMEOUT or 120 (now $LS_TIMEOUT)
   --pid PID        fail at once if this process (the LocalStack runtime) exits while waiting
+Env: KTK_LOCALSTACK_PORT (which instance, now $LS_PORT)
 EOF
 }
 

@@ -27,6 +27,10 @@ done
 step "services: LocalStack, PostgreSQL, MariaDB"
 localstack/up.sh
 trap 'localstack/down.sh --if-started' EXIT
+# A second LocalStack, on 4567, whose Kinesis fails 30% of PutRecord/PutRecords calls with
+# ProvisionedThroughputExceededException (every entry of the call): the producer's throttling tests.
+KTK_LOCALSTACK_PORT=4567 KINESIS_ERROR_PROBABILITY=0.3 localstack/up.sh
+trap 'KTK_LOCALSTACK_PORT=4567 localstack/down.sh --if-started || true; localstack/down.sh --if-started' EXIT
 localstack/databases.sh
 
 # The tests reach AWS through the standard configuration chain, pointed at LocalStack.
@@ -34,6 +38,7 @@ export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:4566}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
 export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+export KTK_FLAKY_ENDPOINT_URL="${KTK_FLAKY_ENDPOINT_URL:-http://127.0.0.1:4567}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export MYSQL_URL="${MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
 

@@ -8,7 +8,8 @@
 //!   key (MD5) and pick the shard's aggregator;
 //! - `producer`: `Producer::put` for every record and a `flush`: validation, outstanding limits,
 //!   the channel to the engine, aggregation per shard, `PutRecords` batching, rate limiting,
-//!   per-record receipts resolved.
+//!   per-record receipts resolved;
+//! - `producer_put_batch`: the same through `Producer::put_batch`, 100 records a batch.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -97,6 +98,32 @@ fn bench(c: &mut Criterion) {
                     let mut put = 0;
                     for receipt in receipts {
                         put += usize::from(receipt.await.is_ok());
+                    }
+                    assert_eq!(put, RECORDS);
+                })
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("producer_put_batch", |b| {
+        b.iter_batched(
+            || input.clone(),
+            |records| {
+                runtime.block_on(async {
+                    // Batches of 100, as the collector puts a request's events.
+                    let mut receipts = Vec::with_capacity(RECORDS / 100);
+                    let mut records = records.into_iter();
+                    loop {
+                        let batch: Vec<Record> = records.by_ref().take(100).collect();
+                        if batch.is_empty() {
+                            break;
+                        }
+                        receipts.push(producer.put_batch(batch).await);
+                    }
+                    producer.flush().await;
+                    let mut put = 0;
+                    for receipt in receipts {
+                        put += receipt.await.iter().filter(|r| r.is_ok()).count();
                     }
                     assert_eq!(put, RECORDS);
                 })

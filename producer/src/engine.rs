@@ -35,12 +35,14 @@ use crate::error::{PutError, PutErrorKind};
 use crate::limiter::ShardLimiter;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::record::{Attempt, Landing, PutOutcome, PutResult, Record};
+use crate::record::{Attempt, BatchSlot, Landing, PutOutcome, PutResult, Record};
 use crate::shard_map::ShardMap;
 
 /// Messages from the `Producer` handles.
 pub(crate) enum Command {
     Put(Pending),
+    /// Records of one `put_batch`, in order.
+    PutBatch(Vec<Pending>),
     /// Answer once every record received before this command is resolved.
     Flush(oneshot::Sender<()>),
     /// Flush, then stop; at `deadline`, fail what is left.
@@ -55,16 +57,32 @@ pub(crate) enum Command {
 pub(crate) struct Pending {
     record: Option<UserRecord>,
     hash_key: u128,
-    reply: Option<oneshot::Sender<PutResult>>,
+    reply: Option<Reply>,
     arrived: Instant,
     expires: Instant,
     attempts: Vec<Attempt>,
     epoch: u64,
 }
 
+/// Where a record's result goes.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    One(oneshot::Sender<PutResult>),
+    Batch(Arc<BatchSlot>, usize),
+}
+
+impl Reply {
+    fn send(self, result: PutResult) {
+        match self {
+            // The caller may have dropped its receipt: nothing to tell, nothing lost.
+            Reply::One(sender) => drop(sender.send(result)),
+            Reply::Batch(slot, index) => slot.set(index, result),
+        }
+    }
+}
+
 impl Pending {
-    pub(crate) fn new(record: UserRecord, hash_key: u128, reply: oneshot::Sender<PutResult>, ttl: Duration) -> Self {
-        let arrived = Instant::now();
+    pub(crate) fn new(record: UserRecord, hash_key: u128, reply: Reply, ttl: Duration, arrived: Instant) -> Self {
         Pending {
             record: Some(record),
             hash_key,
@@ -89,8 +107,7 @@ impl Pending {
             let result = result.map_err(|kind| {
                 PutError::new(kind, record.unwrap_or_else(|| Record::new("unknown", bytes::Bytes::new())), attempts)
             });
-            // The caller may have dropped its receipt: nothing to tell, nothing lost.
-            let _ = reply.send(result);
+            reply.send(result);
         }
     }
 }
@@ -106,7 +123,7 @@ impl Drop for Pending {
                 to_record(record),
                 std::mem::take(&mut self.attempts),
             );
-            let _ = reply.send(Err(error));
+            reply.send(Err(error));
         }
     }
 }
@@ -410,8 +427,12 @@ impl Engine {
         }
         // Records still queued in the channel were accepted too.
         while let Ok(command) = self.commands.try_recv() {
-            if let Command::Put(pending) = command {
-                let mut pending = pending;
+            let queued = match command {
+                Command::Put(pending) => vec![pending],
+                Command::PutBatch(batch) => batch,
+                _ => continue,
+            };
+            for mut pending in queued {
                 self.count_in(&mut pending);
                 self.resolve(pending, Err(PutErrorKind::ShutDown { in_flight: false }));
             }
@@ -425,6 +446,15 @@ impl Engine {
                 bump(&self.counters.user_records_received, 1);
                 self.metrics.user_records_received.increment(1);
                 self.route(pending, Instant::now());
+            }
+            Command::PutBatch(batch) => {
+                bump(&self.counters.user_records_received, batch.len() as u64);
+                self.metrics.user_records_received.increment(batch.len() as u64);
+                let now = Instant::now();
+                for mut pending in batch {
+                    self.count_in(&mut pending);
+                    self.route(pending, now);
+                }
             }
             Command::Flush(done) => {
                 self.flush_waiters.push((self.epoch, done));

@@ -42,4 +42,4 @@ pub use config::{
 };
 pub use error::{ConfigError, PutError, PutErrorKind, StartError};
 pub use producer::{Producer, ProducerStats};
-pub use record::{Attempt, PutOutcome, PutReceipt, Record};
+pub use record::{Attempt, BatchReceipt, PutOutcome, PutReceipt, Record};

@@ -17,6 +17,10 @@ pub(crate) enum NoRoom {
     Closed,
 }
 
+/// Longest a waiter sleeps before looking again, in case a refused attempt of another caller
+/// hid room from it for a moment (see `try_take_inner`).
+const RECHECK: Duration = Duration::from_millis(50);
+
 #[derive(Debug)]
 pub(crate) struct Limits {
     records: AtomicUsize,
@@ -43,27 +47,56 @@ impl Limits {
 
     /// Takes room for one record of `bytes` if there is some now.
     pub(crate) fn try_take(&self, bytes: usize) -> Result<(), NoRoom> {
+        self.try_take_many(1, bytes)
+    }
+
+    /// Takes room for `records` records of `bytes` in all if there is some now.
+    pub(crate) fn try_take_many(&self, records: usize, bytes: usize) -> Result<(), NoRoom> {
+        self.try_take_inner(records, bytes, true)
+    }
+
+    /// `wake_others`: after a refusal, wake the waiters, in case this attempt's momentary excess
+    /// made one of them give up. A waiter itself passes `false` (it would only wake itself) and
+    /// instead looks again at least every [`RECHECK`].
+    fn try_take_inner(&self, records: usize, bytes: usize, wake_others: bool) -> Result<(), NoRoom> {
         if self.closed.load(SeqCst) {
             return Err(NoRoom::Closed);
         }
         // Optimistic: add, and take it back if that went over. A concurrent caller may see the
         // transient excess and be refused, never the other way round, so the limit always holds.
-        if self.records.fetch_add(1, SeqCst) >= self.max_records {
-            self.records.fetch_sub(1, SeqCst);
+        if self.records.fetch_add(records, SeqCst) + records > self.max_records {
+            self.records.fetch_sub(records, SeqCst);
+            if wake_others {
+                self.wake();
+            }
             return Err(NoRoom::Full);
         }
         if self.bytes.fetch_add(bytes, SeqCst) + bytes > self.max_bytes {
             self.bytes.fetch_sub(bytes, SeqCst);
-            self.records.fetch_sub(1, SeqCst);
-            self.wake();
+            self.records.fetch_sub(records, SeqCst);
+            if wake_others {
+                self.wake();
+            }
             return Err(NoRoom::Full);
         }
         Ok(())
     }
 
+    /// Whether `records` records of `bytes` could ever fit at once.
+    pub(crate) fn could_fit(&self, records: usize, bytes: usize) -> bool {
+        records <= self.max_records && bytes <= self.max_bytes
+    }
+
     /// Takes room, waiting up to `timeout` for some to be given back.
     pub(crate) async fn take(&self, bytes: usize, timeout: Duration) -> Result<(), NoRoom> {
-        match self.try_take(bytes) {
+        self.take_many(1, bytes, timeout).await
+    }
+
+    /// Takes room for `records` records of `bytes` in all, waiting up to `timeout`. The caller
+    /// checks [`could_fit`](Self::could_fit) first: a request larger than the limits waits out
+    /// its timeout.
+    pub(crate) async fn take_many(&self, records: usize, bytes: usize, timeout: Duration) -> Result<(), NoRoom> {
+        match self.try_take_many(records, bytes) {
             Err(NoRoom::Full) => {}
             other => return other,
         }
@@ -74,15 +107,20 @@ impl Limits {
             // Registered before looking again: a give-back after the look wakes this waiter.
             freed.as_mut().enable();
             self.waiters.fetch_add(1, SeqCst);
-            let taken = self.try_take(bytes);
+            let taken = self.try_take_inner(records, bytes, false);
             if taken != Err(NoRoom::Full) {
                 self.waiters.fetch_sub(1, SeqCst);
                 return taken;
             }
-            let woken = tokio::time::timeout_at(deadline, freed).await;
+            let recheck = deadline.min(tokio::time::Instant::now() + RECHECK);
+            let _ = tokio::time::timeout_at(recheck, freed).await;
             self.waiters.fetch_sub(1, SeqCst);
-            if woken.is_err() {
-                return Err(NoRoom::Timeout);
+            if tokio::time::Instant::now() >= deadline {
+                // One last look: room may have come back just as the time ran out.
+                return self.try_take_inner(records, bytes, false).map_err(|e| match e {
+                    NoRoom::Full => NoRoom::Timeout,
+                    other => other,
+                });
             }
         }
     }

@@ -13,10 +13,10 @@ use tokio::time::Instant;
 
 use crate::api::{AwsKinesis, KinesisApi, Retry};
 use crate::config::ProducerConfig;
-use crate::engine::{Command, Counters, Engine, Pending};
+use crate::engine::{Command, Counters, Engine, Pending, Reply};
 use crate::error::{PutError, PutErrorKind, StartError};
 use crate::limits::{Limits, NoRoom};
-use crate::record::{PutReceipt, Record};
+use crate::record::{BatchReceipt, BatchSlot, PutReceipt, Record};
 
 /// A KPL-style producer for one stream. Cheap to clone; every clone feeds the same engine.
 ///
@@ -125,6 +125,78 @@ impl Producer {
         }
     }
 
+    /// Accepts a batch of records at once: one hand-off and one receipt for the batch, which
+    /// resolves to one result per record in the order given (the cheap way to put many records;
+    /// the collector puts each request's events this way). Invalid records fail alone; the
+    /// others are put in order. Waits up to the put timeout for room for the whole batch, and
+    /// takes room record by record if the batch is larger than the limits.
+    pub async fn put_batch(&self, records: Vec<Record>) -> BatchReceipt {
+        let (slot, done) = BatchSlot::new(records.len());
+        let mut valid: Vec<(usize, UserRecord)> = Vec::with_capacity(records.len());
+        let mut bytes = 0;
+        for (index, record) in records.into_iter().enumerate() {
+            match self.check(record) {
+                Ok((user, size)) => {
+                    bytes += size;
+                    valid.push((index, user));
+                }
+                Err(error) => slot.set(index, Err(error)),
+            }
+        }
+        let limits = &self.inner.limits;
+        let timeout = self.inner.config.put_timeout;
+        let now = Instant::now();
+        if limits.could_fit(valid.len(), bytes) {
+            match limits.take_many(valid.len(), bytes, timeout).await {
+                Ok(()) => {
+                    let batch =
+                        valid.into_iter().map(|(index, user)| self.pending_in(&slot, index, user, now)).collect();
+                    self.send_batch(batch);
+                }
+                Err(no_room) => {
+                    for (index, user) in valid {
+                        slot.set(index, Err(rejected(no_room_kind(no_room), user)));
+                    }
+                }
+            }
+        } else {
+            // Larger than the limits: room record by record, handing over what has room before
+            // waiting, so the engine can put it and free room for the rest.
+            let mut chunk = Vec::new();
+            for (index, user) in valid {
+                let size = user.plain_size();
+                let room = match limits.try_take(size) {
+                    Err(NoRoom::Full) => {
+                        self.send_batch(std::mem::take(&mut chunk));
+                        limits.take(size, timeout).await
+                    }
+                    other => other,
+                };
+                match room {
+                    Ok(()) => chunk.push(self.pending_in(&slot, index, user, Instant::now())),
+                    Err(no_room) => slot.set(index, Err(rejected(no_room_kind(no_room), user))),
+                }
+            }
+            self.send_batch(chunk);
+        }
+        BatchReceipt::new(slot, done)
+    }
+
+    fn pending_in(&self, slot: &Arc<BatchSlot>, index: usize, user: UserRecord, now: Instant) -> Pending {
+        let hash_key = match user.explicit_hash_key() {
+            Some(_) => user.hash_key(),
+            None => cached_partition_key_hash(user.partition_key()),
+        };
+        Pending::new(user, hash_key, Reply::Batch(Arc::clone(slot), index), self.inner.config.record_ttl, now)
+    }
+
+    fn send_batch(&self, batch: Vec<Pending>) {
+        if !batch.is_empty() {
+            // If the engine is gone, dropping the records answers them with `ShutDown`.
+            let _ = self.inner.commands.send(Command::PutBatch(batch));
+        }
+    }
+
     /// Sends everything buffered now and resolves when every record accepted before this call
     /// has been put or has failed.
     pub async fn flush(&self) {
@@ -190,7 +262,7 @@ impl Producer {
             None => cached_partition_key_hash(user.partition_key()),
         };
         let (reply, receipt) = oneshot::channel();
-        let pending = Pending::new(user, hash_key, reply, self.inner.config.record_ttl);
+        let pending = Pending::new(user, hash_key, Reply::One(reply), self.inner.config.record_ttl, Instant::now());
         // If the engine is gone, the command comes back and dropping its record answers the
         // receipt with `ShutDown` and the record (see `Pending`'s drop), so nothing is lost.
         let _ = self.inner.commands.send(Command::Put(pending));

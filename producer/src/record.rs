@@ -2,7 +2,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -102,6 +103,95 @@ impl PutOutcome {
 }
 
 pub(crate) type PutResult = Result<PutOutcome, PutError>;
+
+/// Where the records of one [`Producer::put_batch`](crate::Producer::put_batch) leave their
+/// results: one allocation and one wake-up for the whole batch instead of one per record.
+#[derive(Debug)]
+pub(crate) struct BatchSlot {
+    results: Mutex<Vec<Option<PutResult>>>,
+    remaining: AtomicUsize,
+    done: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl BatchSlot {
+    pub(crate) fn new(len: usize) -> (Arc<Self>, oneshot::Receiver<()>) {
+        let (done, rx) = oneshot::channel();
+        let slot = BatchSlot {
+            results: Mutex::new((0..len).map(|_| None).collect()),
+            remaining: AtomicUsize::new(len),
+            done: Mutex::new(Some(done)),
+        };
+        if len == 0 {
+            let _ = lock(&slot.done).take().map(|tx| tx.send(()));
+        }
+        (Arc::new(slot), rx)
+    }
+
+    /// Records the result of record `index`; the last one wakes the receipt.
+    pub(crate) fn set(&self, index: usize, result: PutResult) {
+        if let Some(cell) = lock(&self.results).get_mut(index) {
+            *cell = Some(result);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(done) = lock(&self.done).take()
+        {
+            let _ = done.send(());
+        }
+    }
+
+    fn take_results(&self) -> Vec<Option<PutResult>> {
+        std::mem::take(&mut *lock(&self.results))
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the results in it are
+/// still whole (each is written in one assignment), so keep going.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Resolves, once every record of a [`put_batch`](crate::Producer::put_batch) has been put or has
+/// failed, to one result per record, in the order given.
+#[derive(Debug)]
+#[must_use = "a receipt does nothing unless awaited; dropping it does not cancel the records"]
+pub struct BatchReceipt {
+    slot: Arc<BatchSlot>,
+    done: oneshot::Receiver<()>,
+}
+
+impl BatchReceipt {
+    pub(crate) fn new(slot: Arc<BatchSlot>, done: oneshot::Receiver<()>) -> Self {
+        BatchReceipt { slot, done }
+    }
+}
+
+impl Future for BatchReceipt {
+    type Output = Vec<PutResult>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Vec<PutResult>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.done).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            // Closed without a send cannot happen while this receipt holds the slot; either way
+            // every record has answered (or its place says so below).
+            Poll::Ready(_) => Poll::Ready(
+                this.slot
+                    .take_results()
+                    .into_iter()
+                    .map(|result| {
+                        result.unwrap_or_else(|| {
+                            Err(PutError::new(
+                                PutErrorKind::ShutDown { in_flight: true },
+                                Record::new("unknown", Bytes::new()),
+                                Vec::new(),
+                            ))
+                        })
+                    })
+                    .collect(),
+            ),
+        }
+    }
+}
 
 /// Resolves when the record has been put or has failed; never stays pending, even when the
 /// producer is shut down or dropped.

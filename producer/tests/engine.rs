@@ -503,3 +503,58 @@ async fn records_waiting_behind_the_rate_limit_expire_instead_of_going_late() {
     assert_eq!(fake.user_records().len(), put, "expired records were never sent");
     assert_eq!(producer.stats().user_records_expired as usize, expired.len());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_resolves_per_record_in_order_with_invalid_records_failing_alone() {
+    let fake = FakeKinesis::new(3);
+    let producer = Producer::with_api(ProducerConfig::new("s"), fake.clone()).await.expect("starts");
+    let mut records: Vec<Record> = (0..2_000).map(|i| record(i, 40)).collect();
+    records[7] = Record::new("", "no key");
+    records[1_500] = Record::new("k", "x").with_explicit_hash_key("nope");
+    let results = producer.put_batch(records).await.await;
+    assert_eq!(results.len(), 2_000);
+    for (i, result) in results.iter().enumerate() {
+        match i {
+            7 | 1_500 => {
+                let error = result.as_ref().expect_err("invalid");
+                assert!(matches!(error.kind(), PutErrorKind::InvalidRecord(_)), "{i}: {error}");
+            }
+            _ => assert!(result.as_ref().is_ok_and(|o| o.attempts().len() == 1), "{i}: {result:?}"),
+        }
+    }
+    let stored = fake.user_records();
+    assert_eq!(stored.len(), 1_998);
+    // Per key, in the order of the batch.
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (_, key, data) in &stored {
+        let i: usize = std::str::from_utf8(&data[6..]).expect("utf8").parse().expect("number");
+        if let Some(previous) = last.insert(key.clone(), i) {
+            assert!(previous < i, "{key}: {previous} then {i}");
+        }
+    }
+    assert!(producer.put_batch(Vec::new()).await.await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_larger_than_the_limits_still_goes_through_in_pieces() {
+    let fake = FakeKinesis::new(1);
+    let config = ProducerConfig::new("s").with_max_outstanding_records(100);
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let results = producer.put_batch((0..1_000).map(|i| record(i, 10)).collect()).await.await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_exactly_once_in_order(&fake, 1_000, 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_cannot_get_room_comes_back_whole() {
+    let fake = FakeKinesis::new(1);
+    *fake.always.lock().expect("lock") = Some(Plan::Stall(Duration::from_secs(3600)));
+    let config = ProducerConfig::new("s").with_max_outstanding_records(10).with_put_timeout(Duration::from_secs(1));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let first = producer.put_batch((0..10).map(|i| record(i, 2)).collect()).await;
+    let second = producer.put_batch((10..15).map(|i| record(i, 2)).collect()).await.await;
+    assert!(second.iter().all(|r| r.as_ref().is_err_and(|e| e.kind() == &PutErrorKind::Timeout)));
+    assert_eq!(second[0].as_ref().expect_err("timeout").record(), &record(10, 2));
+    producer.shutdown(Duration::from_secs(1)).await;
+    assert!(first.await.iter().all(|r| r.as_ref().is_err_and(|e| matches!(e.kind(), PutErrorKind::ShutDown { .. }))));
+}

@@ -15,10 +15,29 @@ use aws_sdk_kinesis::types::StreamStatus;
 /// Where the tests look for LocalStack when `AWS_ENDPOINT_URL` is not set.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
 
+/// Where the tests look for the flaky LocalStack when `KTK_FLAKY_ENDPOINT_URL` is not set.
+pub const DEFAULT_FLAKY_ENDPOINT: &str = "http://127.0.0.1:4567";
+
+/// How to start the flaky LocalStack, for error messages.
+pub const FLAKY_START: &str = "KTK_LOCALSTACK_PORT=4567 KINESIS_ERROR_PROBABILITY=0.3 localstack/up.sh";
+
 /// AWS configuration for the tests: the standard chain, with LocalStack's endpoint, a region and
 /// dummy credentials filled in where the environment gives none.
 pub async fn aws_config() -> SdkConfig {
     let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| DEFAULT_ENDPOINT.to_owned());
+    config_for(endpoint).await
+}
+
+/// Like [`aws_config`], but for the second, flaky LocalStack (`KTK_FLAKY_ENDPOINT_URL`, default
+/// port 4567), started with `KINESIS_ERROR_PROBABILITY=0.3`: about 30% of its `PutRecord` and
+/// `PutRecords` calls fail with `ProvisionedThroughputExceededException` (for `PutRecords`, every
+/// entry of the call). Every other call (`CreateStream`, `ListShards`, `GetRecords`...) works as usual.
+pub async fn flaky_aws_config() -> SdkConfig {
+    let endpoint = std::env::var("KTK_FLAKY_ENDPOINT_URL").unwrap_or_else(|_| DEFAULT_FLAKY_ENDPOINT.to_owned());
+    config_for(endpoint).await
+}
+
+async fn config_for(endpoint: String) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).timeout_config(
         TimeoutConfig::builder()
             .connect_timeout(Duration::from_secs(3))
@@ -43,6 +62,22 @@ pub async fn kinesis() -> aws_sdk_kinesis::Client {
             "Kinesis is not reachable at {}: {}. Start LocalStack with `localstack/up.sh` \
              (or set AWS_ENDPOINT_URL); these tests never skip.",
             config.endpoint_url().unwrap_or(DEFAULT_ENDPOINT),
+            aws_sdk_kinesis::error::DisplayErrorContext(&error)
+        );
+    }
+    client
+}
+
+/// A Kinesis client for the flaky LocalStack (see [`flaky_aws_config`]), after checking that it
+/// answers; panics with how to start it if not.
+pub async fn flaky_kinesis() -> aws_sdk_kinesis::Client {
+    let config = flaky_aws_config().await;
+    let client = aws_sdk_kinesis::Client::new(&config);
+    if let Err(error) = client.list_streams().limit(1).send().await {
+        panic!(
+            "the flaky Kinesis is not reachable at {}: {}. Start it with `{FLAKY_START}` (scripts/test.sh \
+             does; or set KTK_FLAKY_ENDPOINT_URL); these tests never skip.",
+            config.endpoint_url().unwrap_or(DEFAULT_FLAKY_ENDPOINT),
             aws_sdk_kinesis::error::DisplayErrorContext(&error)
         );
     }

@@ -279,6 +279,16 @@ pub(crate) struct Engine {
     counters: Arc<Counters>,
     metrics: Metrics,
     limits: Arc<Limits>,
+    /// Resolved records whose room is not given back yet (see `release_room`).
+    freed: Freed,
+}
+
+#[derive(Debug, Default)]
+struct Freed {
+    records: usize,
+    bytes: usize,
+    put: u64,
+    failed: u64,
 }
 
 impl Engine {
@@ -327,6 +337,7 @@ impl Engine {
             counters,
             metrics,
             limits,
+            freed: Freed::default(),
         };
         engine.install_map(ShardMap::new(shards), Instant::now());
         engine
@@ -358,7 +369,9 @@ impl Engine {
             }
             let now = Instant::now();
             self.dispatch(now);
-            if self.finished(now) {
+            let finished = self.finished(now);
+            self.release_room();
+            if finished {
                 break;
             }
         }
@@ -538,14 +551,24 @@ impl Engine {
             }
         }
         match &result {
-            Ok(_) => {
-                bump(&self.counters.user_records_put, 1);
-            }
-            Err(_) => bump(&self.counters.user_records_failed, 1),
+            Ok(_) => self.freed.put += 1,
+            Err(_) => self.freed.failed += 1,
         }
-        self.metrics.user_records_pending.set(self.outstanding() as f64);
-        self.limits.give_back(pending.record().plain_size());
+        self.freed.records += 1;
+        self.freed.bytes += pending.record().plain_size();
         pending.answer(result);
+    }
+
+    /// Gives back the room of the records resolved since the last call, and publishes their
+    /// counts: once per turn of the loop rather than once per record.
+    fn release_room(&mut self) {
+        let freed = std::mem::take(&mut self.freed);
+        if freed.records > 0 {
+            self.limits.give_back_many(freed.records, freed.bytes);
+            bump(&self.counters.user_records_put, freed.put);
+            bump(&self.counters.user_records_failed, freed.failed);
+            self.metrics.user_records_pending.set(self.outstanding() as f64);
+        }
     }
 
     /// Sends what is due; finishes aggregates that waited long enough; ends backoffs.
@@ -795,6 +818,7 @@ impl Engine {
                         aggregated,
                         attempts: vec![attempt(None)],
                     });
+                    let mut first_try = 0u64;
                     for (index, mut member) in ready.members.into_iter().enumerate() {
                         // Records on their first attempt (nearly all) share the call's attempt list.
                         let landing = if member.attempts.is_empty() {
@@ -809,10 +833,14 @@ impl Engine {
                                 attempts,
                             })
                         };
-                        self.metrics.retries_per_record.record((landing.attempts.len() - 1) as f64);
+                        match landing.attempts.len() {
+                            1 => first_try += 1,
+                            n => self.metrics.retries_per_record.record((n - 1) as f64),
+                        }
                         let outcome = PutOutcome::new(landing, index as u64);
                         self.resolve(member, Ok(outcome));
                     }
+                    self.metrics.retries_per_record.record_many(0.0, first_try as usize);
                 }
                 Err(error) => {
                     self.metrics.error(&error.code);

@@ -126,9 +126,15 @@ impl Limits {
     }
 
     /// Gives back the room of one record of `bytes`.
+    #[cfg(test)]
     pub(crate) fn give_back(&self, bytes: usize) {
+        self.give_back_many(1, bytes);
+    }
+
+    /// Gives back the room of `records` records of `bytes` in all.
+    pub(crate) fn give_back_many(&self, records: usize, bytes: usize) {
         self.bytes.fetch_sub(bytes, SeqCst);
-        self.records.fetch_sub(1, SeqCst);
+        self.records.fetch_sub(records, SeqCst);
         self.wake();
     }
 

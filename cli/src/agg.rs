@@ -95,7 +95,7 @@ pub fn encode(
             continue;
         }
         summary.lines += 1;
-        let record = match parse_user_record(&line) {
+        let record = match parse_user_record(line.as_bytes()) {
             Ok(record) => record,
             Err(reason) => {
                 summary.bad_lines += 1;
@@ -184,8 +184,9 @@ pub fn decode(input: impl BufRead, out: &mut impl Write, err: &mut impl Write) -
     Ok(summary)
 }
 
-fn parse_user_record(line: &str) -> Result<UserRecord, String> {
-    let parsed: UserRecordLine = serde_json::from_str(line).map_err(|e| format!("not a user record object: {e}"))?;
+/// One `ktk agg encode` input line (also `ktk produce`'s), keys checked.
+pub(crate) fn parse_user_record(line: &[u8]) -> Result<UserRecord, String> {
+    let parsed: UserRecordLine = serde_json::from_slice(line).map_err(|e| format!("not a user record object: {e}"))?;
     let data = decode_base64(&parsed.data)?;
     let record = UserRecord::new(parsed.partition_key, data).map_err(|e| e.to_string())?;
     match parsed.explicit_hash_key {

@@ -14,14 +14,12 @@ use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, future};
 use ktk_producer::{Producer, ProducerConfig, ProducerStats, PutError, PutErrorKind, PutOutcome, Record};
+use serde::Serialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// Most lines the reader hands over at once: enough to make the channel's cost negligible, few
@@ -346,33 +344,11 @@ fn strip_line_terminator(line: &mut Vec<u8>) {
     }
 }
 
-/// Unknown fields are refused: a misspelt `explicit_hash_key` must not silently change routing.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UserRecordLine {
-    partition_key: String,
-    #[serde(default)]
-    explicit_hash_key: Option<String>,
-    data: String,
-}
-
-/// A `ktk agg encode` input line as a record, with its keys checked here so that a bad key is a
+/// A `ktk agg encode` input line as a record, with its keys checked, so that a bad key is a
 /// malformed line, as it is for `ktk agg encode`.
 fn parse_user_record(line: &[u8]) -> Result<Record, String> {
-    let parsed: UserRecordLine = serde_json::from_slice(line).map_err(|e| format!("not a user record object: {e}"))?;
-    ktk_proto::keys::validate_partition_key(&parsed.partition_key).map_err(|e| e.to_string())?;
-    let data = STANDARD
-        .decode(&parsed.data)
-        .or_else(|_| STANDARD_NO_PAD.decode(&parsed.data))
-        .map_err(|e| format!("\"data\" is not valid base64: {e}"))?;
-    let record = Record::new(parsed.partition_key, data);
-    match parsed.explicit_hash_key {
-        Some(ehk) => {
-            ktk_proto::keys::parse_explicit_hash_key(&ehk).map_err(|e| e.to_string())?;
-            Ok(record.with_explicit_hash_key(ehk))
-        }
-        None => Ok(record),
-    }
+    let (partition_key, explicit_hash_key, data) = crate::agg::parse_user_record(line)?.into_parts();
+    Ok(Record { partition_key, explicit_hash_key, data })
 }
 
 /// A text line as a record: its bytes as data, keyed by `key_field` when the line has it.
@@ -460,6 +436,9 @@ impl<'de> Visitor<'de> for FieldName<'_> {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
 
     use futures::future::BoxFuture;
     use ktk_producer::api::{CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo};

@@ -185,3 +185,28 @@ pub async fn read_stream(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<
     }
     out
 }
+
+/// Data that says which record it is: `<key>|<index>|`, padded with dots to `size` bytes.
+pub fn numbered_data(key: &str, index: usize, size: usize) -> Vec<u8> {
+    let mut data = format!("{key}|{index:07}|").into_bytes();
+    data.resize(size.max(data.len()), b'.');
+    data
+}
+
+/// The index in data made by [`numbered_data`].
+pub fn index_in(data: &[u8]) -> usize {
+    let text = std::str::from_utf8(data).expect("numbered data is UTF-8");
+    text.split('|').nth(1).and_then(|n| n.parse().ok()).expect("numbered data has an index")
+}
+
+/// Every index in `0..n` stored exactly once (records made with [`numbered_data`]).
+pub fn assert_exactly_once(stored: &[StoredRecord], n: usize) {
+    let mut seen = vec![0u32; n];
+    for r in stored {
+        seen[index_in(&r.data)] += 1;
+    }
+    let missing: Vec<usize> = (0..n).filter(|i| seen[*i] == 0).take(10).collect();
+    let doubled: Vec<usize> = (0..n).filter(|i| seen[*i] > 1).take(10).collect();
+    assert!(missing.is_empty() && doubled.is_empty(), "missing {missing:?}, doubled {doubled:?} (first ten)");
+    assert_eq!(stored.len(), n);
+}

@@ -10,30 +10,18 @@ use futures::FutureExt as _;
 
 use ktk_producer::{Producer, ProducerConfig, PutErrorKind, PutReceipt, Record};
 use ktk_proto::keys::{HashKeyRange, partition_key_hash};
-use ktk_tests::{StoredRecord, aws_config, create_stream, delete_stream, kinesis, read_stream, unique_name};
+use ktk_tests::{
+    StoredRecord, assert_exactly_once, aws_config, create_stream, delete_stream, index_in, kinesis, numbered_data,
+    read_stream, unique_name,
+};
 
-/// A record whose data says who it is: `<key>|<index>|` padded with dots to `size` bytes.
+/// A record whose data says who it is (see `ktk_tests::numbered_data`).
 fn numbered(key: &str, index: usize, size: usize) -> Record {
-    let mut data = format!("{key}|{index:07}|").into_bytes();
-    data.resize(size.max(data.len()), b'.');
-    Record::new(key, data)
+    Record::new(key, numbered_data(key, index, size))
 }
 
 fn index_of(record: &StoredRecord) -> usize {
-    let text = std::str::from_utf8(&record.data).expect("utf8");
-    text.split('|').nth(1).and_then(|n| n.parse().ok()).expect("numbered record")
-}
-
-/// Every index in `0..n` stored exactly once.
-fn assert_exactly_once(stored: &[StoredRecord], n: usize) {
-    let mut seen = vec![0u32; n];
-    for r in stored {
-        seen[index_of(r)] += 1;
-    }
-    let missing: Vec<usize> = (0..n).filter(|i| seen[*i] == 0).take(10).collect();
-    let doubled: Vec<usize> = (0..n).filter(|i| seen[*i] > 1).take(10).collect();
-    assert!(missing.is_empty() && doubled.is_empty(), "missing {missing:?}, doubled {doubled:?} (first ten)");
-    assert_eq!(stored.len(), n);
+    index_in(&record.data)
 }
 
 async fn shard_ranges(client: &aws_sdk_kinesis::Client, stream: &str) -> HashMap<String, HashKeyRange> {

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use ktk_producer::{Producer, ProducerConfig, PutErrorKind, PutReceipt, Record};
 use ktk_tests::{
-    StoredRecord, create_stream, delete_stream, flaky_aws_config, flaky_kinesis, read_stream, unique_name,
+    StoredRecord, assert_exactly_once, create_stream, delete_stream, flaky_aws_config, flaky_kinesis, index_in,
+    numbered_data, read_stream, unique_name,
 };
 
 const THROTTLED: &str = "ProvisionedThroughputExceededException";
@@ -18,32 +19,13 @@ const KEYS: usize = 100;
 /// Hint for an assertion that fails because nothing was throttled.
 const NOT_FLAKY: &str = "is the LocalStack behind KTK_FLAKY_ENDPOINT_URL started with KINESIS_ERROR_PROBABILITY=0.3?";
 
-/// A record whose data says who it is: `<key>|<index>|` padded with dots to `size` bytes.
+/// A record whose data says who it is (see `ktk_tests::numbered_data`).
 fn numbered(key: &str, index: usize, size: usize) -> Record {
-    let mut data = format!("{key}|{index:07}|").into_bytes();
-    data.resize(size.max(data.len()), b'.');
-    Record::new(key, data)
-}
-
-fn index_in(data: &[u8]) -> usize {
-    let text = std::str::from_utf8(data).expect("utf8");
-    text.split('|').nth(1).and_then(|n| n.parse().ok()).expect("numbered record")
+    Record::new(key, numbered_data(key, index, size))
 }
 
 fn index_of(record: &StoredRecord) -> usize {
     index_in(&record.data)
-}
-
-/// Every index in `0..n` stored exactly once.
-fn assert_exactly_once(stored: &[StoredRecord], n: usize) {
-    let mut seen = vec![0u32; n];
-    for r in stored {
-        seen[index_of(r)] += 1;
-    }
-    let missing: Vec<usize> = (0..n).filter(|i| seen[*i] == 0).take(10).collect();
-    let doubled: Vec<usize> = (0..n).filter(|i| seen[*i] > 1).take(10).collect();
-    assert!(missing.is_empty() && doubled.is_empty(), "missing {missing:?}, doubled {doubled:?} (first ten)");
-    assert_eq!(stored.len(), n);
 }
 
 /// Runs a test body with a time bound, so a producer that never gives up cannot hang the suite.

@@ -68,6 +68,21 @@ pub async fn kinesis() -> aws_sdk_kinesis::Client {
     client
 }
 
+/// A DynamoDB client, after checking that the endpoint answers; panics with what to do if not.
+pub async fn dynamodb() -> aws_sdk_dynamodb::Client {
+    let config = aws_config().await;
+    let client = aws_sdk_dynamodb::Client::new(&config);
+    if let Err(error) = client.list_tables().limit(1).send().await {
+        panic!(
+            "DynamoDB is not reachable at {}: {}. Start LocalStack with `localstack/up.sh` \
+             (or set AWS_ENDPOINT_URL); these tests never skip.",
+            config.endpoint_url().unwrap_or(DEFAULT_ENDPOINT),
+            aws_sdk_dynamodb::error::DisplayErrorContext(&error)
+        );
+    }
+    client
+}
+
 /// A Kinesis client for the flaky LocalStack (see [`flaky_aws_config`]), after checking that it
 /// answers; panics with how to start it if not.
 pub async fn flaky_kinesis() -> aws_sdk_kinesis::Client {

@@ -1,0 +1,35 @@
+//! A KCL-style consumer for Amazon Kinesis Data Streams: workers share a stream's shards through
+//! leases in DynamoDB, in the KCL's own table layout, so a KCL application's table can be taken
+//! over (and read back by the KCL).
+//!
+//! # Layout
+//! What exists so far:
+//! - [`lease`]: the lease table. [`Lease`](lease::Lease) and its checkpoint
+//!   ([`ExtendedSequenceNumber`](lease::ExtendedSequenceNumber)); the item serializer that matches
+//!   the KCL's `DynamoDBLeaseSerializer` attribute for attribute; [`LeaseTable`](lease::LeaseTable)
+//!   with `ensure_table`, `list`, `get`, `create_if_absent`, `renew`, `take`, `release`,
+//!   `checkpoint` and `delete`, every write conditional on the lease's counter and owners.
+//! - [`retrieval`]: [`ShardReader`](retrieval::ShardReader) reads one shard by polling
+//!   `GetRecords`, deaggregates, keeps to the shard's read quota, re-gets expired iterators from
+//!   the last delivered record, resumes exactly inside an aggregate, and reports the shard's end
+//!   with its children.
+//! - [`Error`] (`error.rs`): one error enum; lost races ([`Error::is_condition_failure`]) are
+//!   told apart from transient failures ([`Error::is_retryable`]).
+//!
+//! What the consumer will add on top (issue 4):
+//! - leasing: renewer (lease lost = stop the shard before writing anything), taker (expired and
+//!   unowned leases first, then balancing, several per cycle), expiry on the local monotonic
+//!   clock, graceful hand-over by release, KCL-defaulted timings;
+//! - shard sync: `ListShards` into leases with parents and hash ranges; children wait for their
+//!   parents' `SHARD_END`; cleanup of leases past retention;
+//! - retrieval: enhanced fan-out (`SubscribeToShard`) beside polling; throttling backoff in the
+//!   shard consumer;
+//! - the record-processor trait and the checkpointer (never backwards, only while owning);
+//! - metrics, the sink pipeline, and the `consumer` binary.
+#![deny(unsafe_code)]
+
+pub mod error;
+pub mod lease;
+pub mod retrieval;
+
+pub use error::{Error, ItemError, Result};

@@ -1,0 +1,363 @@
+//! Reading one shard by polling `GetRecords`, deaggregating as it goes.
+//!
+//! A [`ShardReader`] owns a shard iterator and hides its life cycle: it gets one from the
+//! starting position, re-gets one from the last record it delivered when the iterator expires
+//! (they live 5 minutes), keeps to the shard's read quota (5 calls a second), and says when the
+//! shard has ended (a closed shard read to its end has no next iterator; its children are named).
+//!
+//! Resuming from a checkpoint inside an aggregate is exact: the reader asks for the checkpoint's
+//! record again (`AT_SEQUENCE_NUMBER`) and skips the user records up to and including the
+//! checkpoint's sub-sequence number, so neither the rest of the aggregate nor anything after it is
+//! lost, and nothing before it is delivered twice.
+
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::operation::get_records::GetRecordsError;
+use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::ShardIteratorType;
+use bytes::Bytes;
+use bytestring::ByteString;
+use ktk_proto::aggregation::{Deaggregator, RecordFormat};
+use ktk_proto::keys::HashKeyRange;
+use tokio::time::Instant;
+
+/// Most records one `GetRecords` call returns
+/// ([GetRecords](https://docs.aws.amazon.com/kinesis/latest/APIReference/API_GetRecords.html)).
+pub const GET_RECORDS_MAX_RECORDS: i32 = 10_000;
+/// `GetRecords` calls a shard serves per second; the reader keeps its calls this far apart.
+pub const GET_RECORDS_MIN_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Where to start reading a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartingPosition {
+    /// The oldest record still in the shard.
+    TrimHorizon,
+    /// Only records put after the reader starts.
+    Latest,
+    /// The first record that arrived at or after this time.
+    AtTimestamp(SystemTime),
+    /// Right after this user record: how a checkpoint is resumed.
+    After { sequence_number: String, sub_sequence_number: u64 },
+}
+
+/// One user record read from a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    pub sequence_number: String,
+    /// Position in its aggregate; 0 for a plain record.
+    pub sub_sequence_number: u64,
+    pub partition_key: ByteString,
+    pub explicit_hash_key: Option<ByteString>,
+    pub data: Bytes,
+    pub approximate_arrival: Option<SystemTime>,
+    pub aggregated: bool,
+}
+
+/// What one read returned.
+#[derive(Debug, Default)]
+pub struct ReadResult {
+    pub records: Vec<ConsumerRecord>,
+    /// How far behind the tip of the shard the reader is.
+    pub millis_behind_latest: Option<i64>,
+    /// Kinesis records that started with the KPL magic but were not valid aggregates (delivered
+    /// as plain records): a producer bug worth a metric.
+    pub suspicious_records: usize,
+    /// Sub-records outside the shard's hash range (only with
+    /// [`ReaderConfig::with_shard_range_filter`]); not delivered, handed back here.
+    pub out_of_range: Vec<ConsumerRecord>,
+    /// Set when the shard is closed and fully read: its child shards.
+    pub shard_end: Option<Vec<String>>,
+}
+
+/// Why a read failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetrievalError {
+    #[error("shard {shard} is being read too often (throttled); back off and read again")]
+    Throttled { shard: String },
+    #[error("stream or shard not found ({shard}): {message}")]
+    NotFound { shard: String, message: String },
+    #[error("not allowed to read shard {shard}: {message}; grant kinesis:GetRecords and GetShardIterator")]
+    AccessDenied { shard: String, message: String },
+    #[error("reading shard {shard} failed: {code}: {message}")]
+    Other { shard: String, code: String, message: String, retryable: bool },
+}
+
+impl RetrievalError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RetrievalError::Throttled { .. } => true,
+            RetrievalError::NotFound { .. } | RetrievalError::AccessDenied { .. } => false,
+            RetrievalError::Other { retryable, .. } => *retryable,
+        }
+    }
+}
+
+/// How a [`ShardReader`] reads.
+#[derive(Debug, Clone)]
+pub struct ReaderConfig {
+    max_records: i32,
+    min_interval: Duration,
+    shard_range_filter: bool,
+}
+
+impl Default for ReaderConfig {
+    /// 10,000 records a call (KCL `maxRecords`), calls at least 200 ms apart (the shard quota).
+    fn default() -> Self {
+        ReaderConfig {
+            max_records: GET_RECORDS_MAX_RECORDS,
+            min_interval: GET_RECORDS_MIN_INTERVAL,
+            shard_range_filter: false,
+        }
+    }
+}
+
+impl ReaderConfig {
+    /// Records per `GetRecords` call, 1 to 10,000 (default 10,000).
+    pub fn with_max_records(mut self, records: i32) -> Self {
+        self.max_records = records.clamp(1, GET_RECORDS_MAX_RECORDS);
+        self
+    }
+
+    /// Shortest time between two calls on the shard (default 200 ms, the 5 calls/s quota).
+    pub fn with_min_interval(mut self, interval: Duration) -> Self {
+        self.min_interval = interval;
+        self
+    }
+
+    /// Set aside sub-records whose hash key is outside the shard's range, as the KCL does (off by
+    /// default: every record in the shard is delivered; after a reshard, an aggregate built for the
+    /// parent can hold records of both children, and it is stored only once).
+    pub fn with_shard_range_filter(mut self, filter: bool) -> Self {
+        self.shard_range_filter = filter;
+        self
+    }
+}
+
+/// Reads one shard, in order.
+#[derive(Debug)]
+pub struct ShardReader {
+    client: aws_sdk_kinesis::Client,
+    stream: String,
+    shard_id: String,
+    config: ReaderConfig,
+    deaggregator: Deaggregator,
+    /// Where a new iterator starts: the starting position, then after each delivered record.
+    resume: StartingPosition,
+    iterator: Option<String>,
+    /// User records up to and including this one were delivered already.
+    skip_through: Option<(String, u64)>,
+    last_call: Option<Instant>,
+    ended: bool,
+}
+
+impl ShardReader {
+    pub fn new(
+        client: aws_sdk_kinesis::Client,
+        stream: impl Into<String>,
+        shard_id: impl Into<String>,
+        range: HashKeyRange,
+        start: StartingPosition,
+        config: ReaderConfig,
+    ) -> Self {
+        let deaggregator =
+            if config.shard_range_filter { Deaggregator::new().with_shard_range(range) } else { Deaggregator::new() };
+        ShardReader {
+            client,
+            stream: stream.into(),
+            shard_id: shard_id.into(),
+            config,
+            deaggregator,
+            resume: start,
+            iterator: None,
+            skip_through: None,
+            last_call: None,
+            ended: false,
+        }
+    }
+
+    pub fn shard_id(&self) -> &str {
+        &self.shard_id
+    }
+
+    /// Whether the shard has been read to its end.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Reads the next records (possibly none, when caught up). Waits first if the last call was
+    /// less than the minimum interval ago.
+    pub async fn read(&mut self) -> Result<ReadResult, RetrievalError> {
+        if self.ended {
+            return Ok(ReadResult { shard_end: Some(Vec::new()), ..ReadResult::default() });
+        }
+        // An expired iterator is re-got once per read; a second expiry in a row is an error.
+        for _ in 0..2 {
+            let iterator = match self.iterator.take() {
+                Some(iterator) => iterator,
+                None => self.get_iterator().await?,
+            };
+            if let Some(last) = self.last_call {
+                tokio::time::sleep_until(last + self.config.min_interval).await;
+            }
+            self.last_call = Some(Instant::now());
+            let response =
+                self.client.get_records().shard_iterator(&iterator).limit(self.config.max_records).send().await;
+            match response {
+                Ok(output) => return Ok(self.take_output(output)),
+                Err(SdkError::ServiceError(e)) if matches!(e.err(), GetRecordsError::ExpiredIteratorException(_)) => {
+                    continue;
+                }
+                Err(error) => {
+                    // Keep the iterator for the next read unless the error says it is unusable.
+                    self.iterator = Some(iterator);
+                    return Err(self.get_records_error(error));
+                }
+            }
+        }
+        Err(RetrievalError::Other {
+            shard: self.shard_id.clone(),
+            code: "ExpiredIteratorException".into(),
+            message: "a fresh shard iterator expired at once".into(),
+            retryable: true,
+        })
+    }
+
+    fn take_output(&mut self, output: aws_sdk_kinesis::operation::get_records::GetRecordsOutput) -> ReadResult {
+        let mut result = ReadResult { millis_behind_latest: output.millis_behind_latest(), ..ReadResult::default() };
+        let mut user_records = Vec::new();
+        let mut out_of_range = Vec::new();
+        for record in output.records() {
+            user_records.clear();
+            out_of_range.clear();
+            let data = Bytes::copy_from_slice(record.data().as_ref());
+            let format = self.deaggregator.deaggregate_into(
+                data,
+                record.partition_key().unwrap_or_default(),
+                None,
+                &mut user_records,
+                &mut out_of_range,
+            );
+            if format.is_suspicious() {
+                result.suspicious_records += 1;
+            }
+            let sequence_number = record.sequence_number().to_owned();
+            let arrival = record.approximate_arrival_timestamp().and_then(|t| SystemTime::try_from(*t).ok());
+            let convert = |user: &ktk_proto::aggregation::DeaggregatedRecord| ConsumerRecord {
+                sequence_number: sequence_number.clone(),
+                sub_sequence_number: user.sub_sequence_number,
+                partition_key: user.partition_key.clone(),
+                explicit_hash_key: user.explicit_hash_key.clone(),
+                data: user.data.clone(),
+                approximate_arrival: arrival,
+                aggregated: format == RecordFormat::Aggregated,
+            };
+            for user in &user_records {
+                if self.already_delivered(&sequence_number, user.sub_sequence_number) {
+                    continue;
+                }
+                result.records.push(convert(user));
+            }
+            result.out_of_range.extend(out_of_range.iter().map(convert));
+        }
+        // The first record an AT_SEQUENCE_NUMBER iterator returns is the checkpoint's own; once
+        // any record came back, nothing more can be a repeat.
+        if !output.records().is_empty() {
+            self.skip_through = None;
+        }
+        if let Some(last) = result.records.last() {
+            self.resume = StartingPosition::After {
+                sequence_number: last.sequence_number.clone(),
+                sub_sequence_number: last.sub_sequence_number,
+            };
+        }
+        match output.next_shard_iterator() {
+            Some(next) => self.iterator = Some(next.to_owned()),
+            None => {
+                self.ended = true;
+                result.shard_end = Some(output.child_shards().iter().map(|c| c.shard_id().to_owned()).collect());
+            }
+        }
+        result
+    }
+
+    fn already_delivered(&self, sequence_number: &str, sub_sequence_number: u64) -> bool {
+        matches!(&self.skip_through, Some((seq, sub)) if seq == sequence_number && sub_sequence_number <= *sub)
+    }
+
+    async fn get_iterator(&mut self) -> Result<String, RetrievalError> {
+        let request = self.client.get_shard_iterator().stream_name(&self.stream).shard_id(&self.shard_id);
+        let request = match &self.resume {
+            StartingPosition::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            StartingPosition::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
+            StartingPosition::AtTimestamp(time) => {
+                request.shard_iterator_type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*time))
+            }
+            StartingPosition::After { sequence_number, sub_sequence_number } => {
+                // The record itself again, then skip what was delivered of it: exact even inside
+                // an aggregate.
+                self.skip_through = Some((sequence_number.clone(), *sub_sequence_number));
+                request
+                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                    .starting_sequence_number(sequence_number)
+            }
+        };
+        let output = request.send().await.map_err(|e| self.get_iterator_error(e))?;
+        match output.shard_iterator() {
+            Some(iterator) => Ok(iterator.to_owned()),
+            // No iterator for a closed shard whose records are all past retention: nothing to read.
+            None => {
+                self.ended = true;
+                Err(RetrievalError::Other {
+                    shard: self.shard_id.clone(),
+                    code: "NoShardIterator".into(),
+                    message: "the shard is closed and has nothing left to read".into(),
+                    retryable: false,
+                })
+            }
+        }
+    }
+
+    fn get_records_error(&self, error: SdkError<GetRecordsError>) -> RetrievalError {
+        let shard = self.shard_id.clone();
+        let message = DisplayErrorContext(&error).to_string();
+        match &error {
+            SdkError::ServiceError(e) => match e.err() {
+                GetRecordsError::ProvisionedThroughputExceededException(_)
+                | GetRecordsError::KmsThrottlingException(_) => RetrievalError::Throttled { shard },
+                GetRecordsError::ResourceNotFoundException(_) => RetrievalError::NotFound { shard, message },
+                GetRecordsError::AccessDeniedException(_) | GetRecordsError::KmsAccessDeniedException(_) => {
+                    RetrievalError::AccessDenied { shard, message }
+                }
+                other => RetrievalError::Other {
+                    shard,
+                    code: other.code().unwrap_or("ServiceError").to_owned(),
+                    message,
+                    retryable: !matches!(other, GetRecordsError::InvalidArgumentException(_)),
+                },
+            },
+            _ => RetrievalError::Other { shard, code: "TransportError".into(), message, retryable: true },
+        }
+    }
+
+    fn get_iterator_error(&self, error: SdkError<GetShardIteratorError>) -> RetrievalError {
+        let shard = self.shard_id.clone();
+        let message = DisplayErrorContext(&error).to_string();
+        match &error {
+            SdkError::ServiceError(e) => match e.err() {
+                GetShardIteratorError::ProvisionedThroughputExceededException(_) => RetrievalError::Throttled { shard },
+                GetShardIteratorError::ResourceNotFoundException(_) => RetrievalError::NotFound { shard, message },
+                GetShardIteratorError::AccessDeniedException(_) => RetrievalError::AccessDenied { shard, message },
+                other => RetrievalError::Other {
+                    shard,
+                    code: other.code().unwrap_or("ServiceError").to_owned(),
+                    message,
+                    retryable: !matches!(other, GetShardIteratorError::InvalidArgumentException(_)),
+                },
+            },
+            _ => RetrievalError::Other { shard, code: "TransportError".into(), message, retryable: true },
+        }
+    }
+}

@@ -408,6 +408,8 @@ impl Engine {
         } else if self.outstanding() > 0 || !self.in_flight.is_empty() {
             return false;
         }
+        // Counts and room first: whoever waits on the shutdown reads the stats next.
+        self.release_room();
         if let Some((_, waiters)) = self.shutdown.take() {
             for waiter in waiters {
                 let _ = waiter.send(());
@@ -620,6 +622,7 @@ impl Engine {
         if self.flush_waiters.is_empty() {
             return;
         }
+        self.release_room();
         let oldest_open = self.epochs.front().map(|(epoch, _)| *epoch);
         let waiters = std::mem::take(&mut self.flush_waiters);
         for (epoch, waiter) in waiters {

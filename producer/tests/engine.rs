@@ -376,6 +376,8 @@ async fn flush_resolves_once_everything_before_it_is_put() {
     // An hour of buffering time: only the flush sends them.
     producer.flush().await;
     assert_eq!(fake.user_records().len(), 100);
+    // The counts are up to date when the flush returns.
+    assert_eq!(producer.stats().user_records_put, 100);
     for receipt in receipts {
         receipt.await.expect("put");
     }

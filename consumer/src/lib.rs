@@ -13,6 +13,9 @@
 //!   `GetRecords`, deaggregates, keeps to the shard's read quota, re-gets expired iterators from
 //!   the last delivered record, resumes exactly inside an aggregate, and reports the shard's end
 //!   with its children.
+//! - [`shard_sync`]: `ListShards` into leases (parents, hash ranges; children at `TRIM_HORIZON`
+//!   after their parents, roots at the initial position), [`parents_done`](shard_sync::parents_done)
+//!   gating, and cleanup of finished leases of shards past retention.
 //! - [`Error`] (`error.rs`): one error enum; lost races ([`Error::is_condition_failure`]) are
 //!   told apart from transient failures ([`Error::is_retryable`]).
 //!
@@ -20,8 +23,6 @@
 //! - leasing: renewer (lease lost = stop the shard before writing anything), taker (expired and
 //!   unowned leases first, then balancing, several per cycle), expiry on the local monotonic
 //!   clock, graceful hand-over by release, KCL-defaulted timings;
-//! - shard sync: `ListShards` into leases with parents and hash ranges; children wait for their
-//!   parents' `SHARD_END`; cleanup of leases past retention;
 //! - retrieval: enhanced fan-out (`SubscribeToShard`) beside polling; throttling backoff in the
 //!   shard consumer;
 //! - the record-processor trait and the checkpointer (never backwards, only while owning);
@@ -31,5 +32,6 @@
 pub mod error;
 pub mod lease;
 pub mod retrieval;
+pub mod shard_sync;
 
 pub use error::{Error, ItemError, Result};

@@ -279,16 +279,6 @@ pub(crate) struct Engine {
     counters: Arc<Counters>,
     metrics: Metrics,
     limits: Arc<Limits>,
-    /// Resolved records whose room is not given back yet (see `release_room`).
-    freed: Freed,
-}
-
-#[derive(Debug, Default)]
-struct Freed {
-    records: usize,
-    bytes: usize,
-    put: u64,
-    failed: u64,
 }
 
 impl Engine {
@@ -337,7 +327,6 @@ impl Engine {
             counters,
             metrics,
             limits,
-            freed: Freed::default(),
         };
         engine.install_map(ShardMap::new(shards), Instant::now());
         engine
@@ -369,9 +358,8 @@ impl Engine {
             }
             let now = Instant::now();
             self.dispatch(now);
-            let finished = self.finished(now);
-            self.release_room();
-            if finished {
+            self.metrics.user_records_pending.set(self.outstanding() as f64);
+            if self.finished(now) {
                 break;
             }
         }
@@ -408,8 +396,6 @@ impl Engine {
         } else if self.outstanding() > 0 || !self.in_flight.is_empty() {
             return false;
         }
-        // Counts and room first: whoever waits on the shutdown reads the stats next.
-        self.release_room();
         if let Some((_, waiters)) = self.shutdown.take() {
             for waiter in waiters {
                 let _ = waiter.send(());
@@ -552,25 +538,14 @@ impl Engine {
                 self.epochs.remove(position);
             }
         }
+        // Counts and room before the answer: whoever awaits the receipt may read the stats or
+        // put again at once.
         match &result {
-            Ok(_) => self.freed.put += 1,
-            Err(_) => self.freed.failed += 1,
+            Ok(_) => bump(&self.counters.user_records_put, 1),
+            Err(_) => bump(&self.counters.user_records_failed, 1),
         }
-        self.freed.records += 1;
-        self.freed.bytes += pending.record().plain_size();
+        self.limits.give_back(pending.record().plain_size());
         pending.answer(result);
-    }
-
-    /// Gives back the room of the records resolved since the last call, and publishes their
-    /// counts: once per turn of the loop rather than once per record.
-    fn release_room(&mut self) {
-        let freed = std::mem::take(&mut self.freed);
-        if freed.records > 0 {
-            self.limits.give_back_many(freed.records, freed.bytes);
-            bump(&self.counters.user_records_put, freed.put);
-            bump(&self.counters.user_records_failed, freed.failed);
-            self.metrics.user_records_pending.set(self.outstanding() as f64);
-        }
     }
 
     /// Sends what is due; finishes aggregates that waited long enough; ends backoffs.
@@ -622,7 +597,6 @@ impl Engine {
         if self.flush_waiters.is_empty() {
             return;
         }
-        self.release_room();
         let oldest_open = self.epochs.front().map(|(epoch, _)| *epoch);
         let waiters = std::mem::take(&mut self.flush_waiters);
         for (epoch, waiter) in waiters {

@@ -226,6 +226,8 @@ async fn every_record_lands_once_aggregated_and_in_order() {
         let owner = even_shards(4).into_iter().find(|s| s.range.contains(hash)).expect("shard");
         assert_eq!(owner.shard_id, shard);
     }
+    // Counted as soon as the receipts resolve, not only after shutdown.
+    assert_eq!(producer.stats().user_records_put, n as u64);
     let stats = producer.shutdown(Duration::from_secs(5)).await;
     assert_eq!(stats.user_records_put, n as u64);
     assert!(stats.user_records_per_kinesis_record() > 50.0, "aggregation happened: {stats:?}");

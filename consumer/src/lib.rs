@@ -9,6 +9,9 @@
 //!   the KCL's `DynamoDBLeaseSerializer` attribute for attribute; [`LeaseTable`](lease::LeaseTable)
 //!   with `ensure_table`, `list`, `get`, `create_if_absent`, `renew`, `take`, `release`,
 //!   `checkpoint` and `delete`, every write conditional on the lease's counter and owners.
+//! - [`lease_taker`]: which leases a worker takes each cycle: unowned and expired first (expiry
+//!   on the local monotonic clock), then from workers above their fair share, several per cycle,
+//!   never from a worker at or below its share.
 //! - [`retrieval`]: [`ShardReader`](retrieval::ShardReader) reads one shard by polling
 //!   `GetRecords`, deaggregates, keeps to the shard's read quota, re-gets expired iterators from
 //!   the last delivered record, resumes exactly inside an aggregate, and reports the shard's end
@@ -20,9 +23,8 @@
 //!   told apart from transient failures ([`Error::is_retryable`]).
 //!
 //! What the consumer will add on top (issue 4):
-//! - leasing: renewer (lease lost = stop the shard before writing anything), taker (expired and
-//!   unowned leases first, then balancing, several per cycle), expiry on the local monotonic
-//!   clock, graceful hand-over by release, KCL-defaulted timings;
+//! - leasing: the renewer (lease lost = stop the shard before writing anything) and the worker
+//!   loop that runs the taker's plans; graceful hand-over by release; KCL-defaulted timings;
 //! - retrieval: enhanced fan-out (`SubscribeToShard`) beside polling; throttling backoff in the
 //!   shard consumer;
 //! - the record-processor trait and the checkpointer (never backwards, only while owning);
@@ -31,6 +33,7 @@
 
 pub mod error;
 pub mod lease;
+pub mod lease_taker;
 pub mod retrieval;
 pub mod shard_sync;
 

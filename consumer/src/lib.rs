@@ -9,6 +9,10 @@
 //!   the KCL's `DynamoDBLeaseSerializer` attribute for attribute; [`LeaseTable`](lease::LeaseTable)
 //!   with `ensure_table`, `list`, `get`, `create_if_absent`, `renew`, `take`, `release`,
 //!   `checkpoint` and `delete`, every write conditional on the lease's counter and owners.
+//! - [`lease_renewer`]: renews the leases a worker holds and marks a lease lost the moment
+//!   another worker has it (or after a failover time without renewal), so its shard stops before
+//!   writing anything more; checkpoints go through the held lease; `release_all` hands leases over
+//!   on a graceful shutdown.
 //! - [`lease_taker`]: which leases a worker takes each cycle: unowned and expired first (expiry
 //!   on the local monotonic clock), then from workers above their fair share, several per cycle,
 //!   never from a worker at or below its share.
@@ -23,8 +27,8 @@
 //!   told apart from transient failures ([`Error::is_retryable`]).
 //!
 //! What the consumer will add on top (issue 4):
-//! - leasing: the renewer (lease lost = stop the shard before writing anything) and the worker
-//!   loop that runs the taker's plans; graceful hand-over by release; KCL-defaulted timings;
+//! - the worker loop: shard sync, taking by the taker's plans, renewing, one task per shard that
+//!   waits for its parents, reads, processes and checkpoints; KCL-defaulted timings;
 //! - retrieval: enhanced fan-out (`SubscribeToShard`) beside polling; throttling backoff in the
 //!   shard consumer;
 //! - the record-processor trait and the checkpointer (never backwards, only while owning);
@@ -33,6 +37,7 @@
 
 pub mod error;
 pub mod lease;
+pub mod lease_renewer;
 pub mod lease_taker;
 pub mod retrieval;
 pub mod shard_sync;

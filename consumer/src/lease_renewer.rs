@@ -1,0 +1,218 @@
+//! Keeping the leases a worker holds, and knowing at once when one is lost.
+//!
+//! The worker hands every lease it took to the [`LeaseRenewer`] and gets back a [`HeldLease`],
+//! shared with the task processing the shard. [`LeaseRenewer::renew_all`] renews each lease with a
+//! conditional write on its counter; when the condition fails, another worker has taken the
+//! lease, and the held lease is marked lost, which the processing task sees ([`HeldLease::lost`])
+//! and stops on before it writes or checkpoints anything more.
+//!
+//! A lease whose renewals keep failing for other reasons (the table unreachable) is given up
+//! locally once it has gone a failover time without a successful renewal: by then another worker
+//! may rightly consider it expired and take it.
+//!
+//! Renewals and checkpoints of one lease take turns (one lock per lease): both are conditional on
+//! the lease's counter, and each must start from the snapshot the other left.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
+
+/// A lease this worker holds, shared by the renewer and the task processing its shard.
+#[derive(Debug)]
+pub struct HeldLease {
+    shard_id: String,
+    /// The latest snapshot; every conditional write starts from it and replaces it.
+    lease: Mutex<Lease>,
+    last_renewed: SyncMutex<Instant>,
+    lost: CancellationToken,
+}
+
+impl HeldLease {
+    fn new(lease: Lease, now: Instant) -> Self {
+        HeldLease {
+            shard_id: lease.lease_key.clone(),
+            lease: Mutex::new(lease),
+            last_renewed: SyncMutex::new(now),
+            lost: CancellationToken::new(),
+        }
+    }
+
+    pub fn shard_id(&self) -> &str {
+        &self.shard_id
+    }
+
+    /// The latest snapshot of the lease.
+    pub async fn snapshot(&self) -> Lease {
+        self.lease.lock().await.clone()
+    }
+
+    /// Whether the lease is lost (taken by another worker, or given up).
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Resolves when the lease is lost: select on it while processing.
+    pub async fn lost(&self) {
+        self.lost.cancelled().await;
+    }
+
+    /// Checkpoints the shard at `to`, as the lease holder. Fails with
+    /// [`Error::LeaseLost`] (and marks the lease lost) if another worker has it now.
+    pub async fn checkpoint(&self, table: &LeaseTable, to: ExtendedSequenceNumber) -> Result<()> {
+        self.write(|lease| async move { table.checkpoint(&lease, to).await }).await
+    }
+
+    /// Records that the shard was read to its end, with its children.
+    pub async fn checkpoint_shard_end(
+        &self,
+        table: &LeaseTable,
+        children: &std::collections::BTreeSet<String>,
+    ) -> Result<()> {
+        self.write(|lease| async move { table.checkpoint_shard_end(&lease, children).await }).await
+    }
+
+    /// One conditional write from the current snapshot; the snapshot is replaced on success and
+    /// the lease marked lost when the condition says someone else has it.
+    async fn write<F, Fut>(&self, op: F) -> Result<()>
+    where
+        F: FnOnce(Lease) -> Fut,
+        Fut: std::future::Future<Output = Result<Lease>>,
+    {
+        if self.is_lost() {
+            return Err(Error::InvalidRequest {
+                shard: self.shard_id.clone(),
+                operation: "write",
+                problem: "the lease was lost; this worker no longer processes the shard".into(),
+            });
+        }
+        let mut lease = self.lease.lock().await;
+        match op(lease.clone()).await {
+            Ok(updated) => {
+                *lease = updated;
+                Ok(())
+            }
+            Err(error) => {
+                if error.is_condition_failure() {
+                    self.lost.cancel();
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// What one renewal round did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RenewReport {
+    pub renewed: usize,
+    /// Leases another worker took (or that went too long without a renewal): processing them
+    /// must stop.
+    pub lost: Vec<String>,
+    /// Renewals that failed for another reason and will be tried again next round.
+    pub failed: usize,
+}
+
+/// Renews the leases a worker holds.
+#[derive(Debug)]
+pub struct LeaseRenewer {
+    table: LeaseTable,
+    failover_time: Duration,
+    held: SyncMutex<BTreeMap<String, Arc<HeldLease>>>,
+}
+
+impl LeaseRenewer {
+    /// A renewer for leases in `table`, giving a lease up when it has gone `failover_time`
+    /// without a successful renewal.
+    pub fn new(table: LeaseTable, failover_time: Duration) -> Self {
+        LeaseRenewer { table, failover_time, held: SyncMutex::new(BTreeMap::new()) }
+    }
+
+    fn held_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<HeldLease>>> {
+        // A poisoned lock only means a panic elsewhere while holding it; the map is still whole.
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts holding a lease just taken (the snapshot `take` returned).
+    pub fn add(&self, lease: Lease) -> Arc<HeldLease> {
+        let held = Arc::new(HeldLease::new(lease, Instant::now()));
+        self.held_map().insert(held.shard_id.clone(), Arc::clone(&held));
+        held
+    }
+
+    /// The shards whose leases this worker holds.
+    pub fn held(&self) -> Vec<Arc<HeldLease>> {
+        self.held_map().values().cloned().collect()
+    }
+
+    /// Stops holding a lease without touching the table (its shard finished, or it was lost).
+    pub fn forget(&self, shard_id: &str) {
+        self.held_map().remove(shard_id);
+    }
+
+    /// Renews every held lease once.
+    pub async fn renew_all(&self) -> RenewReport {
+        let mut report = RenewReport::default();
+        for held in self.held() {
+            if held.is_lost() {
+                self.forget(&held.shard_id);
+                report.lost.push(held.shard_id.clone());
+                continue;
+            }
+            let table = &self.table;
+            match held.write(|lease| async move { table.renew(&lease).await }).await {
+                Ok(()) => {
+                    *held.last_renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+                    report.renewed += 1;
+                }
+                Err(error) if error.is_condition_failure() => {
+                    debug!(shard = %held.shard_id, "lease lost to another worker");
+                    self.forget(&held.shard_id);
+                    report.lost.push(held.shard_id.clone());
+                }
+                Err(error) => {
+                    let last = *held.last_renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if last.elapsed() >= self.failover_time {
+                        warn!(shard = %held.shard_id, %error, "no renewal for the failover time: giving the lease up");
+                        held.lost.cancel();
+                        self.forget(&held.shard_id);
+                        report.lost.push(held.shard_id.clone());
+                    } else {
+                        debug!(shard = %held.shard_id, %error, "renewal failed; trying again next round");
+                        report.failed += 1;
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Gives every held lease back (graceful shutdown, after the last checkpoints), so other
+    /// workers take them at their next cycle instead of waiting for them to expire. Returns the
+    /// shards released.
+    pub async fn release_all(&self) -> Vec<String> {
+        let mut released = Vec::new();
+        for held in self.held() {
+            self.forget(&held.shard_id);
+            if held.is_lost() {
+                continue;
+            }
+            let table = &self.table;
+            // Marks the lease lost for the processing task as well: it is not ours any more.
+            let result = held.write(|lease| async move { table.release(&lease).await }).await;
+            held.lost.cancel();
+            match result {
+                Ok(()) => released.push(held.shard_id.clone()),
+                Err(error) => warn!(shard = %held.shard_id, %error, "could not release the lease; it will expire"),
+            }
+        }
+        released
+    }
+}

@@ -8,6 +8,7 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
 };
 use ktk_consumer::Error;
+use ktk_consumer::lease::serializer::type_name;
 use ktk_consumer::lease::serializer::{self, Item};
 use ktk_consumer::lease::{ExtendedSequenceNumber, Lease, LeaseTable, SequenceNumber, TableSetup, dynamo_json};
 use ktk_proto::keys::HashKeyRange;
@@ -66,22 +67,6 @@ fn shard(n: u32) -> String {
 
 fn seq(number: &str, sub: u64) -> ExtendedSequenceNumber {
     ExtendedSequenceNumber::at(number, sub).expect("valid sequence number")
-}
-
-fn type_name(value: &AttributeValue) -> &'static str {
-    match value {
-        AttributeValue::S(_) => "S",
-        AttributeValue::N(_) => "N",
-        AttributeValue::B(_) => "B",
-        AttributeValue::Ss(_) => "SS",
-        AttributeValue::Ns(_) => "NS",
-        AttributeValue::Bs(_) => "BS",
-        AttributeValue::M(_) => "M",
-        AttributeValue::L(_) => "L",
-        AttributeValue::Bool(_) => "BOOL",
-        AttributeValue::Null(_) => "NULL",
-        _ => "?",
-    }
 }
 
 /// Attribute name -> DynamoDB type.

@@ -189,7 +189,9 @@ fn java_double(value: f64) -> Option<String> {
     Some(text)
 }
 
-fn type_name(value: &AttributeValue) -> &'static str {
+/// DynamoDB's name for the type of `value` ("S", "N", "SS"...), as error messages and tests
+/// compare attribute types.
+pub fn type_name(value: &AttributeValue) -> &'static str {
     match value {
         AttributeValue::S(_) => "S",
         AttributeValue::N(_) => "N",

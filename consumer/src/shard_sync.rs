@@ -105,10 +105,15 @@ pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Resu
         };
         let page = request.send().await.map_err(list_error)?;
         for shard in page.shards() {
-            let Some(range) = shard.hash_key_range() else { continue };
-            let Ok(range) = HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key()) else {
-                continue;
+            // A shard skipped here would never get a lease and never be read: refuse instead.
+            let bad_range = |problem: String| SyncError::ListShards {
+                stream: stream.to_owned(),
+                message: format!("shard {} {problem}", shard.shard_id()),
+                retryable: true,
             };
+            let range = shard.hash_key_range().ok_or_else(|| bad_range("has no hash key range".into()))?;
+            let range = HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key())
+                .map_err(|e| bad_range(format!("has an invalid hash key range: {e}")))?;
             let parents =
                 shard.parent_shard_id().into_iter().chain(shard.adjacent_parent_shard_id()).map(str::to_owned);
             shards.push(Shard {

@@ -52,6 +52,13 @@ pub enum Error {
     /// The call itself makes no sense for this lease (no owner to renew as, an empty worker id...).
     #[error("cannot {operation} the lease for shard {shard}: {problem}")]
     InvalidRequest { shard: String, operation: &'static str, problem: String },
+    /// A worker setting that cannot work, named.
+    #[error("bad consumer configuration: {setting}: {problem}")]
+    Config { setting: &'static str, problem: String },
+    /// The stream cannot be read (it does not exist, or access is denied), or listing its shards
+    /// failed for good.
+    #[error("cannot consume stream {stream:?}: {message}")]
+    Stream { stream: String, message: String },
     /// The lease table is not there.
     #[error(
         "lease table {table:?} does not exist; create it with LeaseTable::ensure_table, or check the \

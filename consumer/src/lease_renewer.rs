@@ -10,6 +10,13 @@
 //! locally once it has gone a failover time without a successful renewal: by then another worker
 //! may rightly consider it expired and take it.
 //!
+//! Hand-offs: when another worker asks for a lease ([`LeaseTable::request_handoff`]), the next
+//! renewal fails on the counter and the table shows this worker as `checkpointOwner`. That is not
+//! a loss: the held lease takes the new snapshot, keeps being renewed (so the new owner does not
+//! see it expire), and signals [`HeldLease::handoff_requested`]; the shard's task finishes its
+//! batch, checkpoints, and [`LeaseRenewer::release`]s the lease, which lets the new owner start
+//! from that checkpoint. Nothing is processed twice when leases move for balance.
+//!
 //! Renewals and checkpoints of one lease take turns (one lock per lease): both are conditional on
 //! the lease's counter, and each must start from the snapshot the other left.
 
@@ -33,6 +40,7 @@ pub struct HeldLease {
     lease: Mutex<Lease>,
     last_renewed: SyncMutex<Instant>,
     lost: CancellationToken,
+    handoff: CancellationToken,
 }
 
 impl HeldLease {
@@ -42,6 +50,7 @@ impl HeldLease {
             lease: Mutex::new(lease),
             last_renewed: SyncMutex::new(now),
             lost: CancellationToken::new(),
+            handoff: CancellationToken::new(),
         }
     }
 
@@ -66,8 +75,22 @@ impl HeldLease {
 
     /// Checkpoints the shard at `to`, as the lease holder. Fails with
     /// [`Error::LeaseLost`] (and marks the lease lost) if another worker has it now.
+    /// Whether another worker asked for this lease: finish the batch, checkpoint, release.
+    pub fn is_handoff_requested(&self) -> bool {
+        self.handoff.is_cancelled()
+    }
+
+    /// Resolves when another worker asks for this lease (see the module's notes on hand-offs).
+    pub async fn handoff_requested(&self) {
+        self.handoff.cancelled().await;
+    }
+
     pub async fn checkpoint(&self, table: &LeaseTable, to: ExtendedSequenceNumber) -> Result<()> {
-        self.write(|lease| async move { table.checkpoint(&lease, to).await }).await
+        self.write(|lease| {
+            let to = to.clone();
+            async move { table.checkpoint(&lease, to).await }
+        })
+        .await
     }
 
     /// Records that the shard was read to its end, with its children.
@@ -81,9 +104,9 @@ impl HeldLease {
 
     /// One conditional write from the current snapshot; the snapshot is replaced on success and
     /// the lease marked lost when the condition says someone else has it.
-    async fn write<F, Fut>(&self, op: F) -> Result<()>
+    async fn write<F, Fut>(&self, mut op: F) -> Result<()>
     where
-        F: FnOnce(Lease) -> Fut,
+        F: FnMut(Lease) -> Fut,
         Fut: std::future::Future<Output = Result<Lease>>,
     {
         if self.is_lost() {
@@ -94,19 +117,41 @@ impl HeldLease {
             });
         }
         let mut lease = self.lease.lock().await;
-        match op(lease.clone()).await {
-            Ok(updated) => {
-                *lease = updated;
-                Ok(())
-            }
-            Err(error) => {
-                if error.is_condition_failure() {
-                    self.lost.cancel();
+        let mut handoff_seen = false;
+        loop {
+            match op(lease.clone()).await {
+                Ok(updated) => {
+                    *lease = updated;
+                    return Ok(());
                 }
-                Err(error)
+                Err(error) if error.is_condition_failure() => {
+                    // Asked to hand the lease over: still ours to finish, so write again from the
+                    // table's snapshot (once; a second failure is a real loss).
+                    if !handoff_seen
+                        && let Some(current) = error.current_lease().filter(|now| is_handoff_from(&lease, now))
+                    {
+                        debug!(shard = %self.shard_id, to = ?current.owner, "hand-off requested");
+                        *lease = current.clone();
+                        handoff_seen = true;
+                        self.handoff.cancel();
+                        continue;
+                    }
+                    self.lost.cancel();
+                    return Err(error);
+                }
+                Err(error) => return Err(error),
             }
         }
     }
+}
+
+/// Whether `now` is `mine` being handed over: another worker became `leaseOwner` and this one is
+/// `checkpointOwner`.
+fn is_handoff_from(mine: &Lease, now: &Lease) -> bool {
+    mine.checkpoint_owner.is_none()
+        && mine.owner.is_some()
+        && now.checkpoint_owner == mine.owner
+        && now.owner != mine.owner
 }
 
 /// What one renewal round did.
@@ -197,6 +242,26 @@ impl LeaseRenewer {
     /// Gives every held lease back (graceful shutdown, after the last checkpoints), so other
     /// workers take them at their next cycle instead of waiting for them to expire. Returns the
     /// shards released.
+    /// Releases one lease (after its shard's task checkpointed: a hand-off, or a graceful
+    /// shutdown), so its next owner can start at once. Returns whether the table took the release.
+    pub async fn release(&self, shard_id: &str) -> bool {
+        let Some(held) = self.held_map().get(shard_id).cloned() else { return false };
+        self.forget(shard_id);
+        if held.is_lost() {
+            return false;
+        }
+        let table = &self.table;
+        let result = held.write(|lease| async move { table.release(&lease).await }).await;
+        held.lost.cancel();
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(shard = %shard_id, %error, "could not release the lease; it will expire");
+                false
+            }
+        }
+    }
+
     pub async fn release_all(&self) -> Vec<String> {
         let mut released = Vec::new();
         for held in self.held() {

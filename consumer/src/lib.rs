@@ -35,11 +35,20 @@
 //! - metrics, the sink pipeline, and the `consumer` binary.
 #![deny(unsafe_code)]
 
+mod backoff;
 pub mod error;
 pub mod lease;
 pub mod lease_renewer;
 pub mod lease_taker;
+pub mod processor;
 pub mod retrieval;
+mod shard_consumer;
 pub mod shard_sync;
+pub mod worker;
 
 pub use error::{Error, ItemError, Result};
+pub use processor::{
+    Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, ProcessorFactory, RecordProcessor,
+};
+pub use shard_sync::InitialPosition;
+pub use worker::{Worker, WorkerConfig, WorkerReport};

@@ -20,4 +20,4 @@ pub mod serializer;
 pub mod table;
 
 pub use model::{ExtendedSequenceNumber, Lease, SequenceNumber};
-pub use table::{DEFAULT_TABLE_WAIT, LeaseListing, LeaseTable, SkippedItem, TableSetup};
+pub use table::{DEFAULT_TABLE_WAIT, LeaseListing, LeaseTable, SkippedItem, TableCalls, TableSetup};

@@ -13,6 +13,8 @@
 //! made for every owner write).
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
@@ -45,6 +47,22 @@ pub struct LeaseTable {
     client: Client,
     name: String,
     table_wait: Duration,
+    calls: Arc<CallCounts>,
+}
+
+/// DynamoDB item calls made through a [`LeaseTable`] (and its clones) so far: what the lease
+/// table costs. Reads are `GetItem` calls and `Scan` pages; writes are `PutItem`, `UpdateItem`
+/// and `DeleteItem` calls (a conditional write that fails still counts: DynamoDB bills it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableCalls {
+    pub reads: u64,
+    pub writes: u64,
+}
+
+#[derive(Debug, Default)]
+struct CallCounts {
+    reads: AtomicU64,
+    writes: AtomicU64,
 }
 
 /// What [`LeaseTable::ensure_table`] found.
@@ -84,7 +102,25 @@ impl LeaseTable {
 
     /// The lease table `name`, through the given client.
     pub fn from_client(client: Client, name: impl Into<String>) -> Self {
-        LeaseTable { client, name: name.into(), table_wait: DEFAULT_TABLE_WAIT }
+        LeaseTable { client, name: name.into(), table_wait: DEFAULT_TABLE_WAIT, calls: Arc::default() }
+    }
+
+    /// The item calls made through this table and its clones so far.
+    pub fn calls(&self) -> TableCalls {
+        TableCalls {
+            reads: self.calls.reads.load(Ordering::Relaxed),
+            writes: self.calls.writes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count_read(&self) {
+        self.calls.reads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("DynamoDBReads", "table" => self.name.clone()).increment(1);
+    }
+
+    fn count_write(&self) {
+        self.calls.writes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("DynamoDBWrites", "table" => self.name.clone()).increment(1);
     }
 
     /// How long [`ensure_table`](Self::ensure_table) waits for the table to become ACTIVE
@@ -125,6 +161,7 @@ impl LeaseTable {
         let mut listing = LeaseListing::default();
         let mut start: Option<Item> = None;
         loop {
+            self.count_read();
             let page = self
                 .client
                 .scan()
@@ -160,6 +197,7 @@ impl LeaseTable {
 
     /// The lease of one shard (consistent read), or `None` if there is none.
     pub async fn get(&self, shard_id: &str) -> Result<Option<Lease>> {
+        self.count_read();
         let output = self
             .client
             .get_item()
@@ -179,6 +217,7 @@ impl LeaseTable {
     /// Returns whether it was written; an existing lease is left as it is.
     pub async fn create_if_absent(&self, lease: &Lease) -> Result<bool> {
         check_new_lease(lease)?;
+        self.count_write();
         let result = self
             .client
             .put_item()
@@ -249,6 +288,43 @@ impl LeaseTable {
             .map_err(|current| changed(lease, OP, current))?;
         tracing::info!(table = %self.name, shard = %lease.lease_key, from = ?lease.owner, to = new_owner, "took lease");
         Ok(taken)
+    }
+
+    /// Asks the lease's owner to hand it over to `new_owner` (balancing without duplicates), the
+    /// KCL 3.x way: `leaseOwner` becomes `new_owner`, `checkpointOwner` the current owner, and
+    /// `leaseCounter` goes up, conditional on the counter and the owners of `lease` (an owned lease
+    /// with no hand-off in progress). The current owner sees its next renewal fail on the counter,
+    /// finds itself as `checkpointOwner`, finishes its batch, checkpoints, and then
+    /// [`release`](Self::release)s, which clears `checkpointOwner`; only then does `new_owner`
+    /// start, from that checkpoint. If the current owner died meanwhile, the counter stops moving
+    /// and `new_owner` takes the lease once it expires. A lease changed since it was read is
+    /// [`Error::LeaseChanged`].
+    pub async fn request_handoff(&self, lease: &Lease, new_owner: &str) -> Result<Lease> {
+        const OP: &str = "request a hand-off of";
+        require_owner(lease, OP)?;
+        if new_owner.is_empty() || lease.owner.as_deref() == Some(new_owner) {
+            return Err(invalid(lease, OP, "the new owner must be another, non-empty worker id"));
+        }
+        if lease.checkpoint_owner.is_some() {
+            return Err(invalid(lease, OP, "a hand-off is already in progress"));
+        }
+        let next = next_counter(lease, OP)?;
+        let mut update = Update::default();
+        update.set(attr::LEASE_OWNER, AttributeValue::S(new_owner.to_owned()));
+        if let Some(owner) = &lease.owner {
+            update.set(attr::CHECKPOINT_OWNER, AttributeValue::S(owner.clone()));
+        }
+        update.set(attr::LEASE_COUNTER, number(next));
+        update.expect_counter(lease.counter);
+        update.expect_owners(lease);
+        let requested = self
+            .update(lease, OP, update, |now| {
+                now.counter == next && now.owner.as_deref() == Some(new_owner) && now.checkpoint_owner == lease.owner
+            })
+            .await
+            .map_err(|current| changed(lease, OP, current))?;
+        tracing::info!(table = %self.name, shard = %lease.lease_key, from = ?lease.owner, to = new_owner, "hand-off requested");
+        Ok(requested)
     }
 
     /// Gives a lease up at once (graceful shutdown), so another worker can take it in its next
@@ -335,6 +411,7 @@ impl LeaseTable {
     /// Deleting a lease that is already gone succeeds.
     pub async fn delete(&self, lease: &Lease) -> Result<()> {
         const OP: &str = "delete";
+        self.count_write();
         let result = self
             .client
             .delete_item()
@@ -410,6 +487,7 @@ impl LeaseTable {
         applied: impl Fn(&Lease) -> bool,
     ) -> std::result::Result<Lease, CurrentOrError> {
         let (expression, condition, names, values) = update.build();
+        self.count_write();
         let result = self
             .client
             .update_item()

@@ -1,0 +1,594 @@
+//! The worker: one per process (an ECS task), many per application. It keeps the lease table in
+//! step with the stream's shards, takes its share of leases, renews them, and runs one task per
+//! lease that reads the shard and feeds the application's [`RecordProcessor`](crate::processor).
+//!
+//! # Loops and their timings
+//! | loop | default | KCL setting it matches |
+//! | --- | --- | --- |
+//! | renew held leases | failover time / 3 − 25 ms (3,308 ms) | `leaseRenewalIntervalMillis` (derived the same way) |
+//! | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
+//! | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
+//! | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
+//! | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
+//! | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
+//! | lease discovery (scan) | 1 s | none (ktk's own) |
+//!
+//! Lease discovery is where ktk departs from the KCL: every second the worker scans the table
+//! (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases
+//! at once, so a gracefully released lease is picked up within about a second, and a crashed
+//! worker's leases within the failover time plus a second, not a whole taking interval later.
+//! Balancing steals only happen on the taking interval, as many as the worker is short of its
+//! share (bounded by `max_leases_to_steal_at_once`), and by hand-off: the owner finishes its batch
+//! and checkpoints before the thief starts, so moving a lease processes nothing twice.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_config::SdkConfig;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
+use crate::lease::{Lease, LeaseTable, TableCalls};
+use crate::lease_renewer::LeaseRenewer;
+use crate::lease_taker::{LeaseTaker, TakerConfig};
+use crate::processor::ProcessorFactory;
+use crate::retrieval::{GET_RECORDS_MAX_RECORDS, ReaderConfig};
+use crate::shard_consumer::{self, Ending, ShardContext};
+use crate::shard_sync::{InitialPosition, ShardSyncer, SyncError};
+
+const EPSILON: Duration = Duration::from_millis(25);
+
+/// How a worker runs. Every timing defaults to the KCL's (see the module's table).
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    stream: String,
+    table_name: String,
+    worker_id: String,
+    initial_position: InitialPosition,
+    initial_timestamp: Option<SystemTime>,
+    failover_time: Duration,
+    renew_interval: Option<Duration>,
+    taking_interval: Option<Duration>,
+    discovery_interval: Duration,
+    shard_sync_interval: Duration,
+    parent_poll_interval: Duration,
+    idle_time_between_reads: Duration,
+    max_records: i32,
+    max_leases_per_worker: usize,
+    max_leases_to_steal_at_once: usize,
+    shard_range_filter: bool,
+    shutdown_timeout: Duration,
+    retry_min: Duration,
+    retry_max: Duration,
+}
+
+impl WorkerConfig {
+    /// A worker of application `application` (which names the lease table, as in the KCL) on
+    /// `stream`, with a random worker id, starting new shards at `TRIM_HORIZON`.
+    pub fn new(stream: impl Into<String>, application: impl Into<String>) -> Self {
+        WorkerConfig {
+            stream: stream.into(),
+            table_name: application.into(),
+            worker_id: uuid::Uuid::new_v4().to_string(),
+            initial_position: InitialPosition::TrimHorizon,
+            initial_timestamp: None,
+            failover_time: Duration::from_secs(10),
+            renew_interval: None,
+            taking_interval: None,
+            discovery_interval: Duration::from_secs(1),
+            shard_sync_interval: Duration::from_secs(60),
+            parent_poll_interval: Duration::from_secs(10),
+            idle_time_between_reads: Duration::from_millis(1500),
+            max_records: GET_RECORDS_MAX_RECORDS,
+            max_leases_per_worker: usize::MAX,
+            max_leases_to_steal_at_once: 10,
+            shard_range_filter: false,
+            shutdown_timeout: Duration::from_secs(20),
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(10),
+        }
+    }
+
+    /// This worker's id in the lease table's `leaseOwner` (default: a random UUID, as the KCL).
+    /// Must be unique among the application's live workers.
+    pub fn with_worker_id(mut self, id: impl Into<String>) -> Self {
+        self.worker_id = id.into();
+        self
+    }
+
+    /// Where shards with no checkpoint and no processed parent start (KCL
+    /// `initialPositionInStream`, default `TRIM_HORIZON`; the KCL's default is `LATEST`, which loses
+    /// whatever was put before the first start).
+    pub fn with_initial_position(mut self, position: InitialPosition) -> Self {
+        self.initial_position = position;
+        self
+    }
+
+    /// Starts new shards at the first record that arrived at or after `time` (`AT_TIMESTAMP`).
+    pub fn with_initial_timestamp(mut self, time: SystemTime) -> Self {
+        self.initial_position = InitialPosition::AtTimestamp;
+        self.initial_timestamp = Some(time);
+        self
+    }
+
+    /// A lease whose counter has not moved for this long is expired and may be taken (KCL
+    /// `failoverTimeMillis`, default 10 s).
+    pub fn with_failover_time(mut self, time: Duration) -> Self {
+        self.failover_time = time;
+        self
+    }
+
+    /// How often held leases are renewed (default failover time / 3 − 25 ms, as the KCL).
+    pub fn with_renew_interval(mut self, interval: Duration) -> Self {
+        self.renew_interval = Some(interval);
+        self
+    }
+
+    /// How often the worker steals leases to reach its share (default (failover time + 25 ms) × 2,
+    /// the KCL's `takerIntervalMillis`).
+    pub fn with_taking_interval(mut self, interval: Duration) -> Self {
+        self.taking_interval = Some(interval);
+        self
+    }
+
+    /// How often the table is scanned for unowned and expired leases (default 1 s).
+    pub fn with_discovery_interval(mut self, interval: Duration) -> Self {
+        self.discovery_interval = interval;
+        self
+    }
+
+    /// How often shards are listed to create leases for new ones (KCL `shardSyncIntervalMillis`,
+    /// default 60 s).
+    pub fn with_shard_sync_interval(mut self, interval: Duration) -> Self {
+        self.shard_sync_interval = interval;
+        self
+    }
+
+    /// How often a child shard checks whether its parents ended (KCL
+    /// `parentShardPollIntervalMillis`, default 10 s; parents that end on this worker wake their
+    /// children at once).
+    pub fn with_parent_poll_interval(mut self, interval: Duration) -> Self {
+        self.parent_poll_interval = interval;
+        self
+    }
+
+    /// Pause after a read that found the shard caught up (KCL `idleTimeBetweenReadsInMillis`,
+    /// default 1,500 ms). Reads of a shard that is behind follow each other as fast as its read
+    /// quota allows (5 a second).
+    pub fn with_idle_time_between_reads(mut self, time: Duration) -> Self {
+        self.idle_time_between_reads = time;
+        self
+    }
+
+    /// Records per `GetRecords` call (KCL `maxRecords`, default 10,000).
+    pub fn with_max_records(mut self, records: i32) -> Self {
+        self.max_records = records;
+        self
+    }
+
+    /// At most this many leases on this worker (KCL `maxLeasesForWorker`, default unlimited).
+    pub fn with_max_leases_per_worker(mut self, leases: usize) -> Self {
+        self.max_leases_per_worker = leases;
+        self
+    }
+
+    /// At most this many leases stolen in one taking cycle (KCL `maxLeasesToStealAtOnce`, whose
+    /// default of 1 makes a new worker take minutes to get its share; default here 10).
+    pub fn with_max_leases_to_steal_at_once(mut self, leases: usize) -> Self {
+        self.max_leases_to_steal_at_once = leases;
+        self
+    }
+
+    /// Set aside (and count) user records whose hash key is outside their shard's range, as the
+    /// KCL does (default off: such records exist only in that shard, and dropping them loses them).
+    pub fn with_shard_range_filter(mut self, filter: bool) -> Self {
+        self.shard_range_filter = filter;
+        self
+    }
+
+    /// How long a graceful shutdown waits for shard tasks to finish their batch and checkpoint
+    /// before releasing every lease anyway (default 20 s, inside ECS's 30 s stop timeout).
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Backoff for failed reads, processor errors and lease table calls (default 100 ms doubling
+    /// to 10 s).
+    pub fn with_retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.retry_min = min;
+        self.retry_max = max;
+        self
+    }
+
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    pub fn table_name(&self) -> &str {
+        &self.table_name
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    /// The renew interval in effect.
+    pub fn renew_interval(&self) -> Duration {
+        self.renew_interval.unwrap_or_else(|| (self.failover_time / 3).saturating_sub(EPSILON))
+    }
+
+    /// The taking interval in effect.
+    pub fn taking_interval(&self) -> Duration {
+        self.taking_interval.unwrap_or((self.failover_time + EPSILON) * 2)
+    }
+
+    /// Checks the settings together; the error names the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |setting, problem: &str| Err(Error::Config { setting, problem: problem.to_owned() });
+        if self.stream.is_empty() {
+            return bad("stream", "the stream name is empty");
+        }
+        if self.table_name.is_empty() {
+            return bad("application (lease table name)", "the name is empty");
+        }
+        if self.worker_id.is_empty() {
+            return bad("worker_id", "the worker id is empty");
+        }
+        if self.failover_time < Duration::from_millis(100) {
+            return bad("failover_time", "must be at least 100 ms");
+        }
+        let renew = self.renew_interval();
+        if renew.is_zero() || renew >= self.failover_time {
+            return bad(
+                "renew_interval",
+                "must be more than zero and less than the failover time (a third of it is usual)",
+            );
+        }
+        if self.taking_interval().is_zero() || self.discovery_interval.is_zero() || self.shard_sync_interval.is_zero() {
+            return bad("taking/discovery/shard sync interval", "must be more than zero");
+        }
+        if self.parent_poll_interval.is_zero() {
+            return bad("parent_poll_interval", "must be more than zero");
+        }
+        if !(1..=GET_RECORDS_MAX_RECORDS).contains(&self.max_records) {
+            return bad("max_records", "must be 1 to 10,000");
+        }
+        if self.max_leases_per_worker == 0 {
+            return bad("max_leases_per_worker", "must be at least 1");
+        }
+        if self.initial_position == InitialPosition::AtTimestamp && self.initial_timestamp.is_none() {
+            return bad("initial_timestamp", "AT_TIMESTAMP needs a timestamp (with_initial_timestamp)");
+        }
+        if self.retry_min.is_zero() || self.retry_max < self.retry_min {
+            return bad("retry_backoff", "the minimum must be more than zero and at most the maximum");
+        }
+        Ok(())
+    }
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Leases taken (unowned, expired, or completed hand-offs).
+    pub leases_taken: u64,
+    /// Hand-offs this worker asked other workers for.
+    pub handoffs_requested: u64,
+    /// Leases lost to other workers.
+    pub leases_lost: u64,
+    /// Shards this worker read to their end.
+    pub shards_ended: u64,
+    /// Leases released (hand-offs and the final shutdown).
+    pub leases_released: u64,
+    /// DynamoDB item calls this worker made.
+    pub table_calls: TableCalls,
+}
+
+/// A worker. Build it, then [`run`](Worker::run) it until its shutdown token is cancelled.
+#[derive(Debug)]
+pub struct Worker<F> {
+    config: WorkerConfig,
+    kinesis: aws_sdk_kinesis::Client,
+    table: LeaseTable,
+    factory: Arc<F>,
+}
+
+impl<F: ProcessorFactory> Worker<F> {
+    /// A worker with clients from the standard AWS configuration.
+    pub fn new(config: WorkerConfig, sdk: &SdkConfig, factory: F) -> Result<Self> {
+        let kinesis = aws_sdk_kinesis::Client::new(sdk);
+        let table = LeaseTable::new(sdk, config.table_name.clone());
+        Worker::from_clients(config, kinesis, table, factory)
+    }
+
+    /// A worker with the given clients.
+    pub fn from_clients(
+        config: WorkerConfig,
+        kinesis: aws_sdk_kinesis::Client,
+        table: LeaseTable,
+        factory: F,
+    ) -> Result<Self> {
+        config.validate()?;
+        Ok(Worker { config, kinesis, table, factory: Arc::new(factory) })
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Runs until `shutdown` is cancelled, then shuts down gracefully: no more leases are taken,
+    /// each shard's processor finishes its batch and may checkpoint
+    /// ([`shutdown_requested`](crate::processor::RecordProcessor::shutdown_requested)), and every
+    /// lease is released so other workers take the shards at once. Fails only on what retrying
+    /// cannot mend: the lease table cannot be created or used, or the stream cannot be read.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<WorkerReport> {
+        let config = &self.config;
+        let worker = config.worker_id.clone();
+        info!(stream = %config.stream, table = %config.table_name, worker, "worker starting");
+        self.table.ensure_table().await?;
+        let syncer =
+            ShardSyncer::new(self.kinesis.clone(), config.stream.clone(), self.table.clone(), config.initial_position);
+        let mut backoff = Backoff::new(config.retry_min, config.retry_max);
+        // The first sync must work (it says whether the stream is there at all).
+        loop {
+            match syncer.sync().await {
+                Ok(_) => break,
+                Err(error) if error.is_retryable() => {
+                    warn!(stream = %config.stream, %error, "shard sync failed; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Ok(WorkerReport { table_calls: self.table.calls(), ..WorkerReport::default() }),
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+                Err(SyncError::Lease(error)) => return Err(error),
+                Err(error) => return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() }),
+            }
+        }
+
+        let renewer = Arc::new(LeaseRenewer::new(self.table.clone(), config.failover_time));
+        let shard_shutdown = CancellationToken::new();
+        let shard_ended = Arc::new(Notify::new());
+        let ctx = Arc::new(ShardContext {
+            stream: config.stream.clone(),
+            kinesis: self.kinesis.clone(),
+            table: self.table.clone(),
+            renewer: Arc::clone(&renewer),
+            reader: ReaderConfig::default()
+                .with_max_records(config.max_records)
+                .with_shard_range_filter(config.shard_range_filter),
+            initial_timestamp: config.initial_timestamp,
+            parent_poll_interval: config.parent_poll_interval,
+            idle_time_between_reads: config.idle_time_between_reads,
+            retry_min: config.retry_min,
+            retry_max: config.retry_max,
+            shutdown: shard_shutdown.clone(),
+            shard_ended: Arc::clone(&shard_ended),
+        });
+
+        // Renewals run on their own so a slow scan or sync never delays them.
+        let renewals_stop = CancellationToken::new();
+        let renewals = tokio::spawn(renew_loop(
+            Arc::clone(&renewer),
+            config.renew_interval(),
+            renewals_stop.clone(),
+            config.stream.clone(),
+        ));
+
+        let mut state = Loop {
+            config,
+            table: &self.table,
+            taker: LeaseTaker::new(
+                worker.clone(),
+                TakerConfig::default()
+                    .with_failover_time(config.failover_time)
+                    .with_max_leases_per_worker(config.max_leases_per_worker)
+                    .with_max_leases_to_steal_at_once(config.max_leases_to_steal_at_once),
+            ),
+            renewer: &renewer,
+            running: HashSet::new(),
+            task_shards: HashMap::new(),
+            tasks: JoinSet::new(),
+            report: WorkerReport::default(),
+            labels: vec![("stream", config.stream.clone()), ("worker", worker.clone())],
+        };
+        let mut next_sync = Instant::now() + config.shard_sync_interval;
+        let mut next_steal = Instant::now() + config.taking_interval();
+        let mut discovery = tokio::time::interval(config.discovery_interval);
+        discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sync_now = false;
+
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = shard_ended.notified() => sync_now = true,
+                _ = discovery.tick() => {}
+                Some(joined) = state.tasks.join_next_with_id() => {
+                    state.reap(joined);
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            if sync_now || now >= next_sync {
+                sync_now = false;
+                next_sync = now + config.shard_sync_interval;
+                match syncer.sync().await {
+                    Ok(report) if !report.orphaned.is_empty() => {
+                        warn!(stream = %config.stream, orphaned = ?report.orphaned, "leases of shards no longer in the stream were never finished (their records expired unprocessed)");
+                    }
+                    Ok(_) => {}
+                    Err(error) => warn!(stream = %config.stream, %error, "shard sync failed; trying again later"),
+                }
+            }
+            let steal = now >= next_steal;
+            if steal {
+                next_steal = now + config.taking_interval();
+            }
+            if let Err(error) = state.take_leases(steal, &ctx, &self.factory).await {
+                warn!(stream = %config.stream, %error, "lease taking failed; trying again next round");
+            }
+        }
+
+        // Graceful shutdown: the shard tasks finish their batch, checkpoint if their processor
+        // does, and release their own lease; whatever is left is released below.
+        info!(stream = %config.stream, worker, leases = state.running.len(), "worker shutting down");
+        shard_shutdown.cancel();
+        let deadline = Instant::now() + config.shutdown_timeout;
+        while !state.tasks.is_empty() {
+            match tokio::time::timeout_at(deadline, state.tasks.join_next_with_id()).await {
+                Ok(Some(joined)) => state.reap(joined),
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(stream = %config.stream, tasks = state.tasks.len(), "shard tasks did not finish in the shutdown timeout; abandoning their batches");
+                    state.tasks.abort_all();
+                    while state.tasks.join_next_with_id().await.is_some() {}
+                    break;
+                }
+            }
+        }
+        let released = renewer.release_all().await;
+        state.report.leases_released += released.len() as u64;
+        renewals_stop.cancel();
+        if let Err(error) = renewals.await {
+            warn!(%error, "the renewal task failed");
+        }
+        let mut report = state.report;
+        report.table_calls = self.table.calls();
+        info!(stream = %config.stream, worker, ?report, "worker stopped");
+        Ok(report)
+    }
+}
+
+async fn renew_loop(renewer: Arc<LeaseRenewer>, interval: Duration, stop: CancellationToken, stream: String) {
+    let lost = metrics::counter!("LostLeases", "stream" => stream.clone());
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let report = renewer.renew_all().await;
+        if !report.lost.is_empty() {
+            lost.increment(report.lost.len() as u64);
+            info!(stream, shards = ?report.lost, "leases lost");
+        }
+    }
+}
+
+/// The main loop's state.
+struct Loop<'a> {
+    config: &'a WorkerConfig,
+    table: &'a LeaseTable,
+    taker: LeaseTaker,
+    renewer: &'a Arc<LeaseRenewer>,
+    /// Shards with a running task.
+    running: HashSet<String>,
+    /// Which task reads which shard (to know the shard of a task that panicked).
+    task_shards: HashMap<tokio::task::Id, String>,
+    tasks: JoinSet<(String, Ending)>,
+    report: WorkerReport,
+    labels: Vec<(&'static str, String)>,
+}
+
+impl Loop<'_> {
+    fn reap(&mut self, joined: std::result::Result<(tokio::task::Id, (String, Ending)), tokio::task::JoinError>) {
+        match joined {
+            Ok((id, (shard, ending))) => {
+                self.task_shards.remove(&id);
+                self.running.remove(&shard);
+                match ending {
+                    Ending::ShardEnded => self.report.shards_ended += 1,
+                    Ending::LeaseLost => self.report.leases_lost += 1,
+                    Ending::Released { released } => self.report.leases_released += u64::from(released),
+                }
+            }
+            Err(error) => {
+                // A panicking processor. The lease is still ours in the table: the next round takes
+                // it again and starts a new processor from the checkpoint.
+                let shard = self.task_shards.remove(&error.id());
+                warn!(shard = ?shard, %error, "a shard task panicked; restarting it from its checkpoint");
+                if let Some(shard) = shard {
+                    self.renewer.forget(&shard);
+                    self.running.remove(&shard);
+                }
+            }
+        }
+        metrics::gauge!("CurrentLeases", &self.labels).set(self.running.len() as f64);
+    }
+
+    /// One round: scan the table, take unowned and expired leases, adopt completed hand-offs,
+    /// and, when `steal`, ask for leases from workers above their share.
+    async fn take_leases<F: ProcessorFactory>(
+        &mut self,
+        steal: bool,
+        ctx: &Arc<ShardContext>,
+        factory: &Arc<F>,
+    ) -> Result<()> {
+        let me = self.config.worker_id.clone();
+        let listing = self.table.list().await?;
+        let now = Instant::now();
+        let plan = self.taker.plan(&listing.leases, now);
+        let leases: BTreeMap<&str, &Lease> = listing.leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        metrics::gauge!("TotalLeases", &self.labels).set(leases.values().filter(|l| !l.is_finished()).count() as f64);
+
+        // Leases the table says are ours that no task runs: completed hand-offs (the previous owner
+        // released), or hand-offs whose previous owner died (expired).
+        let mut to_take: Vec<Lease> = leases
+            .values()
+            .filter(|l| l.owner.as_deref() == Some(me.as_str()) && !l.is_finished())
+            .filter(|l| !self.running.contains(&l.lease_key))
+            .filter(|l| l.checkpoint_owner.is_none() || self.taker.is_available(l, now))
+            .map(|l| (*l).clone())
+            .collect();
+        to_take.extend(plan.available.iter().filter(|l| !self.running.contains(&l.lease_key)).cloned());
+        for lease in to_take {
+            match self.table.take(&lease, &me).await {
+                Ok(taken) => self.start(taken, ctx, factory),
+                Err(error) if error.is_condition_failure() => {
+                    debug!(shard = %lease.lease_key, "another worker took the lease first");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if steal && !plan.steal.is_empty() {
+            info!(stream = %self.config.stream, worker = %me, target = plan.target, steal = plan.steal.len(), "asking for leases to balance the load");
+            for lease in &plan.steal {
+                match self.table.request_handoff(lease, &me).await {
+                    Ok(_) => {
+                        self.report.handoffs_requested += 1;
+                        metrics::counter!("HandoffsRequested", &self.labels).increment(1);
+                    }
+                    Err(error) if error.is_condition_failure() => {
+                        debug!(shard = %lease.lease_key, "the lease changed; not asking for it");
+                    }
+                    Err(Error::InvalidRequest { .. }) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start<F: ProcessorFactory>(&mut self, lease: Lease, ctx: &Arc<ShardContext>, factory: &Arc<F>) {
+        let shard = lease.lease_key.clone();
+        self.report.leases_taken += 1;
+        metrics::counter!("TakenLeases", &self.labels).increment(1);
+        let held = self.renewer.add(lease);
+        let processor = factory.create(&shard);
+        let ctx = Arc::clone(ctx);
+        self.running.insert(shard.clone());
+        let task_shard = shard.clone();
+        let handle = self.tasks.spawn(async move {
+            let ending = shard_consumer::run(ctx, held, processor).await;
+            (task_shard, ending)
+        });
+        self.task_shards.insert(handle.id(), shard);
+        metrics::gauge!("CurrentLeases", &self.labels).set(self.running.len() as f64);
+    }
+}

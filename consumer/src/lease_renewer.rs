@@ -85,6 +85,26 @@ impl HeldLease {
         self.handoff.cancelled().await;
     }
 
+    /// Looks at the lease as a table scan just showed it: a newer item that makes this worker the
+    /// `checkpointOwner` of a hand-off signals [`handoff_requested`](Self::handoff_requested) at
+    /// once, and one that another worker owns outright marks the lease lost at once, without
+    /// waiting for the next renewal to find out. Skipped while a write of this lease is in flight
+    /// (that write finds out itself).
+    pub fn observe(&self, seen: &Lease) {
+        let Ok(mut lease) = self.lease.try_lock() else { return };
+        if seen.counter <= lease.counter || seen.lease_key != lease.lease_key {
+            return;
+        }
+        if is_handoff_from(&lease, seen) {
+            debug!(shard = %self.shard_id, to = ?seen.owner, "hand-off requested (seen in a scan)");
+            *lease = seen.clone();
+            self.handoff.cancel();
+        } else if seen.actual_owner() != lease.actual_owner() {
+            debug!(shard = %self.shard_id, owner = ?seen.owner, "lease taken by another worker (seen in a scan)");
+            self.lost.cancel();
+        }
+    }
+
     pub async fn checkpoint(&self, table: &LeaseTable, to: ExtendedSequenceNumber) -> Result<()> {
         self.write(|lease| {
             let to = to.clone();

@@ -398,7 +398,9 @@ impl<F: ProcessorFactory> Worker<F> {
             labels: vec![("stream", config.stream.clone()), ("worker", worker.clone())],
         };
         let mut next_sync = Instant::now() + config.shard_sync_interval;
-        let mut next_steal = Instant::now() + config.taking_interval();
+        // The first round balances at once (a worker that joins a group asks for its share right
+        // away), then every taking interval.
+        let mut next_steal = Instant::now();
         let mut discovery = tokio::time::interval(config.discovery_interval);
         discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sync_now = false;
@@ -453,6 +455,7 @@ impl<F: ProcessorFactory> Worker<F> {
         }
         let released = renewer.release_all().await;
         state.report.leases_released += released.len() as u64;
+        state.report.leases_released += state.release_incoming(deadline).await;
         renewals_stop.cancel();
         if let Err(error) = renewals.await {
             warn!(%error, "the renewal task failed");
@@ -535,6 +538,11 @@ impl Loop<'_> {
         let now = Instant::now();
         let plan = self.taker.plan(&listing.leases, now);
         let leases: BTreeMap<&str, &Lease> = listing.leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        for held in self.renewer.held() {
+            if let Some(seen) = leases.get(held.shard_id()) {
+                held.observe(seen);
+            }
+        }
         metrics::gauge!("TotalLeases", &self.labels).set(leases.values().filter(|l| !l.is_finished()).count() as f64);
 
         // Leases the table says are ours that no task runs: completed hand-offs (the previous owner
@@ -559,20 +567,70 @@ impl Loop<'_> {
         if steal && !plan.steal.is_empty() {
             info!(stream = %self.config.stream, worker = %me, target = plan.target, steal = plan.steal.len(), "asking for leases to balance the load");
             for lease in &plan.steal {
-                match self.table.request_handoff(lease, &me).await {
-                    Ok(_) => {
-                        self.report.handoffs_requested += 1;
-                        metrics::counter!("HandoffsRequested", &self.labels).increment(1);
+                // The owner renews and checkpoints all the time, so the counter read in the scan is
+                // often stale by the time of the write: ask again from the item the failed
+                // condition returned, as long as the same worker still owns it outright.
+                let mut target = lease.clone();
+                for _ in 0..3 {
+                    match self.table.request_handoff(&target, &me).await {
+                        Ok(_) => {
+                            self.report.handoffs_requested += 1;
+                            metrics::counter!("HandoffsRequested", &self.labels).increment(1);
+                            break;
+                        }
+                        Err(error) if error.is_condition_failure() => match error.current_lease() {
+                            Some(now) if now.owner == lease.owner && now.checkpoint_owner.is_none() => {
+                                target = now.clone();
+                            }
+                            _ => {
+                                debug!(shard = %lease.lease_key, "the lease changed hands; not asking for it");
+                                break;
+                            }
+                        },
+                        Err(Error::InvalidRequest { .. }) => break,
+                        Err(error) => return Err(error),
                     }
-                    Err(error) if error.is_condition_failure() => {
-                        debug!(shard = %lease.lease_key, "the lease changed; not asking for it");
-                    }
-                    Err(Error::InvalidRequest { .. }) => {}
-                    Err(error) => return Err(error),
                 }
             }
         }
         Ok(())
+    }
+
+    /// At shutdown, hand-offs this worker asked for and has not started: waits (until `deadline`)
+    /// for their previous owners to finish and checkpoint, then releases them, so they do not sit
+    /// owned by a worker that is gone until they expire. Returns how many were released.
+    async fn release_incoming(&mut self, deadline: Instant) -> u64 {
+        let me = self.config.worker_id.as_str();
+        let mut released = 0;
+        loop {
+            let leases = match self.table.list().await {
+                Ok(listing) => listing.leases,
+                Err(error) => {
+                    warn!(%error, "could not list leases to release pending hand-offs; they will expire");
+                    return released;
+                }
+            };
+            let incoming: Vec<Lease> =
+                leases.into_iter().filter(|l| l.owner.as_deref() == Some(me) && !l.is_finished()).collect();
+            let mut waiting = false;
+            for lease in incoming {
+                if lease.checkpoint_owner.is_some() {
+                    waiting = true;
+                    continue;
+                }
+                match self.table.release(&lease).await {
+                    Ok(_) => released += 1,
+                    Err(error) if error.is_condition_failure() => waiting = true,
+                    Err(error) => {
+                        warn!(shard = %lease.lease_key, %error, "could not release a pending hand-off; it will expire")
+                    }
+                }
+            }
+            if !waiting || Instant::now() >= deadline {
+                return released;
+            }
+            tokio::time::sleep(Duration::from_millis(100).min(self.config.discovery_interval)).await;
+        }
     }
 
     fn start<F: ProcessorFactory>(&mut self, lease: Lease, ctx: &Arc<ShardContext>, factory: &Arc<F>) {

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+pub mod worker_support;
+
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_kinesis::config::Credentials;

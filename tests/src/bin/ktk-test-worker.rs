@@ -1,0 +1,121 @@
+//! A consumer worker in its own process, for the multi-process tests: runs a
+//! [`RecordingProcessor`](ktk_tests::worker_support::RecordingProcessor) with the test timings and
+//! prints one JSON line per record processed and per lifecycle event, flushed as it goes, so a
+//! test that SIGKILLs it still has everything it printed.
+//!
+//! Usage: `ktk-test-worker <stream> <lease table> <worker id>`. SIGTERM or SIGINT shuts it down
+//! gracefully (exit 0 with a final `{"event":"stopped",...}` line).
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ktk_consumer::Worker;
+use ktk_tests::worker_support::{Journal, RecordingProcessor, fast_worker_config};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [stream, table, worker] = args.as_slice() else {
+        eprintln!("usage: ktk-test-worker <stream> <lease table> <worker id>");
+        return ExitCode::from(2);
+    };
+    let journal = Journal::default();
+    let config = ktk_tests::aws_config().await;
+    let factory = {
+        let journal = journal.clone();
+        let worker = worker.clone();
+        move |shard: &str| RecordingProcessor::new(&worker, shard, journal.clone())
+    };
+    let consumer = match Worker::new(fast_worker_config(stream, table, worker), &config, factory) {
+        Ok(worker) => worker,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(consumer.run(shutdown.clone()));
+
+    // Print what was processed as it happens.
+    let printer = {
+        let journal = journal.clone();
+        let worker = worker.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let stopping = stop.is_cancelled();
+                print_new(&journal, &worker);
+                if stopping {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            eprintln!("cannot listen for SIGTERM: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    shutdown.cancel();
+    let report = run.await;
+    let _ = printer.await;
+    // The printer stopped at the shutdown signal; print what came after it (final checkpoints).
+    print_new(&journal, worker);
+    match report {
+        Ok(Ok(report)) => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "stopped", "worker": worker, "taken": report.leases_taken,
+                    "released": report.leases_released, "lost": report.leases_lost,
+                    "reads": report.table_calls.reads, "writes": report.table_calls.writes,
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(Err(error)) => {
+            eprintln!("worker failed: {error}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("worker panicked: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How many records and events were printed already.
+static PRINTED: std::sync::Mutex<(usize, usize)> = std::sync::Mutex::new((0, 0));
+
+/// Prints the records and events not printed yet.
+fn print_new(journal: &Journal, worker: &str) {
+    let mut printed = PRINTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let records = journal.records();
+    let events = journal.events();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for record in &records[printed.0.min(records.len())..] {
+        let line = serde_json::json!({
+            "event": "record", "worker": worker, "shard": record.shard,
+            "sequence_number": record.sequence_number, "sub_sequence_number": record.sub_sequence_number,
+            "data": String::from_utf8_lossy(&record.data),
+        });
+        let _ = writeln!(out, "{line}");
+    }
+    for (_, event) in &events[printed.1.min(events.len())..] {
+        let line = serde_json::json!({ "event": "lifecycle", "worker": worker, "what": format!("{event:?}") });
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+    *printed = (records.len(), events.len());
+}

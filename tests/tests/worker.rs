@@ -212,3 +212,401 @@ async fn workers_join_share_evenly_and_leave_gracefully_without_processing_anyth
     assert!(leases.iter().all(|l| l.owner.is_none()), "all released: {leases:?}");
     delete_stream(&client, &stream).await;
 }
+
+async fn wait_stream_active(client: &aws_sdk_kinesis::Client, stream: &str) {
+    use aws_sdk_kinesis::types::StreamStatus;
+    for _ in 0..300 {
+        let summary = client.describe_stream_summary().stream_name(stream).send().await.expect("describe");
+        if summary.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("stream {stream} did not become active again");
+}
+
+/// (shard id, start, end) of the open shards.
+async fn open_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, u128, u128)> {
+    let listing = client.list_shards().stream_name(stream).send().await.expect("list shards");
+    let mut shards: Vec<(String, u128, u128)> = listing
+        .shards()
+        .iter()
+        .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
+        .map(|s| {
+            let r = s.hash_key_range().expect("range");
+            (
+                s.shard_id().to_owned(),
+                r.starting_hash_key().parse().expect("u128"),
+                r.ending_hash_key().parse().expect("u128"),
+            )
+        })
+        .collect();
+    shards.sort_by_key(|s| s.1);
+    shards
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_and_a_merge_while_consuming_lose_nothing_and_children_wait_for_their_parents() {
+    const N: usize = 3_000;
+    let client = kinesis().await;
+    let stream = unique_name("ktk-worker-reshard");
+    let table_name = unique_name("ktk-worker-reshard-app");
+    create_stream(&client, &stream, 2).await;
+    let journal = Journal::default();
+    let producer = steady_producer(&stream, N, Duration::from_secs(10));
+    let a = start_worker(&stream, &table_name, "worker-a", &journal).await;
+    let b = start_worker(&stream, &table_name, "worker-b", &journal).await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (parent, start, end) = open_shards(&client, &stream).await.remove(0);
+    client
+        .split_shard()
+        .stream_name(&stream)
+        .shard_to_split(&parent)
+        .new_starting_hash_key((start + (end - start) / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    wait_stream_active(&client, &stream).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let open = open_shards(&client, &stream).await;
+    assert_eq!(open.len(), 3, "{open:?}");
+    // Merge the two children of the split back together.
+    client
+        .merge_shards()
+        .stream_name(&stream)
+        .shard_to_merge(&open[0].0)
+        .adjacent_shard_to_merge(&open[1].0)
+        .send()
+        .await
+        .expect("merge");
+    wait_stream_active(&client, &stream).await;
+
+    producer.await.expect("producer");
+    wait_for_count(&journal, N, Duration::from_secs(90)).await;
+    // Let the last shard ends be checkpointed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    a.stop().await;
+    b.stop().await;
+
+    let records = journal.records();
+    assert_exactly_once_in_order(&records, N);
+    // A child's first record was processed after each of its parents ended.
+    let listing = client.list_shards().stream_name(&stream).send().await.expect("list shards");
+    let ended: HashMap<String, u64> = journal
+        .events()
+        .into_iter()
+        .filter_map(|(tick, e)| match e {
+            Lifecycle::ShardEnded { shard, .. } => Some((shard, tick)),
+            _ => None,
+        })
+        .collect();
+    let mut children_checked = 0;
+    for shard in listing.shards() {
+        let parents: Vec<&str> =
+            [shard.parent_shard_id(), shard.adjacent_parent_shard_id()].into_iter().flatten().collect();
+        if parents.is_empty() {
+            continue;
+        }
+        let Some(first) = records.iter().filter(|r| r.shard == shard.shard_id()).map(|r| r.tick).min() else {
+            continue;
+        };
+        for parent in parents {
+            let parent_end =
+                ended.get(parent).unwrap_or_else(|| panic!("parent {parent} of {} never ended", shard.shard_id()));
+            assert!(first > *parent_end, "{} started before its parent {parent} ended", shard.shard_id());
+        }
+        children_checked += 1;
+    }
+    assert!(children_checked >= 2, "records reached the children of the split and of the merge");
+    let table = LeaseTable::new(&aws_config().await, &table_name);
+    let leases = table.list().await.expect("list").leases;
+    assert_eq!(
+        leases.iter().filter(|l| l.is_finished()).count(),
+        3,
+        "the split parent and the two merged shards ended"
+    );
+    delete_stream(&client, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_a_kcl_2x_lease_table_at_its_checkpoint_inside_an_aggregate() {
+    use aws_sdk_kinesis::primitives::Blob;
+    use ktk_proto::aggregation::{Aggregator, UserRecord};
+
+    let client = kinesis().await;
+    let dynamo = dynamodb().await;
+    let stream = unique_name("ktk-worker-kcl");
+    let table_name = unique_name("ktk-worker-kcl-app");
+    create_stream(&client, &stream, 1).await;
+    // Three aggregates of five user records and one plain record: indexes 0-4, 5-9, 10, 11-15.
+    let mut index = 0;
+    for group in [5usize, 5, 1, 5] {
+        let (key, data) = if group == 1 {
+            let key = "plain".to_owned();
+            let data = bytes::Bytes::from(numbered_data(&key, index, 40));
+            index += 1;
+            (key, data)
+        } else {
+            let mut aggregator = Aggregator::default();
+            for _ in 0..group {
+                let key = format!("k{index}");
+                let record = UserRecord::new(key.clone(), numbered_data(&key, index, 40)).expect("valid");
+                assert!(aggregator.add(record).expect("fits").is_none());
+                index += 1;
+            }
+            let done = aggregator.finish().expect("an aggregate");
+            (done.partition_key, done.data)
+        };
+        client
+            .put_record()
+            .stream_name(&stream)
+            .partition_key(key)
+            .data(Blob::new(data.to_vec()))
+            .send()
+            .await
+            .expect("put");
+    }
+    let stored = ktk_tests::read_stream(&client, &stream).await;
+    assert_eq!(stored.len(), 16);
+    // The KCL application processed up to user record 7: the third of the second aggregate.
+    let checkpoint = &stored[7];
+    assert_eq!((index_in(&checkpoint.data), checkpoint.sub_sequence_number), (7, 2));
+
+    let table = LeaseTable::new(&aws_config().await, &table_name);
+    table.ensure_table().await.expect("table");
+    let s = |v: &str| AttributeValue::S(v.to_owned());
+    let n = |v: &str| AttributeValue::N(v.to_owned());
+    // An item as KCL 2.x's DynamoDBLeaseSerializer writes it, owned by a worker that is gone.
+    dynamo
+        .put_item()
+        .table_name(&table_name)
+        .item("leaseKey", s("shardId-000000000000"))
+        .item("leaseOwner", s("kcl-worker-that-died"))
+        .item("leaseCounter", n("41"))
+        .item("checkpoint", s(&checkpoint.sequence_number))
+        .item("checkpointSubSequenceNumber", n("2"))
+        .item("ownerSwitchesSinceCheckpoint", n("0"))
+        .item("startingHashKey", s("0"))
+        .item("endingHashKey", s("340282366920938463463374607431768211455"))
+        .send()
+        .await
+        .expect("put the KCL item");
+
+    let journal = Journal::default();
+    let started = Instant::now();
+    let a = start_worker(&stream, &table_name, "worker-a", &journal).await;
+    wait_for_count(&journal, 8, Duration::from_secs(30)).await;
+    let resumed_after = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.stop().await;
+    let records = journal.records();
+    let indexes: Vec<usize> = records.iter().map(|r| index_in(&r.data)).collect();
+    assert_eq!(indexes, (8..16).collect::<Vec<_>>(), "exactly the records after the checkpoint, in order");
+    assert_eq!(
+        (records[0].sequence_number.as_str(), records[0].sub_sequence_number),
+        (checkpoint.sequence_number.as_str(), 3)
+    );
+    // The failover time (3 s) had to pass before the dead KCL worker's lease could be taken.
+    assert!(resumed_after >= Duration::from_secs(3), "took the lease only once expired ({resumed_after:?})");
+    let lease = table.get("shardId-000000000000").await.expect("get").expect("lease");
+    assert_eq!(lease.checkpoint, ExtendedSequenceNumber::at(stored[15].sequence_number.clone(), 4).expect("valid"));
+    assert_eq!(lease.owner, None, "released at shutdown");
+    delete_stream(&client, &stream).await;
+}
+
+/// Blocks in `process_records` until the test opens the gate, then tries to checkpoint.
+struct GatedProcessor {
+    entered: Arc<tokio::sync::Semaphore>,
+    gate: Arc<tokio::sync::Semaphore>,
+    checkpoint_results: Arc<std::sync::Mutex<Vec<String>>>,
+    journal: Journal,
+}
+
+impl RecordProcessor for GatedProcessor {
+    async fn initialize(&mut self, _: &InitializeInput) -> Result<(), ProcessorError> {
+        Ok(())
+    }
+
+    async fn process_records(
+        &mut self,
+        _: ProcessRecordsInput,
+        checkpointer: &Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        self.entered.add_permits(1);
+        self.gate.acquire().await.expect("gate").forget();
+        let result = checkpointer.checkpoint().await;
+        self.checkpoint_results.lock().expect("lock").push(match &result {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        });
+        result.map_err(Into::into)
+    }
+
+    async fn lease_lost(&mut self) {
+        self.journal
+            .events
+            .lock()
+            .expect("lock")
+            .push((0, Lifecycle::LeaseLost { worker: "a".into(), shard: String::new() }));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_stolen_mid_batch_stops_the_shard_and_its_checkpoint_is_refused() {
+    use aws_sdk_kinesis::primitives::Blob;
+
+    let client = kinesis().await;
+    let stream = unique_name("ktk-worker-stolen");
+    let table_name = unique_name("ktk-worker-stolen-app");
+    create_stream(&client, &stream, 1).await;
+    client
+        .put_record()
+        .stream_name(&stream)
+        .partition_key("k")
+        .data(Blob::new(b"one".to_vec()))
+        .send()
+        .await
+        .expect("put");
+
+    let entered = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let results = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let journal = Journal::default();
+    let factory = {
+        let (entered, gate, results, journal) = (entered.clone(), gate.clone(), results.clone(), journal.clone());
+        move |_: &str| GatedProcessor {
+            entered: entered.clone(),
+            gate: gate.clone(),
+            checkpoint_results: results.clone(),
+            journal: journal.clone(),
+        }
+    };
+    let worker = Worker::new(fast_worker_config(&stream, &table_name, "worker-a"), &aws_config().await, factory)
+        .expect("config");
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    tokio::time::timeout(Duration::from_secs(30), entered.acquire())
+        .await
+        .expect("a batch arrives")
+        .expect("permit")
+        .forget();
+
+    // Another worker takes the lease (the test plays it) and keeps renewing it.
+    let table = LeaseTable::new(&aws_config().await, &table_name);
+    let mut stolen = None;
+    for _ in 0..20 {
+        let lease = table.get("shardId-000000000000").await.expect("get").expect("lease");
+        match table.take(&lease, "thief").await {
+            Ok(taken) => {
+                stolen = Some(taken);
+                break;
+            }
+            Err(e) if e.is_condition_failure() => continue,
+            Err(e) => panic!("take: {e}"),
+        }
+    }
+    let mut stolen = stolen.expect("the thief took the lease");
+    let checkpoint_before = stolen.checkpoint.clone();
+    let thief = {
+        let table = table.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                stolen = table.renew(&stolen).await.expect("the thief renews");
+            }
+        })
+    };
+    // The worker notices (a scan or its next renewal) while the processor is still in its batch.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    gate.add_permits(1);
+    wait_for(Duration::from_secs(10), "the processor told the lease was lost", || async {
+        !lost_leases(&journal).is_empty()
+    })
+    .await;
+    let results = results.lock().expect("lock").clone();
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(
+        results[0].contains("lease was lost") || results[0].contains("lost the lease"),
+        "the checkpoint was refused: {results:?}"
+    );
+    // Nothing more is processed for the shard on this worker.
+    client
+        .put_record()
+        .stream_name(&stream)
+        .partition_key("k")
+        .data(Blob::new(b"two".to_vec()))
+        .send()
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(entered.available_permits(), 0, "no batch after the loss");
+    let lease = table.get("shardId-000000000000").await.expect("get").expect("lease");
+    assert_eq!(lease.owner.as_deref(), Some("thief"));
+    assert_eq!(lease.checkpoint, checkpoint_before, "the old owner wrote no checkpoint");
+    stop.cancel();
+    let report = handle.await.expect("task").expect("worker");
+    assert_eq!(report.leases_lost, 1, "{report:?}");
+    thief.abort();
+    delete_stream(&client, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_processor_is_retried_from_the_checkpoint_and_nothing_is_skipped() {
+    const N: usize = 500;
+    let client = kinesis().await;
+    let stream = unique_name("ktk-worker-retry");
+    let table_name = unique_name("ktk-worker-retry-app");
+    create_stream(&client, &stream, 2).await;
+    steady_producer(&stream, N, Duration::ZERO).await.expect("producer");
+    let journal = Journal::default();
+    let factory = {
+        let journal = journal.clone();
+        move |shard: &str| {
+            let mut processor = RecordingProcessor::new("worker-a", shard, journal.clone());
+            processor.fail_batches = 2;
+            processor
+        }
+    };
+    let worker = Worker::new(fast_worker_config(&stream, &table_name, "worker-a"), &aws_config().await, factory)
+        .expect("config");
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    wait_for_count(&journal, N, Duration::from_secs(30)).await;
+    stop.cancel();
+    handle.await.expect("task").expect("worker");
+    assert_exactly_once_in_order(&journal.records(), N);
+    let restarts: Vec<u32> = journal
+        .events()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Lifecycle::Initialized { restarts, .. } => Some(restarts),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restarts.iter().filter(|r| **r == 2).count(), 2, "each shard restarted twice: {restarts:?}");
+    delete_stream(&client, &stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_drains_a_backlog() {
+    const N: usize = 40_000;
+    let client = kinesis().await;
+    let stream = unique_name("ktk-worker-backlog");
+    let table_name = unique_name("ktk-worker-backlog-app");
+    create_stream(&client, &stream, 4).await;
+    steady_producer(&stream, N, Duration::ZERO).await.expect("producer");
+    let journal = Journal::default();
+    let started = Instant::now();
+    let a = start_worker(&stream, &table_name, "worker-a", &journal).await;
+    wait_for_count(&journal, N, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    let report = a.stop().await;
+    println!(
+        "one worker drained {N} user records from 4 shards in {took:?}: {:.0} records/s (table calls {:?})",
+        N as f64 / took.as_secs_f64(),
+        report.table_calls
+    );
+    assert_exactly_once_in_order(&journal.records(), N);
+    delete_stream(&client, &stream).await;
+}

@@ -5,7 +5,7 @@
 //! # Loops and their timings
 //! | loop | default | KCL setting it matches |
 //! | --- | --- | --- |
-//! | renew held leases | failover time / 3 − 25 ms (3,308 ms) | `leaseRenewalIntervalMillis` (derived the same way) |
+//! | renew held leases | failover time / 3 − 25 ms (3,308 ms); skipped for a lease checkpointed in the last half interval | `leaseRenewalIntervalMillis` (derived the same way; the KCL always renews) |
 //! | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
 //! | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
 //! | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
@@ -286,6 +286,10 @@ pub struct WorkerReport {
     pub shards_ended: u64,
     /// Leases released (hand-offs and the final shutdown).
     pub leases_released: u64,
+    /// Lease renewals written.
+    pub renewals: u64,
+    /// Renewals skipped because a checkpoint had just moved the lease's counter.
+    pub renewals_skipped: u64,
     /// DynamoDB item calls this worker made.
     pub table_calls: TableCalls,
 }
@@ -351,7 +355,10 @@ impl<F: ProcessorFactory> Worker<F> {
             }
         }
 
-        let renewer = Arc::new(LeaseRenewer::new(self.table.clone(), config.failover_time));
+        let renewer = Arc::new(
+            LeaseRenewer::new(self.table.clone(), config.failover_time)
+                .with_renewal_skipped_after_writes_within(config.renew_interval() / 2),
+        );
         let shard_shutdown = CancellationToken::new();
         let shard_ended = Arc::new(Notify::new());
         let ctx = Arc::new(ShardContext {
@@ -457,8 +464,12 @@ impl<F: ProcessorFactory> Worker<F> {
         state.report.leases_released += released.len() as u64;
         state.report.leases_released += state.release_incoming(deadline).await;
         renewals_stop.cancel();
-        if let Err(error) = renewals.await {
-            warn!(%error, "the renewal task failed");
+        match renewals.await {
+            Ok((renewed, skipped)) => {
+                state.report.renewals = renewed;
+                state.report.renewals_skipped = skipped;
+            }
+            Err(error) => warn!(%error, "the renewal task failed"),
         }
         let mut report = state.report;
         report.table_calls = self.table.calls();
@@ -467,16 +478,25 @@ impl<F: ProcessorFactory> Worker<F> {
     }
 }
 
-async fn renew_loop(renewer: Arc<LeaseRenewer>, interval: Duration, stop: CancellationToken, stream: String) {
+/// Renews every `interval` until stopped; returns (renewals written, renewals skipped).
+async fn renew_loop(
+    renewer: Arc<LeaseRenewer>,
+    interval: Duration,
+    stop: CancellationToken,
+    stream: String,
+) -> (u64, u64) {
     let lost = metrics::counter!("LostLeases", "stream" => stream.clone());
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut renewed, mut skipped) = (0u64, 0u64);
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return (renewed, skipped),
             _ = ticker.tick() => {}
         }
         let report = renewer.renew_all().await;
+        renewed += report.renewed as u64;
+        skipped += report.skipped as u64;
         if !report.lost.is_empty() {
             lost.increment(report.lost.len() as u64);
             info!(stream, shards = ?report.lost, "leases lost");

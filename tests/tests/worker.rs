@@ -610,3 +610,30 @@ async fn one_worker_drains_a_backlog() {
     assert_exactly_once_in_order(&journal.records(), N);
     delete_stream(&client, &stream).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_table_writes_are_renewals_when_idle_and_checkpoints_when_busy() {
+    let client = kinesis().await;
+    let stream = unique_name("ktk-worker-writes");
+    let table_name = unique_name("ktk-worker-writes-app");
+    create_stream(&client, &stream, 2).await;
+    // Idle: only renewals (every second with the test timings), two takes and two releases.
+    let journal = Journal::default();
+    let a = start_worker(&stream, &table_name, "worker-a", &journal).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let idle = a.stop().await;
+    println!("idle, 2 leases, 8 s: {idle:?}");
+    assert_eq!(idle.renewals_skipped, 0, "nothing checkpointed, nothing skipped");
+    assert!(idle.renewals >= 10 && idle.renewals <= 18, "about one renewal a second per lease: {idle:?}");
+    assert!(idle.table_calls.writes <= idle.renewals + 4 + 4, "{idle:?}");
+
+    // Busy: a batch (and a checkpoint) every 300 ms or so per shard; renewals mostly skipped.
+    let producer = steady_producer(&stream, 2_000, Duration::from_secs(8));
+    let b = start_worker(&stream, &table_name, "worker-b", &journal).await;
+    producer.await.expect("producer");
+    wait_for_count(&journal, 2_000, Duration::from_secs(30)).await;
+    let busy = b.stop().await;
+    println!("busy, 2 leases: {busy:?}");
+    assert!(busy.renewals_skipped > busy.renewals, "checkpoints stand in for renewals: {busy:?}");
+    delete_stream(&client, &stream).await;
+}

@@ -37,9 +37,11 @@
 
 mod backoff;
 pub mod error;
+pub mod fanout;
 pub mod lease;
 pub mod lease_renewer;
 pub mod lease_taker;
+pub mod pipeline;
 pub mod processor;
 pub mod retrieval;
 mod shard_consumer;

@@ -9,6 +9,10 @@
 //! record again (`AT_SEQUENCE_NUMBER`) and skips the user records up to and including the
 //! checkpoint's sub-sequence number, so neither the rest of the aggregate nor anything after it is
 //! lost, and nothing before it is delivered twice.
+//!
+//! The conversion from Kinesis records to [`ConsumerRecord`]s (deaggregation, the optional
+//! shard-range filter, skipping what was delivered already) lives in one place here and is shared
+//! with the enhanced fan-out reader ([`crate::fanout`]).
 
 use std::time::{Duration, SystemTime};
 
@@ -16,10 +20,10 @@ use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError
 use aws_sdk_kinesis::operation::get_records::GetRecordsError;
 use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
 use aws_sdk_kinesis::primitives::DateTime;
-use aws_sdk_kinesis::types::ShardIteratorType;
+use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 use bytes::Bytes;
 use bytestring::ByteString;
-use ktk_proto::aggregation::{Deaggregator, RecordFormat};
+use ktk_proto::aggregation::{DeaggregatedRecord, Deaggregator, RecordFormat};
 use ktk_proto::keys::HashKeyRange;
 use tokio::time::Instant;
 
@@ -79,7 +83,10 @@ pub enum RetrievalError {
     Throttled { shard: String },
     #[error("stream or shard not found ({shard}): {message}")]
     NotFound { shard: String, message: String },
-    #[error("not allowed to read shard {shard}: {message}; grant kinesis:GetRecords and GetShardIterator")]
+    #[error(
+        "not allowed to read shard {shard}: {message}; grant kinesis:GetRecords and kinesis:GetShardIterator \
+         (polling) or kinesis:SubscribeToShard (enhanced fan-out)"
+    )]
     AccessDenied { shard: String, message: String },
     #[error("reading shard {shard} failed: {code}: {message}")]
     Other { shard: String, code: String, message: String, retryable: bool },
@@ -143,12 +150,10 @@ pub struct ShardReader {
     stream: String,
     shard_id: String,
     config: ReaderConfig,
-    deaggregator: Deaggregator,
+    records: RecordConverter,
     /// Where a new iterator starts: the starting position, then after each delivered record.
     resume: StartingPosition,
     iterator: Option<String>,
-    /// User records up to and including this one were delivered already.
-    skip_through: Option<(String, u64)>,
     last_call: Option<Instant>,
     ended: bool,
 }
@@ -162,17 +167,15 @@ impl ShardReader {
         start: StartingPosition,
         config: ReaderConfig,
     ) -> Self {
-        let deaggregator =
-            if config.shard_range_filter { Deaggregator::new().with_shard_range(range) } else { Deaggregator::new() };
+        let records = RecordConverter::new(range, config.shard_range_filter);
         ShardReader {
             client,
             stream: stream.into(),
             shard_id: shard_id.into(),
             config,
-            deaggregator,
+            records,
             resume: start,
             iterator: None,
-            skip_through: None,
             last_call: None,
             ended: false,
         }
@@ -227,46 +230,7 @@ impl ShardReader {
 
     fn take_output(&mut self, output: aws_sdk_kinesis::operation::get_records::GetRecordsOutput) -> ReadResult {
         let mut result = ReadResult { millis_behind_latest: output.millis_behind_latest(), ..ReadResult::default() };
-        let mut user_records = Vec::new();
-        let mut out_of_range = Vec::new();
-        for record in output.records() {
-            user_records.clear();
-            out_of_range.clear();
-            let data = Bytes::copy_from_slice(record.data().as_ref());
-            let format = self.deaggregator.deaggregate_into(
-                data,
-                record.partition_key().unwrap_or_default(),
-                None,
-                &mut user_records,
-                &mut out_of_range,
-            );
-            if format.is_suspicious() {
-                result.suspicious_records += 1;
-            }
-            let sequence_number = record.sequence_number().to_owned();
-            let arrival = record.approximate_arrival_timestamp().and_then(|t| SystemTime::try_from(*t).ok());
-            let convert = |user: &ktk_proto::aggregation::DeaggregatedRecord| ConsumerRecord {
-                sequence_number: sequence_number.clone(),
-                sub_sequence_number: user.sub_sequence_number,
-                partition_key: user.partition_key.clone(),
-                explicit_hash_key: user.explicit_hash_key.clone(),
-                data: user.data.clone(),
-                approximate_arrival: arrival,
-                aggregated: format == RecordFormat::Aggregated,
-            };
-            for user in &user_records {
-                if self.already_delivered(&sequence_number, user.sub_sequence_number) {
-                    continue;
-                }
-                result.records.push(convert(user));
-            }
-            result.out_of_range.extend(out_of_range.iter().map(convert));
-        }
-        // The first record an AT_SEQUENCE_NUMBER iterator returns is the checkpoint's own; once
-        // any record came back, nothing more can be a repeat.
-        if !output.records().is_empty() {
-            self.skip_through = None;
-        }
+        self.records.convert(output.records(), &mut result);
         if let Some(last) = result.records.last() {
             self.resume = StartingPosition::After {
                 sequence_number: last.sequence_number.clone(),
@@ -283,27 +247,21 @@ impl ShardReader {
         result
     }
 
-    fn already_delivered(&self, sequence_number: &str, sub_sequence_number: u64) -> bool {
-        matches!(&self.skip_through, Some((seq, sub)) if seq == sequence_number && sub_sequence_number <= *sub)
-    }
-
     async fn get_iterator(&mut self) -> Result<String, RetrievalError> {
-        let request = self.client.get_shard_iterator().stream_name(&self.stream).shard_id(&self.shard_id);
-        let request = match &self.resume {
-            StartingPosition::TrimHorizon => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
-            StartingPosition::Latest => request.shard_iterator_type(ShardIteratorType::Latest),
-            StartingPosition::AtTimestamp(time) => {
-                request.shard_iterator_type(ShardIteratorType::AtTimestamp).timestamp(DateTime::from(*time))
-            }
-            StartingPosition::After { sequence_number, sub_sequence_number } => {
-                // The record itself again, then skip what was delivered of it: exact even inside
-                // an aggregate.
-                self.skip_through = Some((sequence_number.clone(), *sub_sequence_number));
-                request
-                    .shard_iterator_type(ShardIteratorType::AtSequenceNumber)
-                    .starting_sequence_number(sequence_number)
-            }
-        };
+        let start = self.resume.iterator_start();
+        // Asking for the record itself again (AT_SEQUENCE_NUMBER), then skipping what was
+        // delivered of it, is exact even inside an aggregate.
+        if let Some((sequence_number, sub_sequence_number)) = start.skip_through {
+            self.records.skip_through(sequence_number, sub_sequence_number);
+        }
+        let request = self
+            .client
+            .get_shard_iterator()
+            .stream_name(&self.stream)
+            .shard_id(&self.shard_id)
+            .shard_iterator_type(start.kind)
+            .set_starting_sequence_number(start.sequence_number)
+            .set_timestamp(start.timestamp);
         let output = request.send().await.map_err(|e| self.get_iterator_error(e))?;
         match output.shard_iterator() {
             Some(iterator) => Ok(iterator.to_owned()),
@@ -359,5 +317,108 @@ impl ShardReader {
             },
             _ => RetrievalError::Other { shard, code: "TransportError".into(), message, retryable: true },
         }
+    }
+}
+
+/// How a shard iterator (or a `SubscribeToShard` subscription) starts for a [`StartingPosition`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct IteratorStart {
+    pub(crate) kind: ShardIteratorType,
+    pub(crate) sequence_number: Option<String>,
+    pub(crate) timestamp: Option<DateTime>,
+    /// User records up to and including this one were delivered already: skip them when they
+    /// come back.
+    pub(crate) skip_through: Option<(String, u64)>,
+}
+
+impl StartingPosition {
+    pub(crate) fn iterator_start(&self) -> IteratorStart {
+        let start = |kind| IteratorStart { kind, sequence_number: None, timestamp: None, skip_through: None };
+        match self {
+            StartingPosition::TrimHorizon => start(ShardIteratorType::TrimHorizon),
+            StartingPosition::Latest => start(ShardIteratorType::Latest),
+            StartingPosition::AtTimestamp(time) => {
+                IteratorStart { timestamp: Some(DateTime::from(*time)), ..start(ShardIteratorType::AtTimestamp) }
+            }
+            // The record itself again, then skip what was delivered of it: `AFTER_SEQUENCE_NUMBER`
+            // would lose the rest of an aggregate.
+            StartingPosition::After { sequence_number, sub_sequence_number } => IteratorStart {
+                sequence_number: Some(sequence_number.clone()),
+                skip_through: Some((sequence_number.clone(), *sub_sequence_number)),
+                ..start(ShardIteratorType::AtSequenceNumber)
+            },
+        }
+    }
+}
+
+/// Turns the Kinesis records of one `GetRecords` response or `SubscribeToShard` event into user
+/// records: deaggregates, sets aside sub-records outside the shard's range (when asked to), and
+/// skips the user records a resumed position says were delivered already.
+#[derive(Debug)]
+pub(crate) struct RecordConverter {
+    deaggregator: Deaggregator,
+    /// User records up to and including this one were delivered already.
+    skip_through: Option<(String, u64)>,
+}
+
+impl RecordConverter {
+    pub(crate) fn new(range: HashKeyRange, shard_range_filter: bool) -> Self {
+        let deaggregator =
+            if shard_range_filter { Deaggregator::new().with_shard_range(range) } else { Deaggregator::new() };
+        RecordConverter { deaggregator, skip_through: None }
+    }
+
+    /// Skip the user records up to and including this one when they come back (the next batch
+    /// starts at this Kinesis record again).
+    pub(crate) fn skip_through(&mut self, sequence_number: String, sub_sequence_number: u64) {
+        self.skip_through = Some((sequence_number, sub_sequence_number));
+    }
+
+    /// Adds the user records of `records` to `result` (records, out of range, suspicious).
+    pub(crate) fn convert(&mut self, records: &[Record], result: &mut ReadResult) {
+        let mut user_records = Vec::new();
+        let mut out_of_range = Vec::new();
+        for record in records {
+            user_records.clear();
+            out_of_range.clear();
+            let data = Bytes::copy_from_slice(record.data().as_ref());
+            let format = self.deaggregator.deaggregate_into(
+                data,
+                record.partition_key().unwrap_or_default(),
+                None,
+                &mut user_records,
+                &mut out_of_range,
+            );
+            if format.is_suspicious() {
+                result.suspicious_records += 1;
+            }
+            let sequence_number = record.sequence_number().to_owned();
+            let arrival = record.approximate_arrival_timestamp().and_then(|t| SystemTime::try_from(*t).ok());
+            let convert = |user: &DeaggregatedRecord| ConsumerRecord {
+                sequence_number: sequence_number.clone(),
+                sub_sequence_number: user.sub_sequence_number,
+                partition_key: user.partition_key.clone(),
+                explicit_hash_key: user.explicit_hash_key.clone(),
+                data: user.data.clone(),
+                approximate_arrival: arrival,
+                aggregated: format == RecordFormat::Aggregated,
+            };
+            for user in &user_records {
+                if self.already_delivered(&sequence_number, user.sub_sequence_number) {
+                    continue;
+                }
+                result.records.push(convert(user));
+            }
+            result.out_of_range.extend(out_of_range.iter().map(convert));
+        }
+        // The first record an AT_SEQUENCE_NUMBER position returns is the checkpoint's own; once
+        // any record came back, nothing more can be a repeat.
+        if !records.is_empty() {
+            self.skip_through = None;
+        }
+    }
+
+    fn already_delivered(&self, sequence_number: &str, sub_sequence_number: u64) -> bool {
+        matches!(&self.skip_through, Some((seq, sub)) if seq == sequence_number && sub_sequence_number <= *sub)
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod agg;
+mod leases;
 mod produce;
+mod tail;
 
 #[derive(Debug, Parser)]
 #[command(name = "ktk", version, about = "Kinesis toolkit: KPL-compatible aggregation and more")]
@@ -32,6 +34,93 @@ enum Command {
     /// malformed or a record failed (each is reported with its line number), 2 for bad options or
     /// a stream that cannot be used.
     Produce(ProduceArgs),
+    /// Print the user records of every shard of a stream as JSON Lines (KPL aggregates unpacked).
+    ///
+    /// One line per user record: {"shard", "partition_key", "explicit_hash_key" (when set),
+    /// "sequence_number", "sub_sequence_number", "approximate_arrival_ms", "aggregated",
+    /// "data": "<base64>"}; with --events, "event" (the data as an events.v1 Event in proto3 JSON)
+    /// instead of "data", or, for a record that is not an Event, "data" and "error". All shards are
+    /// read at once, without leases; lines of one shard come in shard order, and a shard's children
+    /// are read only after it has been read to its end, so the records of a partition key come in
+    /// the order they were put, across splits and merges.
+    ///
+    /// Without --follow, each shard is read until it is caught up: a GetRecords call returns no
+    /// records and MillisBehindLatest 0 (an open shard), or the shard ends (a closed shard is
+    /// always read to its end; its children are then read the same way). The command exits when
+    /// every shard is caught up or ended. With --follow it keeps reading, and starts the children
+    /// of shards that end (from their first record), until Ctrl-C or SIGTERM.
+    ///
+    /// AWS settings come from the environment (AWS_REGION, AWS_ENDPOINT_URL, credentials...).
+    /// Throttling is waited out; other transient errors are retried with a backoff (without
+    /// --follow, up to 10 times in a row per shard). Exit status: 0 when the run ended (caught up,
+    /// --limit reached, interrupted, or standard output closed), 1 when the stream cannot be read
+    /// (not found, access denied, an error that retrying did not cure) or standard output fails
+    /// otherwise, 2 for bad options.
+    Tail(TailArgs),
+    /// Print a KCL-layout lease table: one row per lease, sorted by shard.
+    ///
+    /// Columns: shard (leaseKey), owner ("-" if none; "from->to" during a KCL 3.x hand-off),
+    /// counter, checkpoint (sequence/sub-sequence, or a sentinel: TRIM_HORIZON, LATEST,
+    /// AT_TIMESTAMP, SHARD_END), parents, children, owner_switches (since the last checkpoint),
+    /// and with --stream, behind_ms: how far the checkpoint is behind the tip of its shard, from one
+    /// GetRecords call at the checkpoint ("-" for finished shards and AT_TIMESTAMP checkpoints,
+    /// "?" when the call failed). With --json, one object per lease instead: "shard", "owner",
+    /// "checkpoint_owner", "counter", "checkpoint", "checkpoint_sub_sequence_number",
+    /// "pending_checkpoint", "pending_checkpoint_sub_sequence_number", "parents", "children",
+    /// "owner_switches", "starting_hash_key", "ending_hash_key", and with --stream "behind_ms" (null
+    /// when not measured) and "behind_error" (when the call failed). Items that are not leases are
+    /// counted and explained on stderr.
+    /// Exit status: 0 when the table was printed, 1 when it cannot be read (missing table, no
+    /// access) or, with --stream, when a shard's distance behind could not be read, 2 for bad
+    /// options.
+    Leases(LeasesArgs),
+}
+
+/// `--from` of `ktk tail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FromPosition {
+    /// Every shard from its oldest record.
+    TrimHorizon,
+    /// The open shards, from the records put after the start.
+    Latest,
+    /// Every shard from the first record that arrived at or after --timestamp.
+    AtTimestamp,
+}
+
+#[derive(Debug, clap::Args)]
+struct TailArgs {
+    /// The stream to read (name).
+    #[arg(long, value_name = "NAME")]
+    stream: String,
+    /// Where to start [default: trim-horizon, or at-timestamp when --timestamp is given].
+    #[arg(long, value_enum, value_name = "POSITION")]
+    from: Option<FromPosition>,
+    /// With --from at-timestamp: an RFC 3339 date-time (2025-01-31T12:00:00Z) or Unix epoch
+    /// milliseconds.
+    #[arg(long, value_name = "TIME", value_parser = tail::parse_timestamp, required_if_eq("from", "at-timestamp"))]
+    timestamp: Option<std::time::SystemTime>,
+    /// Keep reading new records, and follow resharding, until Ctrl-C or SIGTERM.
+    #[arg(long)]
+    follow: bool,
+    /// Decode each record's data as an events.v1 Event ("event" instead of "data").
+    #[arg(long)]
+    events: bool,
+    /// Stop after printing N records.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct LeasesArgs {
+    /// The lease table (DynamoDB table name; a KCL application's table is named after it).
+    #[arg(long, value_name = "NAME")]
+    table: String,
+    /// Print one JSON object per lease instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// The stream the leases are for: adds how far behind the tip each checkpoint is (behind_ms).
+    #[arg(long, value_name = "NAME")]
+    stream: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +183,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Produce(args) => return produce_main(args),
+        Command::Tail(args) => return tail_main(args),
+        Command::Leases(args) => return leases_main(args),
         command => command,
     };
     let stdin = io::stdin().lock();
@@ -110,7 +201,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Agg(AggCommand::Decode) => agg::decode(stdin, &mut stdout, &mut stderr),
-        Command::Produce(_) => unreachable!("handled above"),
+        Command::Produce(_) | Command::Tail(_) | Command::Leases(_) => unreachable!("handled above"),
     };
     match result {
         Ok(summary) if summary.bad_lines == 0 => ExitCode::SUCCESS,
@@ -178,4 +269,80 @@ fn produce_main(args: ProduceArgs) -> ExitCode {
     // A reader blocked on a terminal after an interrupt must not hold the process.
     runtime.shutdown_background();
     code
+}
+
+/// A multi-threaded runtime, or the exit status after saying why there is none.
+fn runtime(command: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|error| {
+        eprintln!("ktk {command}: cannot start the async runtime: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+fn tail_main(args: TailArgs) -> ExitCode {
+    let start = match (args.from, args.timestamp) {
+        (None | Some(FromPosition::AtTimestamp), Some(time)) => tail::Start::AtTimestamp(time),
+        (None | Some(FromPosition::TrimHorizon), None) => tail::Start::TrimHorizon,
+        (Some(FromPosition::Latest), None) => tail::Start::Latest,
+        (Some(_), Some(_)) => {
+            eprintln!("ktk tail: --timestamp goes with --from at-timestamp only");
+            return ExitCode::from(2);
+        }
+        (Some(FromPosition::AtTimestamp), None) => unreachable!("clap requires --timestamp"),
+    };
+    let options =
+        tail::Options { stream: args.stream, start, follow: args.follow, events: args.events, limit: args.limit };
+    let runtime = match runtime("tail") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let code = runtime.block_on(async {
+        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let client = aws_sdk_kinesis::Client::new(&aws);
+        match tail::run(client, options, io::stdout(), tail::stop_signal()).await {
+            Ok(summary) => {
+                if summary.shards_not_started > 0 {
+                    eprintln!(
+                        "ktk tail: {} shard(s) not read: a parent was not read to its end",
+                        summary.shards_not_started
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("ktk tail: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    });
+    runtime.shutdown_background();
+    code
+}
+
+fn leases_main(args: LeasesArgs) -> ExitCode {
+    let runtime = match runtime("leases") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let table = ktk_consumer::lease::LeaseTable::new(&aws, &args.table);
+        let kinesis = args.stream.as_ref().map(|_| aws_sdk_kinesis::Client::new(&aws));
+        let options = leases::Options { json: args.json, stream: args.stream };
+        let mut stdout = BufWriter::new(io::stdout().lock());
+        let mut stderr = io::stderr();
+        match leases::run(&table, kinesis.as_ref(), &options, &mut stdout, &mut stderr).await {
+            Ok(summary) if summary.behind_failures == 0 => ExitCode::SUCCESS,
+            Ok(_) => ExitCode::FAILURE,
+            Err(leases::LeasesError::Table(ktk_consumer::Error::TableNotFound { table })) => {
+                eprintln!("ktk leases: lease table {table:?} does not exist; check the table name and the AWS region");
+                ExitCode::FAILURE
+            }
+            Err(leases::LeasesError::Output(error)) if error.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ktk leases: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::fanout::{FanOutConfig, FanOutReader, Reader};
 use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable, SequenceNumber};
 use crate::lease_renewer::{HeldLease, LeaseRenewer};
 use crate::processor::{Checkpointer, InitializeInput, ProcessRecordsInput, RecordProcessor};
@@ -25,6 +26,8 @@ pub(crate) struct ShardContext {
     pub(crate) table: LeaseTable,
     pub(crate) renewer: Arc<LeaseRenewer>,
     pub(crate) reader: ReaderConfig,
+    /// Enhanced fan-out: the consumer ARN and how to subscribe (polling when `None`).
+    pub(crate) fan_out: Option<(String, FanOutConfig)>,
     pub(crate) initial_timestamp: Option<SystemTime>,
     pub(crate) parent_poll_interval: Duration,
     pub(crate) idle_time_between_reads: Duration,
@@ -174,15 +177,27 @@ fn starting_position(ctx: &ShardContext, checkpoint: &ExtendedSequenceNumber) ->
     }
 }
 
-fn reader(ctx: &ShardContext, lease: &Lease) -> ShardReader {
-    ShardReader::new(
-        ctx.kinesis.clone(),
-        ctx.stream.clone(),
-        lease.lease_key.clone(),
-        lease.hash_key_range.unwrap_or(HashKeyRange::FULL),
-        starting_position(ctx, &lease.checkpoint),
-        ctx.reader.clone(),
-    )
+fn reader(ctx: &ShardContext, lease: &Lease) -> Reader {
+    let range = lease.hash_key_range.unwrap_or(HashKeyRange::FULL);
+    let start = starting_position(ctx, &lease.checkpoint);
+    match &ctx.fan_out {
+        Some((consumer_arn, config)) => Reader::from(FanOutReader::new(
+            ctx.kinesis.clone(),
+            consumer_arn.clone(),
+            lease.lease_key.clone(),
+            range,
+            start,
+            config.clone(),
+        )),
+        None => Reader::from(ShardReader::new(
+            ctx.kinesis.clone(),
+            ctx.stream.clone(),
+            lease.lease_key.clone(),
+            range,
+            start,
+            ctx.reader.clone(),
+        )),
+    }
 }
 
 /// Initializes the processor, retrying with a backoff until it works or the task must stop.

@@ -63,6 +63,8 @@ pub struct WorkerConfig {
     max_leases_per_worker: usize,
     max_leases_to_steal_at_once: usize,
     shard_range_filter: bool,
+    /// Enhanced fan-out as this registered consumer name, instead of polling.
+    fan_out: Option<String>,
     shutdown_timeout: Duration,
     retry_min: Duration,
     retry_max: Duration,
@@ -89,6 +91,7 @@ impl WorkerConfig {
             max_leases_per_worker: usize::MAX,
             max_leases_to_steal_at_once: 10,
             shard_range_filter: false,
+            fan_out: None,
             shutdown_timeout: Duration::from_secs(20),
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
@@ -192,6 +195,14 @@ impl WorkerConfig {
         self
     }
 
+    /// Reads with enhanced fan-out (`SubscribeToShard`, records pushed as they arrive, with a read
+    /// throughput of its own per shard) as the stream consumer `consumer_name`, registered at start
+    /// if missing (KCL `RetrievalConfig` with fan-out). Default: polling `GetRecords`.
+    pub fn with_enhanced_fan_out(mut self, consumer_name: impl Into<String>) -> Self {
+        self.fan_out = Some(consumer_name.into());
+        self
+    }
+
     /// How long a graceful shutdown waits for shard tasks to finish their batch and checkpoint
     /// before releasing every lease anyway (default 20 s, inside ECS's 30 s stop timeout).
     pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -265,6 +276,9 @@ impl WorkerConfig {
         }
         if self.initial_position == InitialPosition::AtTimestamp && self.initial_timestamp.is_none() {
             return bad("initial_timestamp", "AT_TIMESTAMP needs a timestamp (with_initial_timestamp)");
+        }
+        if self.fan_out.as_ref().is_some_and(|name| name.is_empty() || name.len() > 128) {
+            return bad("enhanced_fan_out", "the consumer name must be 1 to 128 characters");
         }
         if self.retry_min.is_zero() || self.retry_max < self.retry_min {
             return bad("retry_backoff", "the minimum must be more than zero and at most the maximum");
@@ -355,6 +369,16 @@ impl<F: ProcessorFactory> Worker<F> {
             }
         }
 
+        let fan_out = match &config.fan_out {
+            None => None,
+            Some(name) => match crate::fanout::register_consumer(&self.kinesis, &config.stream, name).await {
+                Ok(consumer) => {
+                    info!(stream = %config.stream, consumer = %consumer.consumer_arn, "reading with enhanced fan-out");
+                    Some(consumer.consumer_arn)
+                }
+                Err(error) => return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() }),
+            },
+        };
         let renewer = Arc::new(
             LeaseRenewer::new(self.table.clone(), config.failover_time)
                 .with_renewal_skipped_after_writes_within(config.renew_interval() / 2),
@@ -369,6 +393,9 @@ impl<F: ProcessorFactory> Worker<F> {
             reader: ReaderConfig::default()
                 .with_max_records(config.max_records)
                 .with_shard_range_filter(config.shard_range_filter),
+            fan_out: fan_out.map(|arn| {
+                (arn, crate::fanout::FanOutConfig::default().with_shard_range_filter(config.shard_range_filter))
+            }),
             initial_timestamp: config.initial_timestamp,
             parent_poll_interval: config.parent_poll_interval,
             idle_time_between_reads: config.idle_time_between_reads,

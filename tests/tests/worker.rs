@@ -637,3 +637,52 @@ async fn lease_table_writes_are_renewals_when_idle_and_checkpoints_when_busy() {
     assert!(busy.renewals_skipped > busy.renewals, "checkpoints stand in for renewals: {busy:?}");
     delete_stream(&client, &stream).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_reading_with_enhanced_fan_out_process_everything_once() {
+    const N: usize = 2_000;
+    let client = kinesis().await;
+    let stream = unique_name("ktk-worker-efo");
+    let table_name = unique_name("ktk-worker-efo-app");
+    create_stream(&client, &stream, 4).await;
+    let journal = Journal::default();
+    let producer = steady_producer(&stream, N, Duration::from_secs(6));
+    let mut running = Vec::new();
+    for id in ["worker-a", "worker-b"] {
+        let factory = {
+            let (journal, id) = (journal.clone(), id.to_owned());
+            move |shard: &str| RecordingProcessor::new(&id, shard, journal.clone())
+        };
+        let config = fast_worker_config(&stream, &table_name, id).with_enhanced_fan_out(format!("{table_name}-efo"));
+        let worker = Worker::new(config, &aws_config().await, factory).expect("config");
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(stop.clone()));
+        running.push(Running { id: id.to_owned(), stop, handle });
+    }
+    producer.await.expect("producer");
+    wait_for_count(&journal, N, Duration::from_secs(60)).await;
+    for worker in running {
+        worker.stop().await;
+    }
+    assert_exactly_once_in_order(&journal.records(), N);
+    let workers: std::collections::BTreeSet<String> = journal.records().into_iter().map(|r| r.worker).collect();
+    assert_eq!(workers.len(), 2, "both workers processed shards");
+    let consumers = client
+        .list_stream_consumers()
+        .stream_arn(
+            client
+                .describe_stream_summary()
+                .stream_name(&stream)
+                .send()
+                .await
+                .expect("describe")
+                .stream_description_summary()
+                .expect("summary")
+                .stream_arn(),
+        )
+        .send()
+        .await
+        .expect("list consumers");
+    assert_eq!(consumers.consumers().len(), 1, "one registered consumer shared by both workers");
+    delete_stream(&client, &stream).await;
+}

@@ -26,13 +26,18 @@
 //! - [`Error`] (`error.rs`): one error enum; lost races ([`Error::is_condition_failure`]) are
 //!   told apart from transient failures ([`Error::is_retryable`]).
 //!
-//! What the consumer will add on top (issue 4):
-//! - the worker loop: shard sync, taking by the taker's plans, renewing, one task per shard that
-//!   waits for its parents, reads, processes and checkpoints; KCL-defaulted timings;
-//! - retrieval: enhanced fan-out (`SubscribeToShard`) beside polling; throttling backoff in the
-//!   shard consumer;
-//! - the record-processor trait and the checkpointer (never backwards, only while owning);
-//! - metrics, the sink pipeline, and the `consumer` binary.
+//! - [`processor`]: the application's [`RecordProcessor`] (made per shard by a
+//!   [`ProcessorFactory`]) and the [`Checkpointer`] (conditional on the lease, never backwards,
+//!   never past what was delivered).
+//! - [`worker`]: the [`Worker`] loop: shard sync, a table scan every second that takes unowned and
+//!   expired leases, balancing by hand-off (the owner finishes and checkpoints before the next one
+//!   starts), renewals (skipped when a checkpoint just moved the counter), one task per lease, and
+//!   a graceful shutdown that releases every lease at once. Timings default to the KCL's.
+//! - [`fanout`]: enhanced fan-out (`SubscribeToShard`) beside polling.
+//! - [`pipeline`]: the delivery pipeline's shared types (in progress: dedup, S3 and real-time
+//!   store sinks, the `consumer` binary).
+//!
+//! See `docs/consumer.md` for the design and the measurements.
 #![deny(unsafe_code)]
 
 mod backoff;

@@ -43,7 +43,11 @@ async fn a_hundred_thousand_records_arrive_once_on_their_shard_in_order() {
     let client = kinesis().await;
     let stream = unique_name("ktk-prod-volume");
     create_stream(&client, &stream, 4).await;
-    let producer = Producer::new(ProducerConfig::new(&stream), &aws_config().await).await.expect("producer starts");
+    // A PutRecords call that times out but was applied is retried and stored twice: Kinesis is
+    // at-least-once, and ktk's consumers deduplicate. This test is about volume, so it gives
+    // LocalStack on a loaded 2-core machine (it took over 6 s for one call here) a minute per call.
+    let config = ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60));
+    let producer = Producer::new(config, &aws_config().await).await.expect("producer starts");
     let ranges = shard_ranges(&client, &stream).await;
 
     let mut receipts: Vec<PutReceipt> = Vec::with_capacity(N);
@@ -211,7 +215,14 @@ async fn a_fast_caller_gets_records_back_and_memory_stays_bounded() {
         receipt.await.expect("put");
     }
     assert!(handed_back > 0, "the limit was reached");
-    assert!(most_unresolved <= LIMIT, "never more than {LIMIT} outstanding, saw {most_unresolved}");
+    // The engine frees a record's room just before it answers its receipt (so a caller woken by
+    // the answer always finds room); in that instant a put from another thread can be taken while
+    // the receipt still looks unresolved here. The engine answers one record at a time, so this
+    // view can exceed the limit by one, never more; the producer itself never holds more than LIMIT.
+    assert!(
+        most_unresolved <= LIMIT + 1,
+        "never more than {LIMIT} outstanding (+1 being answered), saw {most_unresolved}"
+    );
     producer.shutdown(Duration::from_secs(10)).await;
     let stored = read_stream(&client, &stream).await;
     delete_stream(&client, &stream).await;

@@ -31,6 +31,8 @@ pub(crate) struct ShardContext {
     pub(crate) initial_timestamp: Option<SystemTime>,
     pub(crate) parent_poll_interval: Duration,
     pub(crate) idle_time_between_reads: Duration,
+    /// Call the processor after reads that returned no records too.
+    pub(crate) empty_batches: bool,
     pub(crate) retry_min: Duration,
     pub(crate) retry_max: Duration,
     /// The worker is shutting down: finish the batch in hand, let the processor checkpoint,
@@ -282,8 +284,10 @@ async fn consume<P: RecordProcessor>(
             warn!(stream = %ctx.stream, shard, records = outside.len(), "user records outside the shard's hash range set aside");
         }
         let caught_up = records.is_empty() && millis_behind_latest.is_none_or(|ms| ms == 0);
-        if let Some(last) = records.last() {
-            checkpointer.delivered(last);
+        if !records.is_empty() || ctx.empty_batches {
+            if let Some(last) = records.last() {
+                checkpointer.delivered(last);
+            }
             let count = records.len() as u64;
             let bytes: usize = records.iter().map(|r| r.data.len()).sum();
             let input = ProcessRecordsInput { shard_id: shard.clone(), records, millis_behind_latest };

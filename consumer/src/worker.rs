@@ -59,6 +59,7 @@ pub struct WorkerConfig {
     shard_sync_interval: Duration,
     parent_poll_interval: Duration,
     idle_time_between_reads: Duration,
+    empty_batches: bool,
     max_records: i32,
     max_leases_per_worker: usize,
     max_leases_to_steal_at_once: usize,
@@ -87,6 +88,7 @@ impl WorkerConfig {
             shard_sync_interval: Duration::from_secs(60),
             parent_poll_interval: Duration::from_secs(10),
             idle_time_between_reads: Duration::from_millis(1500),
+            empty_batches: false,
             max_records: GET_RECORDS_MAX_RECORDS,
             max_leases_per_worker: usize::MAX,
             max_leases_to_steal_at_once: 10,
@@ -166,6 +168,14 @@ impl WorkerConfig {
     /// quota allows (5 a second).
     pub fn with_idle_time_between_reads(mut self, time: Duration) -> Self {
         self.idle_time_between_reads = time;
+        self
+    }
+
+    /// Calls the processor after reads that returned no records too, with an empty batch (KCL
+    /// `callProcessRecordsEvenForEmptyRecordList`, default off): processors that flush on time
+    /// (the delivery pipeline) need a call when the shard is quiet.
+    pub fn with_empty_batches(mut self, empty: bool) -> Self {
+        self.empty_batches = empty;
         self
     }
 
@@ -399,6 +409,7 @@ impl<F: ProcessorFactory> Worker<F> {
             initial_timestamp: config.initial_timestamp,
             parent_poll_interval: config.parent_poll_interval,
             idle_time_between_reads: config.idle_time_between_reads,
+            empty_batches: config.empty_batches,
             retry_min: config.retry_min,
             retry_max: config.retry_max,
             shutdown: shard_shutdown.clone(),

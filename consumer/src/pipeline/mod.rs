@@ -5,6 +5,13 @@
 //! came from ([`EventRecord`]), a [`Batch`] of them from one shard, what failed to decode
 //! ([`DeadLetter`]), and the [`Sink`] trait the S3 and real-time store sinks implement.
 
+pub mod decode;
+pub mod dedup;
+pub mod delivery;
+
+pub use decode::{EventEncoding, decode_event};
+pub use delivery::{DeliveryProcessor, Pipeline, PipelineConfig, PipelineStats};
+
 use std::time::SystemTime;
 
 use bytes::Bytes;

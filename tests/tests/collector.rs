@@ -89,7 +89,9 @@ async fn apps_events_reach_the_stream_once_validated_stamped_and_keyed() {
     let stream = unique_name("ktk-collector");
     create_stream(&kinesis_client, &stream, 2).await;
     let config = CollectorConfig::default().with_max_body_bytes(64 * 1024);
-    let producer_config = ProducerConfig::new(&stream).with_record_max_buffered_time(Duration::from_millis(20));
+    let producer_config = ProducerConfig::new(&stream)
+        .with_record_max_buffered_time(Duration::from_millis(20))
+        .with_request_timeout(Duration::from_secs(60));
     let running = start(producer_config, config).await;
     let http = reqwest::Client::new();
     let events_url = format!("{}/v1/events", running.url);
@@ -161,6 +163,7 @@ async fn a_full_producer_answers_503_and_keeps_what_it_accepted() {
     create_stream(&kinesis_client, &stream, 1).await;
     // Ten records of room, held for a long buffering time: the eleventh event finds it full.
     let producer_config = ProducerConfig::new(&stream)
+        .with_request_timeout(Duration::from_secs(60))
         .with_max_outstanding_records(10)
         .with_record_max_buffered_time(Duration::from_secs(20));
     let running = start(producer_config, CollectorConfig::default()).await;

@@ -109,7 +109,10 @@ async fn events_are_delivered_once_poison_is_dead_lettered_and_batches_are_repro
     let client = kinesis().await;
     let stream = unique_name("ktk-pipeline");
     create_stream(&client, &stream, 2).await;
-    let producer = Producer::new(ProducerConfig::new(&stream), &aws_config().await).await.expect("producer");
+    let producer =
+        Producer::new(ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)), &aws_config().await)
+            .await
+            .expect("producer");
     let mut receipts = Vec::new();
     for i in 0..UNIQUE {
         let e = event(i);

@@ -44,8 +44,9 @@ async fn a_hundred_thousand_records_arrive_once_on_their_shard_in_order() {
     let stream = unique_name("ktk-prod-volume");
     create_stream(&client, &stream, 4).await;
     // A PutRecords call that times out but was applied is retried and stored twice: Kinesis is
-    // at-least-once, and ktk's consumers deduplicate. This test is about volume, so it gives
-    // LocalStack on a loaded 2-core machine (it took over 6 s for one call here) a minute per call.
+    // at-least-once, and ktk's consumers deduplicate. These tests count records stored exactly
+    // once, so they give LocalStack on a loaded 2-core machine (one call took over 6 s, the KPL's
+    // default request timeout, while the machine compiled) a minute per call.
     let config = ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60));
     let producer = Producer::new(config, &aws_config().await).await.expect("producer starts");
     let ranges = shard_ranges(&client, &stream).await;
@@ -86,7 +87,9 @@ async fn a_split_while_producing_loses_nothing() {
     let client = kinesis().await;
     let stream = unique_name("ktk-prod-split");
     create_stream(&client, &stream, 2).await;
-    let config = ProducerConfig::new(&stream).with_shard_map_min_refresh_interval(Duration::from_millis(100));
+    let config = ProducerConfig::new(&stream)
+        .with_shard_map_min_refresh_interval(Duration::from_millis(100))
+        .with_request_timeout(Duration::from_secs(60));
     let producer = Producer::new(config, &aws_config().await).await.expect("producer starts");
     let before = shard_ranges(&client, &stream).await;
 
@@ -178,7 +181,8 @@ async fn a_fast_caller_gets_records_back_and_memory_stays_bounded() {
     let client = kinesis().await;
     let stream = unique_name("ktk-prod-full");
     create_stream(&client, &stream, 1).await;
-    let config = ProducerConfig::new(&stream).with_max_outstanding_records(LIMIT);
+    let config =
+        ProducerConfig::new(&stream).with_max_outstanding_records(LIMIT).with_request_timeout(Duration::from_secs(60));
     let producer = Producer::new(config, &aws_config().await).await.expect("producer starts");
     let mut pending: std::collections::VecDeque<PutReceipt> = std::collections::VecDeque::new();
     let (mut handed_back, mut most_unresolved) = (0usize, 0usize);

@@ -35,7 +35,9 @@ async fn bounded<F: Future<Output = ()>>(body: F) {
 
 /// The producer of these tests: retries start after 20 ms and back off up to 500 ms.
 fn config(stream: &str) -> ProducerConfig {
-    ProducerConfig::new(stream).with_backoff(Duration::from_millis(20), Duration::from_millis(500))
+    ProducerConfig::new(stream)
+        .with_request_timeout(Duration::from_secs(60))
+        .with_backoff(Duration::from_millis(20), Duration::from_millis(500))
 }
 
 /// Puts records `0..n` of 100 bytes over `KEYS` keys, 25 every 30 ms. Spread over 6 s, they go

@@ -45,7 +45,12 @@ async fn start_worker(stream: &str, table: &str, id: &str, journal: &Journal) ->
 fn steady_producer(stream: &str, n: usize, over: Duration) -> JoinHandle<()> {
     let stream = stream.to_owned();
     tokio::spawn(async move {
-        let producer = Producer::new(ProducerConfig::new(&stream), &aws_config().await).await.expect("producer");
+        let producer = Producer::new(
+            ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)),
+            &aws_config().await,
+        )
+        .await
+        .expect("producer");
         let started = Instant::now();
         let mut receipts = Vec::with_capacity(n);
         for i in 0..n {

@@ -103,7 +103,12 @@ async fn three_processes_share_a_stream_and_survive_one_being_killed() {
     let producer = {
         let stream = stream.clone();
         tokio::spawn(async move {
-            let producer = Producer::new(ProducerConfig::new(&stream), &aws_config().await).await.expect("producer");
+            let producer = Producer::new(
+                ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)),
+                &aws_config().await,
+            )
+            .await
+            .expect("producer");
             let started = Instant::now();
             let mut receipts = Vec::with_capacity(N);
             for i in 0..N {

@@ -8,6 +8,8 @@
 pub mod decode;
 pub mod dedup;
 pub mod delivery;
+pub mod mysql;
+pub mod postgres;
 
 pub use decode::{EventEncoding, decode_event};
 pub use delivery::{DeliveryProcessor, Pipeline, PipelineConfig, PipelineStats};

@@ -1,0 +1,407 @@
+//! The PostgreSQL sink against a real PostgreSQL: `DATABASE_URL`, by default
+//! `postgres://postgres@127.0.0.1:5432/test` (`localstack/databases.sh` starts one). A database
+//! that is not there fails the tests, with what to start. Each test has tables of its own.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ktk_consumer::pipeline::postgres::{PostgresSink, StoreConfig};
+use ktk_consumer::pipeline::{Batch, DeadLetter, EventRecord, Sink, SinkReport};
+use ktk_proto::events::v1::{Event, EventType, Geo, Platform};
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
+}
+
+/// A table name no other test (or earlier run) uses.
+fn unique_table(tag: &str) -> String {
+    format!("ktk_{tag}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn config() -> StoreConfig {
+    StoreConfig::default().with_max_connections(2).with_acquire_timeout(Duration::from_secs(5))
+}
+
+/// A sink on a fresh table, migrated; panics with what to do if PostgreSQL is not there.
+async fn sink(tag: &str) -> PostgresSink {
+    let url = database_url();
+    let sink = PostgresSink::connect_with(&url, &unique_table(tag), config()).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL is not reachable at {url} ({e}); start it with localstack/databases.sh or set DATABASE_URL")
+    });
+    sink.migrate().await.expect("migrate");
+    sink
+}
+
+async fn drop_tables(sink: &PostgresSink) {
+    for table in [sink.table(), sink.dead_letter_table()] {
+        sqlx::query(&format!("DROP TABLE IF EXISTS \"{table}\"")).execute(sink.pool()).await.expect("drop table");
+    }
+    sink.close().await;
+}
+
+fn ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms as u64)
+}
+
+/// Event `i`, every field set (and varied by `i`).
+fn event(i: u32) -> Event {
+    Event {
+        event_id: format!("event-{i:06}"),
+        r#type: EventType::Play as i32,
+        occurred_at_ms: 1_700_000_000_000 + i64::from(i),
+        received_at_ms: 1_700_000_001_000 + i64::from(i),
+        user_id: format!("user-{}", i % 97),
+        device_id: format!("device-{}", i % 13),
+        session_id: format!("session-{}", i / 10),
+        platform: Platform::FireTv as i32,
+        app_version: "5.4.3".to_owned(),
+        os_version: "Fire OS 8".to_owned(),
+        device_model: "AFTKA".to_owned(),
+        content_id: format!("content-{}", i % 50),
+        content_title: "Ein Film über \"Zitate\" — 🎬".to_owned(),
+        position_ms: i64::from(i) * 1000,
+        duration_ms: 5_400_000,
+        ad_id: "ad-7".to_owned(),
+        ad_break: "midroll-2".to_owned(),
+        page: "/watch".to_owned(),
+        target: "player".to_owned(),
+        error_code: String::new(),
+        error_message: String::new(),
+        geo: Some(Geo { lat: 52.52, lon: 13.405, country: "DE".to_owned(), region: "DE-BE".to_owned() }),
+        attributes: HashMap::from([
+            ("cdn".to_owned(), "edge-3".to_owned()),
+            ("bitrate_kbps".to_owned(), (3000 + i).to_string()),
+        ]),
+        schema_version: "1.0".to_owned(),
+    }
+}
+
+fn record(event: Event, sequence: u64) -> EventRecord {
+    EventRecord {
+        event,
+        shard_id: "shardId-000000000003".to_owned(),
+        sequence_number: format!("4959033827149025660855969253836157109592157598913658{sequence:04}"),
+        sub_sequence_number: sequence % 3,
+        arrival: Some(ms(1_700_000_002_000 + sequence as i64)),
+    }
+}
+
+fn batch(events: impl IntoIterator<Item = Event>) -> Batch {
+    let events: Vec<EventRecord> = events.into_iter().enumerate().map(|(n, e)| record(e, n as u64)).collect();
+    let first = events.first().map(|r| (r.sequence_number.clone(), r.sub_sequence_number)).unwrap_or_default();
+    let last = events.last().map(|r| (r.sequence_number.clone(), r.sub_sequence_number)).unwrap_or_default();
+    Batch {
+        stream: "ktk-events".to_owned(),
+        shard_id: "shardId-000000000003".to_owned(),
+        events,
+        dead_letters: Vec::new(),
+        first,
+        last,
+    }
+}
+
+async fn count(sink: &PostgresSink, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT count(*) FROM \"{table}\"")).fetch_one(sink.pool()).await.expect("count")
+}
+
+fn text(row: &PgRow, column: &str) -> String {
+    row.get::<Option<String>, _>(column).unwrap_or_default()
+}
+
+fn enum_number(row: &PgRow, column: &str, from_name: fn(&str) -> Option<i32>) -> i32 {
+    let stored = text(row, column);
+    if stored.is_empty() {
+        // A row from before the column existed.
+        return 0;
+    }
+    from_name(&stored).unwrap_or_else(|| stored.parse().expect("an enum name or number"))
+}
+
+/// Reads an event back from its typed columns, the way a reader of the table would.
+async fn read_back(sink: &PostgresSink, event_id: &str) -> (Event, PgRow) {
+    let millis = |c: &str| format!("(EXTRACT(EPOCH FROM \"{c}\") * 1000)::int8 AS \"{c}_ms\"");
+    let sql = format!(
+        "SELECT *, {}, {}, {}, attributes::text AS attributes_text FROM \"{}\" WHERE event_id = $1",
+        millis("occurred_at"),
+        millis("received_at"),
+        millis("arrival"),
+        sink.table()
+    );
+    let row = sqlx::query(&sql).bind(event_id).fetch_one(sink.pool()).await.expect("the event is stored");
+    let geo_lat: Option<f64> = row.get("geo_lat");
+    let geo_lon: Option<f64> = row.get("geo_lon");
+    let geo_present = geo_lat.is_some() || geo_lon.is_some() || !text(&row, "geo_country").is_empty();
+    let attributes: Option<String> = row.get("attributes_text");
+    let event = Event {
+        event_id: text(&row, "event_id"),
+        r#type: enum_number(&row, "event_type", |n| EventType::from_str_name(n).map(|t| t as i32)),
+        occurred_at_ms: row.get::<Option<i64>, _>("occurred_at_ms").unwrap_or_default(),
+        received_at_ms: row.get::<Option<i64>, _>("received_at_ms").unwrap_or_default(),
+        user_id: text(&row, "user_id"),
+        device_id: text(&row, "device_id"),
+        session_id: text(&row, "session_id"),
+        platform: enum_number(&row, "platform", |n| Platform::from_str_name(n).map(|p| p as i32)),
+        app_version: text(&row, "app_version"),
+        os_version: text(&row, "os_version"),
+        device_model: text(&row, "device_model"),
+        content_id: text(&row, "content_id"),
+        content_title: text(&row, "content_title"),
+        position_ms: row.get::<Option<i64>, _>("position_ms").unwrap_or_default(),
+        duration_ms: row.get::<Option<i64>, _>("duration_ms").unwrap_or_default(),
+        ad_id: text(&row, "ad_id"),
+        ad_break: text(&row, "ad_break"),
+        page: text(&row, "page"),
+        target: text(&row, "target"),
+        error_code: text(&row, "error_code"),
+        error_message: text(&row, "error_message"),
+        geo: geo_present.then(|| Geo {
+            lat: geo_lat.unwrap_or_default(),
+            lon: geo_lon.unwrap_or_default(),
+            country: text(&row, "geo_country"),
+            region: text(&row, "geo_region"),
+        }),
+        attributes: attributes.map(|json| serde_json::from_str(&json).expect("a JSON object")).unwrap_or_default(),
+        schema_version: text(&row, "schema_version"),
+    };
+    (event, row)
+}
+
+#[tokio::test]
+async fn writes_a_batch_once_and_reports_it_again_as_duplicates() {
+    let sink = sink("once").await;
+    let batch = batch((0..100).map(event));
+    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 100, duplicates: 0 });
+    assert_eq!(sink.write(&batch).await.expect("write again"), SinkReport { written: 0, duplicates: 100 });
+    assert_eq!(count(&sink, &sink.table()).await, 100);
+    drop_tables(&sink).await;
+}
+
+#[tokio::test]
+async fn an_overlapping_batch_writes_only_the_new_events() {
+    let sink = sink("overlap").await;
+    assert_eq!(sink.write(&batch((0..60).map(event))).await.expect("write"), SinkReport { written: 60, duplicates: 0 });
+    // 40..120 overlaps 40..60; event 100 is in it twice (a producer retry inside one batch).
+    let overlapping = batch((40..120).map(event).chain([event(100)]));
+    assert_eq!(sink.write(&overlapping).await.expect("write"), SinkReport { written: 60, duplicates: 21 });
+    assert_eq!(count(&sink, &sink.table()).await, 120);
+    // The first write of an event is the one kept.
+    let sequence: String = sqlx::query_scalar(&format!(
+        "SELECT sequence_number FROM \"{}\" WHERE event_id = 'event-000045'",
+        sink.table()
+    ))
+    .fetch_one(sink.pool())
+    .await
+    .expect("read");
+    assert_eq!(sequence, batch((0..60).map(event)).events[45].sequence_number);
+    drop_tables(&sink).await;
+}
+
+#[tokio::test]
+async fn every_column_round_trips() {
+    let sink = sink("roundtrip").await;
+    let full =
+        Event { error_code: "E_DRM".to_owned(), error_message: "license expired\nretry later".to_owned(), ..event(7) };
+    let minimal = Event { event_id: "minimal".to_owned(), ..Event::default() };
+    let unknown_enums = Event { event_id: "unknown-enums".to_owned(), r#type: 61, platform: 99, ..Event::default() };
+    let geo_at_zero = Event { event_id: "geo-zero".to_owned(), geo: Some(Geo::default()), ..Event::default() };
+    let broken_clock =
+        Event { event_id: "broken-clock".to_owned(), occurred_at_ms: i64::MAX, received_at_ms: -1, ..Event::default() };
+    let events = [full, minimal, unknown_enums, geo_at_zero, broken_clock];
+    let batch = batch(events.clone());
+    assert_eq!(sink.write(&batch).await.expect("write").written, 5);
+
+    for (event, record) in events.iter().zip(&batch.events) {
+        let (stored, row) = read_back(&sink, &event.event_id).await;
+        let mut expected = event.clone();
+        if expected.event_id == "broken-clock" {
+            // Past the year 9999: stored as NULL. A time before 1970 is kept.
+            expected.occurred_at_ms = 0;
+        }
+        assert_eq!(stored, expected, "event {}", event.event_id);
+        assert_eq!(text(&row, "stream"), "ktk-events");
+        assert_eq!(text(&row, "shard_id"), record.shard_id);
+        assert_eq!(text(&row, "sequence_number"), record.sequence_number);
+        assert_eq!(row.get::<i64, _>("sub_sequence_number") as u64, record.sub_sequence_number);
+        let arrival = record.arrival.expect("arrival").duration_since(UNIX_EPOCH).expect("after 1970");
+        assert_eq!(row.get::<i64, _>("arrival_ms"), arrival.as_millis() as i64);
+    }
+
+    // The columns are typed: times compare as times, attributes as JSON, enums by name.
+    let table = sink.table();
+    let checks: (String, bool, String, bool, bool) = sqlx::query_as(&format!(
+        "SELECT pg_typeof(occurred_at)::text, occurred_at = '2023-11-14 22:13:20.007+00'::timestamptz, \
+         attributes->>'cdn', event_type = 'EVENT_TYPE_PLAY', stored_at > now() - interval '1 minute' \
+         FROM \"{table}\" WHERE event_id = 'event-000007'"
+    ))
+    .fetch_one(sink.pool())
+    .await
+    .expect("typed read");
+    assert_eq!(checks, ("timestamp with time zone".to_owned(), true, "edge-3".to_owned(), true, true));
+    let minimal_nulls: (Option<String>, Option<String>, Option<f64>) = sqlx::query_as(&format!(
+        "SELECT user_id, attributes::text, geo_lat FROM \"{table}\" WHERE event_id = 'minimal'"
+    ))
+    .fetch_one(sink.pool())
+    .await
+    .expect("read");
+    assert_eq!(minimal_nulls, (None, None, None));
+    drop_tables(&sink).await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_stored_once() {
+    let sink = sink("dead").await;
+    let dead = |sequence: &str, sub: u64, data: &'static [u8], reason: &str| DeadLetter {
+        shard_id: "shardId-000000000003".to_owned(),
+        sequence_number: sequence.to_owned(),
+        sub_sequence_number: sub,
+        partition_key: "pk-1".to_owned(),
+        data: Bytes::from_static(data),
+        reason: reason.to_owned(),
+        arrival: Some(ms(1_700_000_003_000)),
+    };
+    let mut first = batch((0..3).map(event));
+    first.dead_letters = vec![
+        dead("100", 0, b"\x00\xffnot protobuf", "not an events.v1.Event: invalid wire type"),
+        dead("100", 1, b"{}", "event without event_id"),
+    ];
+    assert_eq!(sink.write(&first).await.expect("write"), SinkReport { written: 3, duplicates: 0 });
+    let mut again = first.clone();
+    again.dead_letters.push(dead("101", 0, b"", "empty record"));
+    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 3 });
+    // A batch of dead letters only.
+    let mut only_dead = batch([]);
+    only_dead.dead_letters = again.dead_letters.clone();
+    assert_eq!(sink.write(&only_dead).await.expect("write dead letters"), SinkReport::default());
+
+    assert_eq!(count(&sink, &sink.dead_letter_table()).await, 3);
+    let stored: Vec<(String, i64, String, Vec<u8>, String, String)> = sqlx::query_as(&format!(
+        "SELECT sequence_number, sub_sequence_number, partition_key, data, reason, stream FROM \"{}\" \
+         ORDER BY sequence_number, sub_sequence_number",
+        sink.dead_letter_table()
+    ))
+    .fetch_all(sink.pool())
+    .await
+    .expect("read dead letters");
+    let expected: Vec<_> = again
+        .dead_letters
+        .iter()
+        .map(|d| {
+            let sub = d.sub_sequence_number as i64;
+            let data = d.data.to_vec();
+            (d.sequence_number.clone(), sub, d.partition_key.clone(), data, d.reason.clone(), "ktk-events".to_owned())
+        })
+        .collect();
+    assert_eq!(stored, expected);
+    drop_tables(&sink).await;
+}
+
+#[tokio::test]
+async fn a_dead_database_is_a_retryable_error_within_the_acquire_timeout() {
+    let dead_url = "postgres://postgres:secret@127.0.0.1:1/test";
+    let config = StoreConfig::default().with_acquire_timeout(Duration::from_secs(1));
+    let started = Instant::now();
+    let error =
+        PostgresSink::connect_with(dead_url, "events", config.clone()).await.expect_err("nothing listens on port 1");
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    assert!(error.retryable, "{error}");
+    assert!(error.message.contains("127.0.0.1:1") && !error.message.contains("secret"), "{error}");
+
+    // A sink whose database goes away: each write fails retryably, just as fast.
+    let sink = PostgresSink::connect_lazy(dead_url, "events", config).expect("valid URL");
+    let started = Instant::now();
+    let error = sink.write(&batch((0..5).map(event))).await.expect_err("no database");
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    assert!(error.retryable && error.sink == "postgres", "{error}");
+}
+
+#[tokio::test]
+async fn migrate_twice_is_fine_and_adds_missing_columns_to_an_older_table() {
+    let url = database_url();
+    let table = unique_table("older");
+    let sink = PostgresSink::connect_with(&url, &table, config()).await.expect("PostgreSQL is up");
+    // The table as an older version made it: a few columns, one row.
+    sqlx::query(&format!(
+        "CREATE TABLE \"{table}\" (event_id TEXT PRIMARY KEY, event_type TEXT, occurred_at TIMESTAMPTZ)"
+    ))
+    .execute(sink.pool())
+    .await
+    .expect("create the older table");
+    sqlx::query(&format!("INSERT INTO \"{table}\" VALUES ('old-1', 'EVENT_TYPE_PLAY', now())"))
+        .execute(sink.pool())
+        .await
+        .expect("insert an old row");
+
+    let report = sink.migrate().await.expect("migrate");
+    assert_eq!(report.created_tables, vec![sink.dead_letter_table()]);
+    for column in ["user_id", "attributes", "geo_lat", "sub_sequence_number", "arrival", "stored_at"] {
+        assert!(report.added_columns.contains(&format!("{table}.{column}")), "{column} in {report:?}");
+    }
+    assert!(!report.added_columns.iter().any(|c| c.ends_with(".event_type")), "{report:?}");
+    let again = sink.migrate().await.expect("migrate again");
+    assert!(again.created_tables.is_empty() && again.added_columns.is_empty(), "{again:?}");
+
+    assert_eq!(sink.write(&batch((0..10).map(event))).await.expect("write").written, 10);
+    let (old, _) = read_back(&sink, "old-1").await;
+    assert_eq!((old.r#type, old.user_id.as_str()), (EventType::Play as i32, ""));
+    assert_eq!(count(&sink, &table).await, 11);
+    drop_tables(&sink).await;
+}
+
+#[tokio::test]
+async fn migrate_names_a_column_of_the_wrong_type_and_a_missing_key() {
+    let url = database_url();
+    let table = unique_table("wrong");
+    let sink = PostgresSink::connect_with(&url, &table, config()).await.expect("PostgreSQL is up");
+    sqlx::query(&format!("CREATE TABLE \"{table}\" (event_id TEXT, occurred_at TEXT)"))
+        .execute(sink.pool())
+        .await
+        .expect("create a wrong table");
+    let error = sink.migrate().await.expect_err("cannot work");
+    assert!(!error.retryable, "{error}");
+    assert!(error.message.contains("column occurred_at") && error.message.contains("ALTER TABLE"), "{error}");
+    assert!(error.message.contains("no primary key or unique index on (event_id)"), "{error}");
+    // Nothing was half-done: the transaction rolled back.
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
+    )
+    .bind(&table)
+    .fetch_one(sink.pool())
+    .await
+    .expect("count columns");
+    assert_eq!(columns, 2);
+    drop_tables(&sink).await;
+}
+
+#[tokio::test]
+async fn writing_before_migrate_says_to_migrate() {
+    let url = database_url();
+    let sink = PostgresSink::connect_with(&url, &unique_table("nomigrate"), config()).await.expect("PostgreSQL is up");
+    let error = sink.write(&batch((0..2).map(event))).await.expect_err("no table");
+    assert!(!error.retryable, "{error}");
+    assert!(error.message.contains("42P01") && error.message.contains("run migrate()"), "{error}");
+    sink.close().await;
+}
+
+#[tokio::test]
+async fn batch_write_time_for_1000_events() {
+    let sink = sink("timing").await;
+    // The first write prepares the statement on the connection; the batches timed are the next.
+    sink.write(&batch((0..1000).map(event))).await.expect("warm-up write");
+    let fresh = batch((1000..2000).map(event));
+    let started = Instant::now();
+    let report = sink.write(&fresh).await.expect("write");
+    let insert_time = started.elapsed();
+    assert_eq!(report, SinkReport { written: 1000, duplicates: 0 });
+    let started = Instant::now();
+    let report = sink.write(&fresh).await.expect("write again");
+    let duplicate_time = started.elapsed();
+    assert_eq!(report, SinkReport { written: 0, duplicates: 1000 });
+    println!("postgres: 1,000 new events in {insert_time:?}, 1,000 duplicates in {duplicate_time:?}");
+    assert!(insert_time < Duration::from_secs(10), "{insert_time:?}");
+    drop_tables(&sink).await;
+}

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 mod agg;
 mod leases;
 mod produce;
+mod s3;
 mod tail;
 
 #[derive(Debug, Parser)]
@@ -74,6 +75,43 @@ enum Command {
     /// access) or, with --stream, when a shard's distance behind could not be read, 2 for bad
     /// options.
     Leases(LeasesArgs),
+    /// Read what the consumer's S3 sink wrote.
+    #[command(subcommand)]
+    S3(S3Command),
+}
+
+#[derive(Debug, Subcommand)]
+enum S3Command {
+    /// Print every event under an S3 prefix once, as JSON Lines (Parquet and gzip JSON Lines
+    /// objects alike).
+    ///
+    /// Lists the prefix (all pages), reads every events object under it
+    /// (`.../events/dt=YYYY-MM-DD/hour=HH/*.parquet` or `*.jsonl.gz`), and prints each event once
+    /// (the first copy of an event_id, in key order) in canonical proto3 JSON with sorted keys, one
+    /// per line; with --json, each line is {"shard_id", "sequence_number", "sub_sequence_number",
+    /// "arrival_ms", "event"}. A summary goes to stderr: events, duplicates (copies of an event_id
+    /// already printed), objects, bytes. AWS settings come from the environment (AWS_REGION,
+    /// AWS_ENDPOINT_URL, credentials...). Exit status: 0 when everything was read (or standard
+    /// output closed), 1 when the bucket or an object cannot be read, 2 for bad options.
+    Read(S3ReadArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct S3ReadArgs {
+    /// The bucket.
+    #[arg(long, value_name = "NAME")]
+    bucket: String,
+    /// The S3 key prefix, used as is: the sink's prefix, or one of its partitions
+    /// (`<prefix>/events/dt=2026-03-01/`).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    prefix: String,
+    /// Print each event with its position in the stream, in the JSON Lines object format.
+    #[arg(long)]
+    json: bool,
+    /// Put the bucket in the URL path rather than the host name (LocalStack, MinIO, or any
+    /// endpoint reached by IP address).
+    #[arg(long)]
+    path_style: bool,
 }
 
 /// `--from` of `ktk tail`.
@@ -185,6 +223,7 @@ fn main() -> ExitCode {
         Command::Produce(args) => return produce_main(args),
         Command::Tail(args) => return tail_main(args),
         Command::Leases(args) => return leases_main(args),
+        Command::S3(S3Command::Read(args)) => return s3_read_main(args),
         command => command,
     };
     let stdin = io::stdin().lock();
@@ -201,7 +240,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Agg(AggCommand::Decode) => agg::decode(stdin, &mut stdout, &mut stderr),
-        Command::Produce(_) | Command::Tail(_) | Command::Leases(_) => unreachable!("handled above"),
+        Command::Produce(_) | Command::Tail(_) | Command::Leases(_) | Command::S3(_) => unreachable!("handled above"),
     };
     match result {
         Ok(summary) if summary.bad_lines == 0 => ExitCode::SUCCESS,
@@ -341,6 +380,27 @@ fn leases_main(args: LeasesArgs) -> ExitCode {
             Err(leases::LeasesError::Output(error)) if error.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("ktk leases: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn s3_read_main(args: S3ReadArgs) -> ExitCode {
+    let runtime = match runtime("s3 read") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    runtime.block_on(async {
+        let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let client = ktk_consumer::pipeline::s3::client(&aws, args.path_style);
+        let options = s3::ReadOptions { bucket: args.bucket, prefix: args.prefix, json: args.json };
+        let mut stdout = BufWriter::new(io::stdout().lock());
+        match s3::read(&client, &options, &mut stdout, &mut io::stderr()).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(s3::ReadError::Output(error)) if error.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("ktk s3 read: {error}");
                 ExitCode::FAILURE
             }
         }

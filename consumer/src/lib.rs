@@ -40,6 +40,8 @@
 //! See `docs/consumer.md` for the design and the measurements.
 #![deny(unsafe_code)]
 
+#[cfg(feature = "app")]
+pub mod app;
 mod backoff;
 pub mod error;
 pub mod fanout;

@@ -10,6 +10,7 @@ pub mod dedup;
 pub mod delivery;
 pub mod mysql;
 pub mod postgres;
+pub mod s3;
 
 pub use decode::{EventEncoding, decode_event};
 pub use delivery::{DeliveryProcessor, Pipeline, PipelineConfig, PipelineStats};

@@ -1,0 +1,89 @@
+//! `consumer`: the delivery pipeline as an ECS task. Reads a stream with leases shared among
+//! every task of the application, decodes and deduplicates events, writes batches to S3 and the
+//! real-time stores, and checkpoints after they acknowledged. Settings come from `KTK_*`
+//! environment variables (see `ktk_consumer::app`); AWS settings from the standard chain.
+//! SIGTERM (an ECS stop) stops taking work, abandons the batch being filled, releases every lease
+//! and exits 0 well within ECS's 30 s stop timeout. A bad setting exits 2 naming the variable.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ktk_consumer::app::{self, LogFormat, Settings};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("consumer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match settings.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let metrics = match PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => {
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    every.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            Some(handle)
+        }
+        Err(e) => {
+            error!("cannot install the Prometheus recorder: {e}");
+            None
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(settings.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!("cannot listen on {} (KTK_LISTEN): {e}", settings.listen);
+            return ExitCode::from(2);
+        }
+    };
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    match app::run(settings, &aws, listener, metrics, shutdown_signal()).await {
+        Ok((report, stats)) => {
+            info!(?report, ?stats, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves at the first SIGTERM (what ECS sends) or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+                }
+            }
+            Err(e) => {
+                error!("cannot listen for SIGTERM: {e}");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

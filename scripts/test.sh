@@ -51,7 +51,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (unit, property, integration, doc)"
 log="$(mktemp)"
 set +e
-cargo test --workspace --locked 2>&1 | tee "$log"
+# --no-fail-fast: one failing suite must not hide the others (the closing count covers them all).
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')

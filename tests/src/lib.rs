@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod store_support;
 pub mod worker_support;
 
 use aws_config::timeout::TimeoutConfig;

@@ -3,9 +3,12 @@
 //! per-shard order and who processed what. The `ktk-test-worker` binary runs it in its own
 //! process and prints the same facts as JSON lines.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use ktk_consumer::lease::LeaseTable;
 
 use ktk_consumer::{Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor, WorkerConfig};
 
@@ -144,4 +147,38 @@ pub fn fast_worker_config(stream: &str, table: &str, worker: &str) -> WorkerConf
         .with_idle_time_between_reads(Duration::from_millis(300))
         .with_retry_backoff(Duration::from_millis(100), Duration::from_secs(2))
         .with_shutdown_timeout(Duration::from_secs(10))
+}
+
+/// The shards of unfinished leases per owner ("" for none, "handoff" while a hand-off is in
+/// progress); empty while the table does not exist yet.
+pub async fn lease_owners(table: &LeaseTable) -> BTreeMap<String, Vec<String>> {
+    let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let leases = match table.list().await {
+        Ok(listing) => listing.leases,
+        Err(ktk_consumer::Error::TableNotFound { .. }) => Vec::new(),
+        Err(error) => panic!("list leases: {error}"),
+    };
+    for lease in leases.into_iter().filter(|l| !l.is_finished()) {
+        let owner =
+            if lease.checkpoint_owner.is_some() { "handoff".to_owned() } else { lease.owner.unwrap_or_default() };
+        owners.entry(owner).or_default().push(lease.lease_key);
+    }
+    owners
+}
+
+/// Polls `check` every 100 ms until it holds, and says how long that took; panics after `timeout`
+/// naming `what`.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

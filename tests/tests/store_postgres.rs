@@ -2,13 +2,13 @@
 //! `postgres://postgres@127.0.0.1:5432/test` (`localstack/databases.sh` starts one). A database
 //! that is not there fails the tests, with what to start. Each test has tables of its own.
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ktk_consumer::pipeline::postgres::{PostgresSink, StoreConfig};
-use ktk_consumer::pipeline::{Batch, DeadLetter, EventRecord, Sink, SinkReport};
+use ktk_consumer::pipeline::{DeadLetter, Sink, SinkReport};
 use ktk_proto::events::v1::{Event, EventType, Geo, Platform};
+use ktk_tests::store_support::{batch, event, ms, unique_table};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
@@ -16,11 +16,6 @@ const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
-}
-
-/// A table name no other test (or earlier run) uses.
-fn unique_table(tag: &str) -> String {
-    format!("ktk_{tag}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
 fn config() -> StoreConfig {
@@ -42,67 +37,6 @@ async fn drop_tables(sink: &PostgresSink) {
         sqlx::query(&format!("DROP TABLE IF EXISTS \"{table}\"")).execute(sink.pool()).await.expect("drop table");
     }
     sink.close().await;
-}
-
-fn ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms as u64)
-}
-
-/// Event `i`, every field set (and varied by `i`).
-fn event(i: u32) -> Event {
-    Event {
-        event_id: format!("event-{i:06}"),
-        r#type: EventType::Play as i32,
-        occurred_at_ms: 1_700_000_000_000 + i64::from(i),
-        received_at_ms: 1_700_000_001_000 + i64::from(i),
-        user_id: format!("user-{}", i % 97),
-        device_id: format!("device-{}", i % 13),
-        session_id: format!("session-{}", i / 10),
-        platform: Platform::FireTv as i32,
-        app_version: "5.4.3".to_owned(),
-        os_version: "Fire OS 8".to_owned(),
-        device_model: "AFTKA".to_owned(),
-        content_id: format!("content-{}", i % 50),
-        content_title: "Ein Film über \"Zitate\" — 🎬".to_owned(),
-        position_ms: i64::from(i) * 1000,
-        duration_ms: 5_400_000,
-        ad_id: "ad-7".to_owned(),
-        ad_break: "midroll-2".to_owned(),
-        page: "/watch".to_owned(),
-        target: "player".to_owned(),
-        error_code: String::new(),
-        error_message: String::new(),
-        geo: Some(Geo { lat: 52.52, lon: 13.405, country: "DE".to_owned(), region: "DE-BE".to_owned() }),
-        attributes: HashMap::from([
-            ("cdn".to_owned(), "edge-3".to_owned()),
-            ("bitrate_kbps".to_owned(), (3000 + i).to_string()),
-        ]),
-        schema_version: "1.0".to_owned(),
-    }
-}
-
-fn record(event: Event, sequence: u64) -> EventRecord {
-    EventRecord {
-        event,
-        shard_id: "shardId-000000000003".to_owned(),
-        sequence_number: format!("4959033827149025660855969253836157109592157598913658{sequence:04}"),
-        sub_sequence_number: sequence % 3,
-        arrival: Some(ms(1_700_000_002_000 + sequence as i64)),
-    }
-}
-
-fn batch(events: impl IntoIterator<Item = Event>) -> Batch {
-    let events: Vec<EventRecord> = events.into_iter().enumerate().map(|(n, e)| record(e, n as u64)).collect();
-    let first = events.first().map(|r| (r.sequence_number.clone(), r.sub_sequence_number)).unwrap_or_default();
-    let last = events.last().map(|r| (r.sequence_number.clone(), r.sub_sequence_number)).unwrap_or_default();
-    Batch {
-        stream: "ktk-events".to_owned(),
-        shard_id: "shardId-000000000003".to_owned(),
-        events,
-        dead_letters: Vec::new(),
-        first,
-        last,
-    }
 }
 
 async fn count(sink: &PostgresSink, table: &str) -> i64 {

@@ -11,7 +11,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ktk_consumer::lease::{ExtendedSequenceNumber, LeaseTable};
 use ktk_consumer::{Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor, Worker};
 use ktk_producer::{Producer, ProducerConfig, Record};
-use ktk_tests::worker_support::{Journal, Lifecycle, Processed, RecordingProcessor, fast_worker_config};
+use ktk_tests::worker_support::{
+    Journal, Lifecycle, Processed, RecordingProcessor, fast_worker_config, lease_owners, wait_for,
+};
 use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, numbered_data, unique_name};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -70,35 +72,7 @@ fn steady_producer(stream: &str, n: usize, over: Duration) -> JoinHandle<()> {
 
 /// Unfinished leases per owner ("" for none, "handoff" while a hand-off is in progress).
 async fn owners(table: &LeaseTable) -> BTreeMap<String, usize> {
-    let mut owners = BTreeMap::new();
-    let leases = match table.list().await {
-        Ok(listing) => listing.leases,
-        // Not created yet by the first worker.
-        Err(ktk_consumer::Error::TableNotFound { .. }) => Vec::new(),
-        Err(error) => panic!("list leases: {error}"),
-    };
-    for lease in leases.into_iter().filter(|l| !l.is_finished()) {
-        let owner =
-            if lease.checkpoint_owner.is_some() { "handoff".to_owned() } else { lease.owner.unwrap_or_default() };
-        *owners.entry(owner).or_default() += 1;
-    }
-    owners
-}
-
-/// Polls `check` every 100 ms until it holds; panics after `timeout` with `what`.
-async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    lease_owners(table).await.into_iter().map(|(owner, shards)| (owner, shards.len())).collect()
 }
 
 async fn wait_for_count(journal: &Journal, n: usize, timeout: Duration) {

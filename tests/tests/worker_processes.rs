@@ -3,13 +3,14 @@
 //! on the others from its last checkpoints after the failover time; only what it had not
 //! checkpointed is processed again), and the others stopped with SIGTERM (exit 0, leases released).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ktk_consumer::lease::LeaseTable;
 use ktk_producer::{Producer, ProducerConfig, Record};
+use ktk_tests::worker_support::{lease_owners, wait_for};
 use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, numbered_data, unique_name};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
@@ -51,36 +52,6 @@ fn spawn_worker(stream: &str, table: &str, worker: &str, lines: &Lines) -> Child
         }
     });
     child
-}
-
-async fn owners(table: &LeaseTable) -> BTreeMap<String, Vec<String>> {
-    let mut owners: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let leases = match table.list().await {
-        Ok(listing) => listing.leases,
-        Err(ktk_consumer::Error::TableNotFound { .. }) => Vec::new(),
-        Err(error) => panic!("list leases: {error}"),
-    };
-    for lease in leases.into_iter().filter(|l| !l.is_finished()) {
-        let owner =
-            if lease.checkpoint_owner.is_some() { "handoff".to_owned() } else { lease.owner.unwrap_or_default() };
-        owners.entry(owner).or_default().push(lease.lease_key);
-    }
-    owners
-}
-
-async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn sigterm(child: &Child) {
@@ -132,7 +103,7 @@ async fn three_processes_share_a_stream_and_survive_one_being_killed() {
     ];
     let mut victim = spawn_worker(&stream, &table_name, "proc-3", &lines);
     let spread = wait_for(Duration::from_secs(30), "a 3/3/2 spread over the processes", || async {
-        let o = owners(&table).await;
+        let o = lease_owners(&table).await;
         let mut counts: Vec<usize> =
             ["proc-1", "proc-2", "proc-3"].iter().map(|w| o.get(*w).map_or(0, Vec::len)).collect();
         counts.sort_unstable();
@@ -142,7 +113,7 @@ async fn three_processes_share_a_stream_and_survive_one_being_killed() {
 
     // Kill one without warning.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let orphaned = owners(&table).await.remove("proc-3").expect("proc-3 holds leases");
+    let orphaned = lease_owners(&table).await.remove("proc-3").expect("proc-3 holds leases");
     victim.start_kill().expect("SIGKILL");
     let killed_at = Instant::now();
     victim.wait().await.expect("reaped");

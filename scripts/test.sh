@@ -15,6 +15,19 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The reused build directory only grows (every dependency change leaves old artifacts behind).
+# Past a size, or when the disk is nearly full, start it afresh: a cold build costs minutes, a
+# full disk fails every link.
+target_limit_kb=$((30 * 1024 * 1024))
+if [[ -d "$CARGO_TARGET_DIR" ]]; then
+  target_kb=$(du -sk "$CARGO_TARGET_DIR" 2>/dev/null | awk '{print $1}')
+  free_kb=$(df -Pk "$CARGO_TARGET_DIR" | awk 'NR == 2 {print $4}')
+  if (( ${target_kb:-0} > target_limit_kb || ${free_kb:-0} < 8 * 1024 * 1024 )); then
+    echo "build directory $CARGO_TARGET_DIR is $((${target_kb:-0} / 1024)) MB with $((${free_kb:-0} / 1024)) MB free: removing it"
+    rm -rf "$CARGO_TARGET_DIR"
+  fi
+fi
+
 step "toolchain"
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 cargo --version

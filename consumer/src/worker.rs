@@ -328,9 +328,16 @@ pub struct Worker<F> {
 }
 
 impl<F: ProcessorFactory> Worker<F> {
-    /// A worker with clients from the standard AWS configuration.
+    /// A worker with clients from the standard AWS configuration. The Kinesis client has the SDK's
+    /// retries turned off: every Kinesis call the worker makes is already repeated by its own loops
+    /// (reads back off and read again, shard sync runs again, fan-out subscribes again), and one
+    /// retry layer must not stack on another.
     pub fn new(config: WorkerConfig, sdk: &SdkConfig, factory: F) -> Result<Self> {
-        let kinesis = aws_sdk_kinesis::Client::new(sdk);
+        let kinesis = aws_sdk_kinesis::Client::from_conf(
+            aws_sdk_kinesis::config::Builder::from(sdk)
+                .retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled())
+                .build(),
+        );
         let table = LeaseTable::new(sdk, config.table_name.clone());
         Worker::from_clients(config, kinesis, table, factory)
     }
@@ -381,12 +388,23 @@ impl<F: ProcessorFactory> Worker<F> {
 
         let fan_out = match &config.fan_out {
             None => None,
-            Some(name) => match crate::fanout::register_consumer(&self.kinesis, &config.stream, name).await {
-                Ok(consumer) => {
-                    info!(stream = %config.stream, consumer = %consumer.consumer_arn, "reading with enhanced fan-out");
-                    Some(consumer.consumer_arn)
+            Some(name) => loop {
+                match crate::fanout::register_consumer(&self.kinesis, &config.stream, name).await {
+                    Ok(consumer) => {
+                        info!(stream = %config.stream, consumer = %consumer.consumer_arn, "reading with enhanced fan-out");
+                        break Some(consumer.consumer_arn);
+                    }
+                    Err(error) if error.is_retryable() => {
+                        warn!(stream = %config.stream, %error, "registering the stream consumer failed; retrying");
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ok(WorkerReport { table_calls: self.table.calls(), ..WorkerReport::default() }),
+                            () = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
+                    }
+                    Err(error) => {
+                        return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() });
+                    }
                 }
-                Err(error) => return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() }),
             },
         };
         let renewer = Arc::new(

@@ -383,9 +383,16 @@ pub struct S3Sink {
 
 impl S3Sink {
     /// A sink with its own client, built from the standard AWS configuration and the config's
-    /// addressing style.
+    /// addressing style, with the SDK's retries turned off: the pipeline writes a failed batch
+    /// again with its own backoff, and one retry layer must not stack on another.
     pub fn new(sdk_config: &SdkConfig, config: S3SinkConfig) -> Self {
-        S3Sink { client: client(sdk_config, config.force_path_style), config }
+        let client = Client::from_conf(
+            aws_sdk_s3::config::Builder::from(sdk_config)
+                .force_path_style(config.force_path_style)
+                .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+                .build(),
+        );
+        S3Sink { client, config }
     }
 
     /// A sink on a client built elsewhere (its addressing style is the client's).

@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ktk_consumer::lease::LeaseTable;
+use ktk_producer::{Producer, ProducerConfig, Record};
+use tokio::task::JoinHandle;
 
 use ktk_consumer::{Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor, WorkerConfig};
 
@@ -181,4 +183,32 @@ where
         assert!(started.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Puts `n` numbered records over about `over`, with 200 partition keys, through the producer.
+pub fn steady_producer(stream: &str, n: usize, over: Duration) -> JoinHandle<()> {
+    let stream = stream.to_owned();
+    tokio::spawn(async move {
+        let producer = Producer::new(
+            ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)),
+            &crate::aws_config().await,
+        )
+        .await
+        .expect("producer");
+        let started = Instant::now();
+        let mut receipts = Vec::with_capacity(n);
+        for i in 0..n {
+            let due = over.mul_f64(i as f64 / n as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+            let key = format!("user-{:03}", i % 200);
+            receipts
+                .push(producer.put(Record::new(key.clone(), crate::numbered_data(&key, i, 60))).await.expect("put"));
+        }
+        for receipt in receipts {
+            receipt.await.expect("record acknowledged");
+        }
+        producer.shutdown(Duration::from_secs(10)).await;
+    })
 }

@@ -10,9 +10,8 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::types::AttributeValue;
 use ktk_consumer::lease::{ExtendedSequenceNumber, LeaseTable};
 use ktk_consumer::{Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor, Worker};
-use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_tests::worker_support::{
-    Journal, Lifecycle, Processed, RecordingProcessor, fast_worker_config, lease_owners, wait_for,
+    Journal, Lifecycle, Processed, RecordingProcessor, fast_worker_config, lease_owners, steady_producer, wait_for,
 };
 use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, numbered_data, unique_name};
 use tokio::task::JoinHandle;
@@ -41,33 +40,6 @@ async fn start_worker(stream: &str, table: &str, id: &str, journal: &Journal) ->
     let stop = CancellationToken::new();
     let handle = tokio::spawn(worker.run(stop.clone()));
     Running { id: id.to_owned(), stop, handle }
-}
-
-/// Puts `n` numbered records over about `over`, with 200 partition keys, through the producer.
-fn steady_producer(stream: &str, n: usize, over: Duration) -> JoinHandle<()> {
-    let stream = stream.to_owned();
-    tokio::spawn(async move {
-        let producer = Producer::new(
-            ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)),
-            &aws_config().await,
-        )
-        .await
-        .expect("producer");
-        let started = Instant::now();
-        let mut receipts = Vec::with_capacity(n);
-        for i in 0..n {
-            let due = over.mul_f64(i as f64 / n as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-            let key = format!("user-{:03}", i % 200);
-            receipts.push(producer.put(Record::new(key.clone(), numbered_data(&key, i, 60))).await.expect("put"));
-        }
-        for receipt in receipts {
-            receipt.await.expect("record acknowledged");
-        }
-        producer.shutdown(Duration::from_secs(10)).await;
-    })
 }
 
 /// Unfinished leases per owner ("" for none, "handoff" while a hand-off is in progress).
@@ -263,8 +235,12 @@ async fn a_split_and_a_merge_while_consuming_lose_nothing_and_children_wait_for_
 
     producer.await.expect("producer");
     wait_for_count(&journal, N, Duration::from_secs(90)).await;
-    // Let the last shard ends be checkpointed.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The last record of a shard is processed before its end is checkpointed: wait for the ends.
+    let table = LeaseTable::new(&aws_config().await, &table_name);
+    wait_for(Duration::from_secs(30), "the three closed shards checkpointed at SHARD_END", || async {
+        table.list().await.expect("list").leases.iter().filter(|l| l.is_finished()).count() == 3
+    })
+    .await;
     a.stop().await;
     b.stop().await;
 
@@ -298,7 +274,6 @@ async fn a_split_and_a_merge_while_consuming_lose_nothing_and_children_wait_for_
         children_checked += 1;
     }
     assert!(children_checked >= 2, "records reached the children of the split and of the merge");
-    let table = LeaseTable::new(&aws_config().await, &table_name);
     let leases = table.list().await.expect("list").leases;
     assert_eq!(
         leases.iter().filter(|l| l.is_finished()).count(),
@@ -377,7 +352,7 @@ async fn resumes_a_kcl_2x_lease_table_at_its_checkpoint_inside_an_aggregate() {
     let a = start_worker(&stream, &table_name, "worker-a", &journal).await;
     wait_for_count(&journal, 8, Duration::from_secs(30)).await;
     let resumed_after = started.elapsed();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The graceful stop lets the processor checkpoint what it was given.
     a.stop().await;
     let records = journal.records();
     let indexes: Vec<usize> = records.iter().map(|r| index_in(&r.data)).collect();
@@ -607,8 +582,19 @@ async fn lease_table_writes_are_renewals_when_idle_and_checkpoints_when_busy() {
     assert!(idle.table_calls.writes <= idle.renewals + 4 + 4, "{idle:?}");
 
     // Busy: a batch (and a checkpoint) every 300 ms or so per shard; renewals mostly skipped.
+    // Renewals every 2 s (failover 6 s), so a renewal is skipped when a checkpoint came in the last
+    // second; batches come every few hundred milliseconds, even on a loaded machine.
     let producer = steady_producer(&stream, 2_000, Duration::from_secs(8));
-    let b = start_worker(&stream, &table_name, "worker-b", &journal).await;
+    let config = fast_worker_config(&stream, &table_name, "worker-b")
+        .with_failover_time(Duration::from_secs(6))
+        .with_renew_interval(Duration::from_secs(2));
+    let factory = {
+        let journal = journal.clone();
+        move |shard: &str| RecordingProcessor::new("worker-b", shard, journal.clone())
+    };
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(Worker::new(config, &aws_config().await, factory).expect("config").run(stop.clone()));
+    let b = Running { id: "worker-b".to_owned(), stop, handle };
     producer.await.expect("producer");
     wait_for_count(&journal, 2_000, Duration::from_secs(30)).await;
     let busy = b.stop().await;

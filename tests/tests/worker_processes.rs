@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ktk_consumer::lease::LeaseTable;
-use ktk_producer::{Producer, ProducerConfig, Record};
-use ktk_tests::worker_support::{lease_owners, wait_for};
-use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, numbered_data, unique_name};
+use ktk_tests::worker_support::{lease_owners, steady_producer, wait_for};
+use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, unique_name};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::process::{Child, Command};
 
@@ -71,31 +70,7 @@ async fn three_processes_share_a_stream_and_survive_one_being_killed() {
     let table = LeaseTable::new(&aws_config().await, &table_name);
     let lines: Lines = Arc::default();
 
-    let producer = {
-        let stream = stream.clone();
-        tokio::spawn(async move {
-            let producer = Producer::new(
-                ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)),
-                &aws_config().await,
-            )
-            .await
-            .expect("producer");
-            let started = Instant::now();
-            let mut receipts = Vec::with_capacity(N);
-            for i in 0..N {
-                let due = Duration::from_secs(16).mul_f64(i as f64 / N as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
-                let key = format!("user-{:03}", i % 200);
-                receipts.push(producer.put(Record::new(key.clone(), numbered_data(&key, i, 60))).await.expect("put"));
-            }
-            for receipt in receipts {
-                receipt.await.expect("acknowledged");
-            }
-            producer.shutdown(Duration::from_secs(10)).await;
-        })
-    };
+    let producer = steady_producer(&stream, N, Duration::from_secs(16));
 
     let mut survivors = vec![
         spawn_worker(&stream, &table_name, "proc-1", &lines),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
 use ktk_consumer::lease::{ExtendedSequenceNumber, Lease, LeaseTable, TableSetup};
-use ktk_tests::{DEFAULT_ENDPOINT, create_stream, delete_stream, kinesis, unique_name};
+use ktk_tests::{create_stream, delete_stream, kinesis, unique_name};
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -19,24 +19,10 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 /// Longest one `ktk leases` run may take before the test kills it and fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The AWS settings for the child process only: LocalStack's endpoint, a region and dummy
-/// credentials, unless the environment already gives them.
-fn aws_env() -> Vec<(&'static str, String)> {
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION"));
-    vec![
-        ("AWS_ENDPOINT_URL", var("AWS_ENDPOINT_URL", DEFAULT_ENDPOINT)),
-        ("AWS_REGION", region.unwrap_or_else(|_| "us-east-1".to_owned())),
-        ("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID", "test")),
-        ("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY", "test")),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
-    ]
-}
-
 async fn ktk(args: &[&str]) -> Output {
     let child = Command::new(env!("CARGO_BIN_EXE_ktk"))
         .args(args)
-        .envs(aws_env())
+        .envs(ktk_tests::child_aws_env())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

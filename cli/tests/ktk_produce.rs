@@ -11,26 +11,12 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
-use ktk_tests::{DEFAULT_ENDPOINT, create_stream, delete_stream, kinesis, read_stream, unique_name};
+use ktk_tests::{create_stream, delete_stream, kinesis, read_stream, unique_name};
 use serde_json::Value;
 
 const SHARDS: i32 = 2;
 const RECORDS: usize = 5_000;
 const TEST_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// The AWS settings for the child process only: LocalStack's endpoint, a region and dummy
-/// credentials, unless the environment already gives them.
-fn aws_env() -> Vec<(&'static str, String)> {
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION"));
-    vec![
-        ("AWS_ENDPOINT_URL", var("AWS_ENDPOINT_URL", DEFAULT_ENDPOINT)),
-        ("AWS_REGION", region.unwrap_or_else(|_| "us-east-1".to_owned())),
-        ("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID", "test")),
-        ("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY", "test")),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
-    ]
-}
 
 /// Runs `ktk produce ARGS` with `stdin` piped in (from a thread, so a full pipe cannot block us).
 async fn ktk_produce(args: &[&str], stdin: Vec<u8>) -> Output {
@@ -38,7 +24,7 @@ async fn ktk_produce(args: &[&str], stdin: Vec<u8>) -> Output {
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ktk"))
             .args(&args)
-            .envs(aws_env())
+            .envs(ktk_tests::child_aws_env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

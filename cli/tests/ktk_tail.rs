@@ -13,7 +13,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ktk_proto::aggregation::{Aggregator, AggregatorConfig, KinesisRecord, UserRecord};
 use ktk_proto::events::v1::{Event, EventType, Platform};
-use ktk_tests::{DEFAULT_ENDPOINT, create_stream, delete_stream, kinesis, unique_name};
+use ktk_tests::{create_stream, delete_stream, kinesis, unique_name};
 use prost::Message as _;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -23,24 +23,10 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(180);
 /// Longest one `ktk tail` run may take before the test kills it and fails.
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The AWS settings for the child process only: LocalStack's endpoint, a region and dummy
-/// credentials, unless the environment already gives them.
-fn aws_env() -> Vec<(&'static str, String)> {
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-    let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION"));
-    vec![
-        ("AWS_ENDPOINT_URL", var("AWS_ENDPOINT_URL", DEFAULT_ENDPOINT)),
-        ("AWS_REGION", region.unwrap_or_else(|_| "us-east-1".to_owned())),
-        ("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID", "test")),
-        ("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY", "test")),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
-    ]
-}
-
 fn spawn_ktk(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ktk"))
         .args(args)
-        .envs(aws_env())
+        .envs(ktk_tests::child_aws_env())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

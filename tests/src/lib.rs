@@ -56,6 +56,20 @@ async fn config_for(endpoint: String) -> SdkConfig {
     loader.load().await
 }
 
+/// The AWS settings for a child process (the `ktk` binary, a worker process):  LocalStack's endpoint, a region and dummy
+/// credentials, unless the environment already gives them.
+pub fn child_aws_env() -> Vec<(&'static str, String)> {
+    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION"));
+    vec![
+        ("AWS_ENDPOINT_URL", var("AWS_ENDPOINT_URL", DEFAULT_ENDPOINT)),
+        ("AWS_REGION", region.unwrap_or_else(|_| "us-east-1".to_owned())),
+        ("AWS_ACCESS_KEY_ID", var("AWS_ACCESS_KEY_ID", "test")),
+        ("AWS_SECRET_ACCESS_KEY", var("AWS_SECRET_ACCESS_KEY", "test")),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+    ]
+}
+
 /// A Kinesis client, after checking that the endpoint answers; panics with what to do if not.
 pub async fn kinesis() -> aws_sdk_kinesis::Client {
     let config = aws_config().await;

@@ -55,13 +55,7 @@ fn spawn_consumer(stream: &str, app: &str, worker: &str, bucket: &str, table: &s
         .env("KTK_LISTEN", format!("127.0.0.1:{port}"))
         .env("KTK_LOG_FORMAT", "text")
         .env("RUST_LOG", "warn")
-        .env(
-            "AWS_ENDPOINT_URL",
-            std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| ktk_tests::DEFAULT_ENDPOINT.to_owned()),
-        )
-        .env("AWS_REGION", std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_owned()))
-        .env("AWS_ACCESS_KEY_ID", std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_else(|_| "test".to_owned()))
-        .env("AWS_SECRET_ACCESS_KEY", std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|_| "test".to_owned()))
+        .envs(ktk_tests::child_aws_env())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

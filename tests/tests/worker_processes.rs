@@ -99,15 +99,27 @@ async fn three_processes_share_a_stream_and_survive_one_being_killed() {
     .await;
 
     producer.await.expect("producer");
-    wait_for(Duration::from_secs(60), "every record processed", || async {
+    let missing = || {
         let lines = lines.lock().expect("lock");
         let mut seen = vec![false; N];
         for l in lines.iter() {
             seen[l.index] = true;
         }
-        seen.iter().all(|s| *s)
-    })
-    .await;
+        (0..N).filter(|i| !seen[*i]).collect::<Vec<usize>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !missing().is_empty() {
+        if Instant::now() > deadline {
+            // Say what is stuck before failing: which records, and the leases as the table has them.
+            let leases = table.list().await.map(|l| l.leases);
+            panic!(
+                "records never processed (first ten of {}): {:?}; leases: {leases:#?}",
+                missing().len(),
+                &missing()[..missing().len().min(10)]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for child in &survivors {
         sigterm(child).await;
     }

@@ -21,6 +21,10 @@ async fn main() -> ExitCode {
         eprintln!("usage: ktk-test-worker <stream> <lease table> <worker id>");
         return ExitCode::from(2);
     };
+    // Warnings and errors to stderr (the test shows them), more with RUST_LOG.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let journal = Journal::default();
     let config = ktk_tests::aws_config().await;
     let factory = {

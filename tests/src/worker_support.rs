@@ -42,6 +42,8 @@ pub struct Journal {
     /// Lifecycle events with their tick.
     pub events: Arc<Mutex<Vec<(u64, Lifecycle)>>>,
     clock: Arc<AtomicU64>,
+    /// How many records and events [`Journal::print_new`] printed already.
+    printed: Arc<Mutex<(usize, usize)>>,
 }
 
 impl Journal {
@@ -55,6 +57,31 @@ impl Journal {
 
     pub fn record_count(&self) -> usize {
         self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Prints the records and lifecycle events not printed yet as JSON lines on stdout, flushed
+    /// (what the `ktk-test-worker` process reports to its test).
+    pub fn print_new(&self, worker: &str) {
+        use std::io::Write as _;
+        let mut printed = self.printed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let records = self.records();
+        let events = self.events();
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        for record in &records[printed.0.min(records.len())..] {
+            let line = serde_json::json!({
+                "event": "record", "worker": worker, "shard": record.shard,
+                "sequence_number": record.sequence_number, "sub_sequence_number": record.sub_sequence_number,
+                "data": String::from_utf8_lossy(&record.data),
+            });
+            let _ = writeln!(out, "{line}");
+        }
+        for (_, event) in &events[printed.1.min(events.len())..] {
+            let line = serde_json::json!({ "event": "lifecycle", "worker": worker, "what": format!("{event:?}") });
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+        *printed = (records.len(), events.len());
     }
 
     fn tick(&self) -> u64 {
@@ -75,11 +102,14 @@ pub struct RecordingProcessor {
     pub journal: Journal,
     /// Fail this many batches (before recording them) to test processor retries.
     pub fail_batches: u32,
+    /// Print each batch ([`Journal::print_new`]) before checkpointing it, so a process killed
+    /// right after a checkpoint has reported everything it checkpointed.
+    pub echo: bool,
 }
 
 impl RecordingProcessor {
     pub fn new(worker: &str, shard: &str, journal: Journal) -> Self {
-        RecordingProcessor { worker: worker.to_owned(), shard: shard.to_owned(), journal, fail_batches: 0 }
+        RecordingProcessor { worker: worker.to_owned(), shard: shard.to_owned(), journal, fail_batches: 0, echo: false }
     }
 }
 
@@ -113,6 +143,9 @@ impl RecordProcessor for RecordingProcessor {
                 sub_sequence_number: r.sub_sequence_number,
                 data: r.data.clone(),
             }));
+        }
+        if self.echo {
+            self.journal.print_new(&self.worker);
         }
         checkpointer.checkpoint().await?;
         Ok(())

@@ -6,7 +6,6 @@
 //! Usage: `ktk-test-worker <stream> <lease table> <worker id>`. SIGTERM or SIGINT shuts it down
 //! gracefully (exit 0 with a final `{"event":"stopped",...}` line).
 
-use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -30,7 +29,13 @@ async fn main() -> ExitCode {
     let factory = {
         let journal = journal.clone();
         let worker = worker.clone();
-        move |shard: &str| RecordingProcessor::new(&worker, shard, journal.clone())
+        move |shard: &str| {
+            let mut processor = RecordingProcessor::new(&worker, shard, journal.clone());
+            // Report a batch before checkpointing it: a SIGKILL between the two must not hide
+            // records that will never be read again.
+            processor.echo = true;
+            processor
+        }
     };
     let consumer = match Worker::new(fast_worker_config(stream, table, worker), &config, factory) {
         Ok(worker) => worker,
@@ -50,7 +55,7 @@ async fn main() -> ExitCode {
         tokio::spawn(async move {
             loop {
                 let stopping = stop.is_cancelled();
-                print_new(&journal, &worker);
+                journal.print_new(&worker);
                 if stopping {
                     return;
                 }
@@ -74,7 +79,7 @@ async fn main() -> ExitCode {
     let report = run.await;
     let _ = printer.await;
     // The printer stopped at the shutdown signal; print what came after it (final checkpoints).
-    print_new(&journal, worker);
+    journal.print_new(worker);
     match report {
         Ok(Ok(report)) => {
             println!(
@@ -96,30 +101,4 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// How many records and events were printed already.
-static PRINTED: std::sync::Mutex<(usize, usize)> = std::sync::Mutex::new((0, 0));
-
-/// Prints the records and events not printed yet.
-fn print_new(journal: &Journal, worker: &str) {
-    let mut printed = PRINTED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let records = journal.records();
-    let events = journal.events();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    for record in &records[printed.0.min(records.len())..] {
-        let line = serde_json::json!({
-            "event": "record", "worker": worker, "shard": record.shard,
-            "sequence_number": record.sequence_number, "sub_sequence_number": record.sub_sequence_number,
-            "data": String::from_utf8_lossy(&record.data),
-        });
-        let _ = writeln!(out, "{line}");
-    }
-    for (_, event) in &events[printed.1.min(events.len())..] {
-        let line = serde_json::json!({ "event": "lifecycle", "worker": worker, "what": format!("{event:?}") });
-        let _ = writeln!(out, "{line}");
-    }
-    let _ = out.flush();
-    *printed = (records.len(), events.len());
 }

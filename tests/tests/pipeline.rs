@@ -13,7 +13,8 @@ use std::time::Duration;
 use aws_sdk_kinesis::primitives::Blob;
 use futures::future::BoxFuture;
 use ktk_consumer::Worker;
-use ktk_consumer::pipeline::{Batch, Pipeline, PipelineConfig, Sink, SinkError, SinkReport};
+use ktk_consumer::lease::{ExtendedSequenceNumber, LeaseTable};
+use ktk_consumer::pipeline::{Batch, Pipeline, PipelineConfig, Sink, SinkError, SinkReport, SinkTiming};
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType};
 use ktk_tests::worker_support::fast_worker_config;
@@ -27,11 +28,16 @@ struct RecordingSink {
     batches: Mutex<Vec<Batch>>,
     stored: Mutex<HashMap<String, u32>>,
     fail_next: AtomicU32,
+    timing: SinkTiming,
 }
 
 impl Sink for RecordingSink {
     fn name(&self) -> &str {
         "recording"
+    }
+
+    fn timing(&self) -> SinkTiming {
+        self.timing
     }
 
     fn write<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<SinkReport, SinkError>> {
@@ -164,5 +170,71 @@ async fn events_are_delivered_once_poison_is_dead_lettered_and_batches_are_repro
             .collect()
     };
     assert_eq!(shape(&again.batches.lock().expect("lock")), shape(&batches), "the same batches from the same records");
+    delete_stream(&client, &stream).await;
+}
+
+/// A real-time store (an `Immediate` sink) gets the events as soon as they are read, long before
+/// the batch window closes; the batch sink and the checkpoint wait for the batch. A graceful stop
+/// abandons the open batch, so the checkpoint never passes what the batch sink holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_sinks_get_events_before_the_batch_closes_and_the_checkpoint_waits_for_the_batch() {
+    const EVENTS: usize = 300;
+    let client = kinesis().await;
+    let stream = unique_name("ktk-pipeline-rt");
+    create_stream(&client, &stream, 1).await;
+    let producer =
+        Producer::new(ProducerConfig::new(&stream).with_request_timeout(Duration::from_secs(60)), &aws_config().await)
+            .await
+            .expect("producer");
+    let mut receipts = Vec::new();
+    for i in 0..EVENTS {
+        let e = event(i);
+        receipts.push(producer.put(Record::new(e.user_id.clone(), e.encode_to_vec())).await.expect("put"));
+    }
+    for r in receipts {
+        r.await.expect("acknowledged");
+    }
+    producer.shutdown(Duration::from_secs(10)).await;
+
+    let store = Arc::new(RecordingSink { timing: SinkTiming::Immediate, ..RecordingSink::default() });
+    let archive = Arc::new(RecordingSink::default());
+    // A window far longer than the test: the batch never closes by time.
+    let pipeline = Pipeline::new(
+        PipelineConfig::new(&stream).with_batch_window(Duration::from_secs(3_600), Duration::from_secs(5)),
+        vec![store.clone() as Arc<dyn Sink>, archive.clone() as Arc<dyn Sink>],
+    );
+    let factory = {
+        let pipeline = pipeline.clone();
+        move |shard: &str| pipeline.processor(shard)
+    };
+    let app = unique_name("ktk-pipeline-rt-app");
+    let config = fast_worker_config(&stream, &app, "worker-a").with_empty_batches(true);
+    let worker = Worker::new(config, &aws_config().await, factory).expect("config");
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    let started = std::time::Instant::now();
+    while store.stored.lock().expect("lock").len() < EVENTS {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the store did not get the events: {:?}",
+            pipeline.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("the immediate sink held all {EVENTS} events {:?} after the worker started", started.elapsed());
+    assert!(archive.batches.lock().expect("lock").is_empty(), "the batch sink waits for the batch");
+    assert_eq!(pipeline.stats().events_delivered, 0, "delivered counts acknowledged batches only");
+    stop.cancel();
+    handle.await.expect("task").expect("worker");
+
+    let table = LeaseTable::new(&aws_config().await, &app);
+    let listing = table.list().await.expect("leases");
+    assert_eq!(listing.leases.len(), 1);
+    assert_eq!(
+        listing.leases[0].checkpoint,
+        ExtendedSequenceNumber::TRIM_HORIZON,
+        "no checkpoint before the batch sink acknowledged"
+    );
+    assert!(store.stored.lock().expect("lock").values().all(|n| *n == 1), "each event written once");
     delete_stream(&client, &stream).await;
 }

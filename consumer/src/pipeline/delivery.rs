@@ -11,6 +11,14 @@
 //! fall in it). The same stretch of a shard read again (after a crash or a hand-off) therefore makes
 //! the same batches, and an S3 sink writes the same objects with the same bytes.
 //!
+//! # Real-time stores
+//! Sinks whose [`SinkTiming`] is `Immediate` (the PostgreSQL and MySQL stores) are not made to
+//! wait for the batch: the events of every read are written to them as soon as they are decoded
+//! and deduplicated, so the store is a second or two behind the stream, not a batch window. The
+//! checkpoint at the end of a batch still comes only after every sink holds all of it: the
+//! immediate sinks got its pieces before the batch sinks get the whole. A piece written again
+//! after a crash is absorbed by the store's idempotence and counted as duplicates.
+//!
 //! # Dedup
 //! Two layers: a window of the event ids of the last delivered events of the shard (in memory,
 //! bounded), and sinks that are idempotent on `event_id`. Both count what they drop.
@@ -29,7 +37,7 @@ use tracing::{error, warn};
 use crate::backoff::Backoff;
 use crate::pipeline::decode::{EventEncoding, decode_event};
 use crate::pipeline::dedup::DedupWindow;
-use crate::pipeline::{Batch, DeadLetter, EventRecord, Sink, SinkReport};
+use crate::pipeline::{Batch, DeadLetter, EventRecord, Sink, SinkReport, SinkTiming};
 use crate::processor::{Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor};
 use crate::retrieval::ConsumerRecord;
 
@@ -185,6 +193,11 @@ struct Pending {
     bytes: usize,
     ids: HashSet<String>,
     duplicates: u64,
+    /// How many of the batch's events and dead letters the immediate sinks already have.
+    sent_events: usize,
+    sent_dead_letters: usize,
+    /// Duplicates reported by each sink (by index) for the pieces of this batch.
+    sink_duplicates: Vec<u64>,
 }
 
 /// Delivers one shard (see the module's notes).
@@ -234,6 +247,9 @@ impl DeliveryProcessor {
             bytes: 0,
             ids: HashSet::new(),
             duplicates: 0,
+            sent_events: 0,
+            sent_dead_letters: 0,
+            sink_duplicates: vec![0; self.sinks.len()],
         });
         pending.records += 1;
         pending.bytes += record.data.len();
@@ -264,24 +280,66 @@ impl DeliveryProcessor {
         }
     }
 
-    /// Writes the pending batch to every sink (each retried until it works, or until the lease is
-    /// lost or handed off), then checkpoints its end.
-    async fn flush(&mut self, checkpointer: &Checkpointer) -> Result<(), ProcessorError> {
-        let Some(pending) = self.pending.take() else { return Ok(()) };
-        let batch = &pending.batch;
-        let writes = self.sinks.iter().map(|sink| self.write_until_done(sink.as_ref(), batch, checkpointer));
-        let reports = futures::future::join_all(writes).await;
-        let mut sink_duplicates = 0;
-        for report in reports {
-            match report {
-                Ok(report) => sink_duplicates = sink_duplicates.max(report.duplicates),
-                Err(error) => {
-                    // Not written everywhere: the batch is rebuilt from the checkpoint by whoever
-                    // reads the shard next.
-                    return Err(error);
-                }
-            }
+    /// Writes what the immediate sinks do not have yet of the pending batch to them.
+    async fn send_immediate(&mut self, checkpointer: &Checkpointer) -> Result<(), ProcessorError> {
+        if !self.sinks.iter().any(|s| s.timing() == SinkTiming::Immediate) {
+            return Ok(());
         }
+        let Some(pending) = self.pending.as_ref() else { return Ok(()) };
+        let (events, dead) = (pending.sent_events, pending.sent_dead_letters);
+        if events == pending.batch.events.len() && dead == pending.batch.dead_letters.len() {
+            return Ok(());
+        }
+        let piece = Batch {
+            stream: pending.batch.stream.clone(),
+            shard_id: pending.batch.shard_id.clone(),
+            events: pending.batch.events[events..].to_vec(),
+            dead_letters: pending.batch.dead_letters[dead..].to_vec(),
+            first: pending.batch.first.clone(),
+            last: pending.batch.last.clone(),
+        };
+        let this = &*self;
+        let writes =
+            this.sinks.iter().enumerate().filter(|(_, s)| s.timing() == SinkTiming::Immediate).map(|(i, sink)| {
+                let piece = &piece;
+                async move { (i, this.write_until_done(sink.as_ref(), piece, checkpointer).await) }
+            });
+        let reports = futures::future::join_all(writes).await;
+        let mut duplicates = Vec::with_capacity(reports.len());
+        for (i, report) in reports {
+            duplicates.push((i, report?.duplicates));
+        }
+        if let Some(pending) = self.pending.as_mut() {
+            for (i, d) in duplicates {
+                pending.sink_duplicates[i] += d;
+            }
+            pending.sent_events = pending.batch.events.len();
+            pending.sent_dead_letters = pending.batch.dead_letters.len();
+        }
+        Ok(())
+    }
+
+    /// Makes sure every sink has the pending batch (the rest of it to the immediate sinks, all of
+    /// it to the batch sinks; each retried until it works, or until the lease is lost or handed
+    /// off), then checkpoints its end.
+    async fn flush(&mut self, checkpointer: &Checkpointer) -> Result<(), ProcessorError> {
+        self.send_immediate(checkpointer).await?;
+        let Some(mut pending) = self.pending.take() else { return Ok(()) };
+        let batch = &pending.batch;
+        let this = &*self;
+        let writes = this
+            .sinks
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.timing() == SinkTiming::Batch)
+            .map(|(i, sink)| async move { (i, this.write_until_done(sink.as_ref(), batch, checkpointer).await) });
+        // Not written everywhere: the batch is rebuilt from the checkpoint by whoever reads the
+        // shard next.
+        for (i, report) in futures::future::join_all(writes).await {
+            pending.sink_duplicates[i] += report?.duplicates;
+        }
+        let batch = &pending.batch;
+        let sink_duplicates = pending.sink_duplicates.iter().copied().max().unwrap_or(0);
         checkpointer.checkpoint_at(&batch.last.0, batch.last.1).await?;
         for event in &batch.events {
             self.window.insert(&event.event.event_id);
@@ -360,6 +418,7 @@ impl RecordProcessor for DeliveryProcessor {
             }
             self.add(record, window);
         }
+        self.send_immediate(checkpointer).await?;
         if input.millis_behind_latest == Some(0) && self.window_closed(SystemTime::now()) {
             self.flush(checkpointer).await?;
         }

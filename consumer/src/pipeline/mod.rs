@@ -86,11 +86,29 @@ impl SinkError {
     }
 }
 
+/// When a sink is given events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SinkTiming {
+    /// Whole batches, cut at boundaries that depend only on the records, so the same stretch of a
+    /// shard read again makes the same batch (S3: the same object, byte for byte).
+    #[default]
+    Batch,
+    /// As soon as records are read, in the pieces they were read in: a real-time store, idempotent
+    /// on `event_id`, so a piece written again after a crash only adds duplicates to the count.
+    /// The checkpoint still waits for the batch (and so for the batch sinks).
+    Immediate,
+}
+
 /// Somewhere batches are delivered: written idempotently (writing the same batch twice stores each
 /// event once and reports the second time as duplicates), then acknowledged by returning `Ok`.
 pub trait Sink: Send + Sync + std::fmt::Debug {
     /// A short name for logs and metrics (`s3`, `postgres`, `mysql`).
     fn name(&self) -> &str;
+
+    /// Whether the sink takes whole batches or events as soon as they are read.
+    fn timing(&self) -> SinkTiming {
+        SinkTiming::Batch
+    }
 
     /// Writes the batch's events (and, where the sink keeps them, its dead letters).
     fn write<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<SinkReport, SinkError>>;

@@ -56,7 +56,7 @@ use super::postgres::{
     Value, check_scheme, chunk_ranges, dead_letter_values, event_rows, transport_error,
 };
 pub use super::postgres::{MigrationReport, StoreConfig};
-use super::{Batch, Sink, SinkError, SinkReport};
+use super::{Batch, Sink, SinkError, SinkReport, SinkTiming};
 
 /// The MySQL sink's name in logs, metrics and errors.
 pub const MYSQL_SINK_NAME: &str = "mysql";
@@ -384,6 +384,11 @@ impl MySqlSink {
 impl Sink for MySqlSink {
     fn name(&self) -> &str {
         MYSQL_SINK_NAME
+    }
+
+    /// Events reach the store as soon as they are read (the store is idempotent on `event_id`).
+    fn timing(&self) -> SinkTiming {
+        SinkTiming::Immediate
     }
 
     fn write<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<SinkReport, SinkError>> {

@@ -63,7 +63,7 @@ use futures::future::BoxFuture;
 use ktk_proto::events::v1::{Event, EventType, Platform};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Batch, EventRecord, Sink, SinkError, SinkReport};
+use super::{Batch, EventRecord, Sink, SinkError, SinkReport, SinkTiming};
 
 /// The PostgreSQL sink's name in logs, metrics and errors.
 pub const POSTGRES_SINK_NAME: &str = "postgres";
@@ -434,6 +434,11 @@ impl PostgresSink {
 impl Sink for PostgresSink {
     fn name(&self) -> &str {
         POSTGRES_SINK_NAME
+    }
+
+    /// Events reach the store as soon as they are read (the store is idempotent on `event_id`).
+    fn timing(&self) -> SinkTiming {
+        SinkTiming::Immediate
     }
 
     fn write<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<SinkReport, SinkError>> {

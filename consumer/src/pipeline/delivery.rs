@@ -20,8 +20,12 @@
 //! after a crash is absorbed by the store's idempotence and counted as duplicates.
 //!
 //! # Dedup
-//! Two layers: a window of the event ids of the last delivered events of the shard (in memory,
-//! bounded), and sinks that are idempotent on `event_id`. Both count what they drop.
+//! Two layers: in memory, and sinks that are idempotent on `event_id`. Both count what they drop.
+//! In memory, an event id met twice within a batch is dropped from it; an event id among the last
+//! delivered events of the shard (a bounded window) is kept in the batch but not sent to the
+//! immediate sinks. The window depends on what this processor delivered before, which a new owner
+//! of the shard does not know, so it must not change the batch: S3 objects stay the same bytes
+//! whoever writes them, and the S3 reader drops an event found in two objects.
 //!
 //! # Shutdown and hand-off
 //! The batch being filled is abandoned (not written): the last checkpoint is at the end of the
@@ -193,6 +197,9 @@ struct Pending {
     bytes: usize,
     ids: HashSet<String>,
     duplicates: u64,
+    /// Per event of the batch: whether the dedup window knew its id (delivered in an earlier batch).
+    seen: Vec<bool>,
+    seen_count: u64,
     /// How many of the batch's events and dead letters the immediate sinks already have.
     sent_events: usize,
     sent_dead_letters: usize,
@@ -247,6 +254,8 @@ impl DeliveryProcessor {
             bytes: 0,
             ids: HashSet::new(),
             duplicates: 0,
+            seen: Vec::new(),
+            seen_count: 0,
             sent_events: 0,
             sent_dead_letters: 0,
             sink_duplicates: vec![0; self.sinks.len()],
@@ -256,10 +265,13 @@ impl DeliveryProcessor {
         pending.batch.last = position;
         match decode_event(&record.data, self.config.encoding) {
             Ok(event) => {
-                if self.window.contains(&event.event_id) || !pending.ids.insert(event.event_id.clone()) {
+                if !pending.ids.insert(event.event_id.clone()) {
                     pending.duplicates += 1;
                     return;
                 }
+                let seen = self.window.contains(&event.event_id);
+                pending.seen.push(seen);
+                pending.seen_count += u64::from(seen);
                 pending.batch.events.push(EventRecord {
                     event,
                     shard_id: self.shard_id.clone(),
@@ -290,10 +302,11 @@ impl DeliveryProcessor {
         if events == pending.batch.events.len() && dead == pending.batch.dead_letters.len() {
             return Ok(());
         }
+        let fresh = pending.batch.events[events..].iter().zip(&pending.seen[events..]);
         let piece = Batch {
             stream: pending.batch.stream.clone(),
             shard_id: pending.batch.shard_id.clone(),
-            events: pending.batch.events[events..].to_vec(),
+            events: fresh.filter(|(_, seen)| !**seen).map(|(e, _)| e.clone()).collect(),
             dead_letters: pending.batch.dead_letters[dead..].to_vec(),
             first: pending.batch.first.clone(),
             last: pending.batch.last.clone(),
@@ -336,24 +349,27 @@ impl DeliveryProcessor {
         // Not written everywhere: the batch is rebuilt from the checkpoint by whoever reads the
         // shard next.
         for (i, report) in futures::future::join_all(writes).await {
-            pending.sink_duplicates[i] += report?.duplicates;
+            // The window's events are in the batch (and so in what a batch sink reports as
+            // already stored) but counted by the window.
+            pending.sink_duplicates[i] += report?.duplicates.saturating_sub(pending.seen_count);
         }
         let batch = &pending.batch;
         let sink_duplicates = pending.sink_duplicates.iter().copied().max().unwrap_or(0);
+        let memory_duplicates = pending.duplicates + pending.seen_count;
         checkpointer.checkpoint_at(&batch.last.0, batch.last.1).await?;
         for event in &batch.events {
             self.window.insert(&event.event.event_id);
         }
         let c = &self.counters;
-        let delivered = (batch.events.len() as u64).saturating_sub(sink_duplicates);
+        let delivered = (batch.events.len() as u64).saturating_sub(pending.seen_count + sink_duplicates);
         c.events_delivered.fetch_add(delivered, Ordering::Relaxed);
-        c.duplicates_in_memory.fetch_add(pending.duplicates, Ordering::Relaxed);
+        c.duplicates_in_memory.fetch_add(memory_duplicates, Ordering::Relaxed);
         c.duplicates_in_sinks.fetch_add(sink_duplicates, Ordering::Relaxed);
         c.dead_letters.fetch_add(batch.dead_letters.len() as u64, Ordering::Relaxed);
         c.batches.fetch_add(1, Ordering::Relaxed);
         let labels = [("stream", self.config.stream.clone()), ("shard", self.shard_id.clone())];
         metrics::counter!("EventsDelivered", &labels).increment(delivered);
-        metrics::counter!("DuplicatesDropped", &labels).increment(pending.duplicates + sink_duplicates);
+        metrics::counter!("DuplicatesDropped", &labels).increment(memory_duplicates + sink_duplicates);
         metrics::counter!("DeadLetters", &labels).increment(batch.dead_letters.len() as u64);
         Ok(())
     }

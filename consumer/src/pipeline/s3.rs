@@ -416,6 +416,15 @@ impl S3Sink {
         let mut written = BatchWrite::default();
         for object in self.objects(batch)? {
             let (outcome, parts) = self.put_once(&object).await?;
+            let label = match outcome {
+                WriteOutcome::Created => "created",
+                WriteOutcome::AlreadyExisted { identical: true } => "identical",
+                WriteOutcome::AlreadyExisted { identical: false } => "different",
+            };
+            // `identical`: a batch written again after a crash or a hand-off found its object
+            // already there with the same bytes; `different` would mean batches are not
+            // reproducible and needs a look.
+            metrics::counter!("S3Objects", "bucket" => self.config.bucket.clone(), "outcome" => label).increment(1);
             match outcome {
                 WriteOutcome::Created => {
                     debug!(key = %object.key, bytes = object.body.len(), parts, "S3 object written")

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod consumer_support;
 pub mod store_support;
 pub mod worker_support;
 
@@ -241,4 +242,37 @@ pub fn assert_exactly_once(stored: &[StoredRecord], n: usize) {
     let doubled: Vec<usize> = (0..n).filter(|i| seen[*i] > 1).take(10).collect();
     assert!(missing.is_empty() && doubled.is_empty(), "missing {missing:?}, doubled {doubled:?} (first ten)");
     assert_eq!(stored.len(), n);
+}
+
+/// Waits (up to 30 s) until the stream is ACTIVE again after a reshard.
+pub async fn wait_stream_active(client: &aws_sdk_kinesis::Client, stream: &str) {
+    use aws_sdk_kinesis::types::StreamStatus;
+    for _ in 0..300 {
+        let summary = client.describe_stream_summary().stream_name(stream).send().await.expect("describe");
+        if summary.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("stream {stream} did not become active again");
+}
+
+/// (shard id, start, end) of the open shards.
+pub async fn open_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, u128, u128)> {
+    let listing = client.list_shards().stream_name(stream).send().await.expect("list shards");
+    let mut shards: Vec<(String, u128, u128)> = listing
+        .shards()
+        .iter()
+        .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
+        .map(|s| {
+            let r = s.hash_key_range().expect("range");
+            (
+                s.shard_id().to_owned(),
+                r.starting_hash_key().parse().expect("u128"),
+                r.ending_hash_key().parse().expect("u128"),
+            )
+        })
+        .collect();
+    shards.sort_by_key(|s| s.1);
+    shards
 }

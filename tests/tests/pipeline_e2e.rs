@@ -5,68 +5,14 @@
 //! processes counted equal the number injected (plus any reprocessed, reported).
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ktk_consumer::pipeline::s3::read_events;
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType, Platform};
+use ktk_tests::consumer_support::{ConsumerProcess, ConsumerSpec, database_url};
 use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, kinesis, unique_name};
 use prost::Message as _;
-use tokio::process::{Child, Command};
-
-const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-/// The `consumer` binary of ktk-consumer, built by `cargo test --workspace` next to this test's
-/// own executable.
-fn consumer_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
-    let binary = dir.join("consumer");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p ktk-consumer --bin consumer` first)",
-        binary.display()
-    );
-    binary
-}
-
-fn spawn_consumer(stream: &str, app: &str, worker: &str, bucket: &str, table: &str, port: u16) -> Child {
-    let database = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
-    Command::new(consumer_binary())
-        .env("KTK_STREAM", stream)
-        .env("KTK_APPLICATION", app)
-        .env("KTK_WORKER_ID", worker)
-        .env("KTK_S3_BUCKET", bucket)
-        .env("KTK_S3_PREFIX", "e2e")
-        .env("KTK_S3_PATH_STYLE", "true")
-        .env("KTK_POSTGRES_URL", database)
-        .env("KTK_STORE_TABLE", table)
-        .env("KTK_BATCH_WINDOW_MS", "2000")
-        .env("KTK_BATCH_GRACE_MS", "500")
-        .env("KTK_FAILOVER_MS", "3000")
-        .env("KTK_RENEW_MS", "1000")
-        .env("KTK_TAKING_MS", "2000")
-        .env("KTK_DISCOVERY_MS", "250")
-        .env("KTK_SHARD_SYNC_MS", "5000")
-        .env("KTK_PARENT_POLL_MS", "500")
-        .env("KTK_IDLE_MS", "300")
-        .env("KTK_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KTK_LOG_FORMAT", "text")
-        .env("RUST_LOG", "warn")
-        .envs(ktk_tests::child_aws_env())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start consumer")
-}
-
-async fn health(port: u16) -> Option<serde_json::Value> {
-    let response = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.ok()?;
-    response.json().await.ok()
-}
 
 fn event(i: usize) -> Event {
     Event {
@@ -77,6 +23,8 @@ fn event(i: usize) -> Event {
         platform: Platform::Roku as i32,
         content_id: format!("content-{}", i % 40),
         position_ms: (i as i64) * 1000,
+        // When it was put: the store's `stored_at` minus this is the delay from put to store.
+        received_at_ms: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
         ..Event::default()
     }
 }
@@ -95,10 +43,8 @@ async fn two_consumer_processes_deliver_fifty_thousand_events_exactly_once_to_s3
     create_stream(&client, &stream, 8).await;
     s3.create_bucket().bucket(&bucket).send().await.expect("create bucket");
 
-    let (port_a, port_b) =
-        (18_000 + (std::process::id() % 1000) as u16 * 2, 18_001 + (std::process::id() % 1000) as u16 * 2);
-    let mut a = spawn_consumer(&stream, &app, "consumer-a", &bucket, &table, port_a);
-    let mut b = spawn_consumer(&stream, &app, "consumer-b", &bucket, &table, port_b);
+    let a = ConsumerProcess::spawn(&ConsumerSpec::new(&stream, &app, "consumer-a", &bucket, "e2e", &table));
+    let b = ConsumerProcess::spawn(&ConsumerSpec::new(&stream, &app, "consumer-b", &bucket, "e2e", &table));
 
     // 2% of the events put twice, as a producer retry would.
     let started = Instant::now();
@@ -126,7 +72,7 @@ async fn two_consumer_processes_deliver_fifty_thousand_events_exactly_once_to_s3
     let mut last;
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let (ha, hb) = (health(port_a).await, health(port_b).await);
+        let (ha, hb) = (a.health().await, b.health().await);
         let delivered =
             |h: &Option<serde_json::Value>| h.as_ref().and_then(|h| h["events_delivered"].as_u64()).unwrap_or(0);
         let duplicates = |h: &Option<serde_json::Value>| h.as_ref().and_then(|h| h["duplicates"].as_u64()).unwrap_or(0);
@@ -138,22 +84,25 @@ async fn two_consumer_processes_deliver_fifty_thousand_events_exactly_once_to_s3
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let delivered_in = started.elapsed();
-    for child in [&a, &b] {
-        let pid = child.id().expect("running").to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill").success());
-    }
-    for child in [&mut a, &mut b] {
-        let status =
-            tokio::time::timeout(Duration::from_secs(30), child.wait()).await.expect("exits in 30 s").expect("status");
-        assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
-    }
+    let rss_mib = [&a, &b].map(|p| p.peak_rss_kib().map_or(f64::NAN, |kib| kib as f64 / 1024.0));
+    tokio::join!(a.stop(Duration::from_secs(30)), b.stop(Duration::from_secs(30)));
 
     // The store: exactly the unique events.
-    let database = std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned());
-    let pool = sqlx::PgPool::connect(&database).await.expect("PostgreSQL");
+    let pool = sqlx::PgPool::connect(&database_url()).await.expect("PostgreSQL");
     let count: i64 =
         sqlx::query_scalar(&format!("SELECT count(*) FROM \"{table}\"")).fetch_one(&pool).await.expect("count");
     assert_eq!(count, UNIQUE as i64, "the store holds each unique event once");
+    // The delay from put to store (the producer buffers up to 100 ms; the consumers poll every 300 ms).
+    let sql = format!(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY d), percentile_cont(0.99) WITHIN GROUP (ORDER BY d), max(d) \
+         FROM (SELECT (extract(epoch FROM stored_at - received_at) * 1000)::float8 AS d FROM \"{table}\") AS delays"
+    );
+    let (p50, p99, max): (f64, f64, f64) = sqlx::query_as(&sql).fetch_one(&pool).await.expect("delays");
+    println!(
+        "e2e: put -> store delay p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms; peak RSS per consumer process \
+         {:.1} MiB and {:.1} MiB",
+        rss_mib[0], rss_mib[1]
+    );
     // S3: every unique event once through the reader.
     let read = read_events(&s3, &bucket, "e2e").await.expect("read S3");
     let ids: HashSet<String> = read.events.iter().map(|e| e.event.event_id.clone()).collect();

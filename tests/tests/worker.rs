@@ -13,7 +13,10 @@ use ktk_consumer::{Checkpointer, InitializeInput, ProcessRecordsInput, Processor
 use ktk_tests::worker_support::{
     Journal, Lifecycle, Processed, RecordingProcessor, fast_worker_config, lease_owners, steady_producer, wait_for,
 };
-use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, numbered_data, unique_name};
+use ktk_tests::{
+    aws_config, create_stream, delete_stream, dynamodb, index_in, kinesis, numbered_data, open_shards, unique_name,
+    wait_stream_active,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -162,38 +165,6 @@ async fn workers_join_share_evenly_and_leave_gracefully_without_processing_anyth
     assert_eq!(leases.len(), 8);
     assert!(leases.iter().all(|l| l.owner.is_none()), "all released: {leases:?}");
     delete_stream(&client, &stream).await;
-}
-
-async fn wait_stream_active(client: &aws_sdk_kinesis::Client, stream: &str) {
-    use aws_sdk_kinesis::types::StreamStatus;
-    for _ in 0..300 {
-        let summary = client.describe_stream_summary().stream_name(stream).send().await.expect("describe");
-        if summary.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("stream {stream} did not become active again");
-}
-
-/// (shard id, start, end) of the open shards.
-async fn open_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, u128, u128)> {
-    let listing = client.list_shards().stream_name(stream).send().await.expect("list shards");
-    let mut shards: Vec<(String, u128, u128)> = listing
-        .shards()
-        .iter()
-        .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
-        .map(|s| {
-            let r = s.hash_key_range().expect("range");
-            (
-                s.shard_id().to_owned(),
-                r.starting_hash_key().parse().expect("u128"),
-                r.ending_hash_key().parse().expect("u128"),
-            )
-        })
-        .collect();
-    shards.sort_by_key(|s| s.1);
-    shards
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -123,7 +123,10 @@ pub struct PipelineStats {
     pub events_delivered: u64,
     /// Duplicates dropped by the in-memory window.
     pub duplicates_in_memory: u64,
-    /// Duplicates the sinks reported (the most any one sink reported, per batch).
+    /// Duplicates the sinks reported: per batch, the fewest any one sink reported (an event is a
+    /// duplicate when every sink already had it; one that a sink stored for the first time, e.g.
+    /// a real-time store holding a piece of a batch that was abandoned at a hand-off and S3 not yet,
+    /// counts as delivered).
     pub duplicates_in_sinks: u64,
     pub dead_letters: u64,
     pub batches: u64,
@@ -354,7 +357,7 @@ impl DeliveryProcessor {
             pending.sink_duplicates[i] += report?.duplicates.saturating_sub(pending.seen_count);
         }
         let batch = &pending.batch;
-        let sink_duplicates = pending.sink_duplicates.iter().copied().max().unwrap_or(0);
+        let sink_duplicates = pending.sink_duplicates.iter().copied().min().unwrap_or(0);
         let memory_duplicates = pending.duplicates + pending.seen_count;
         checkpointer.checkpoint_at(&batch.last.0, batch.last.1).await?;
         for event in &batch.events {

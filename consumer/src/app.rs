@@ -23,6 +23,8 @@
 //! | `KTK_LOG_FORMAT` | `json` or `text` | `json` |
 //!
 //! At least one sink is required. A missing or bad setting fails at start with the variable named.
+//! The sink variables (`KTK_S3_*`, `KTK_POSTGRES_URL`, `KTK_MYSQL_URL`, `KTK_STORE_TABLE`) are read
+//! by [`SinkSettings`] alone, so the Lambda (`ktk-lambda`) reads them the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::pipeline::mysql::MySqlSink;
-use crate::pipeline::postgres::PostgresSink;
+use crate::pipeline::postgres::{PostgresSink, StoreConfig};
 use crate::pipeline::s3::{S3Format, S3Sink, S3SinkConfig};
 use crate::pipeline::{Pipeline, PipelineConfig, PipelineStats, Sink};
 use crate::shard_sync::InitialPosition;
@@ -58,6 +60,128 @@ pub struct S3Settings {
     pub prefix: String,
     pub format: S3Format,
     pub path_style: bool,
+}
+
+/// Which sinks to deliver to, and where: the `KTK_S3_*`, `KTK_POSTGRES_URL`, `KTK_MYSQL_URL` and
+/// `KTK_STORE_TABLE` variables. Shared by the `consumer` binary and the Lambda.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkSettings {
+    pub s3: Option<S3Settings>,
+    pub postgres_url: Option<String>,
+    pub mysql_url: Option<String>,
+    pub store_table: String,
+}
+
+/// The connected sinks, by kind (to close the stores' pools at shutdown), and as the list the
+/// pipeline takes ([`all`](Self::all)).
+#[derive(Debug, Clone, Default)]
+pub struct SinkSet {
+    pub s3: Option<Arc<S3Sink>>,
+    pub postgres: Option<Arc<PostgresSink>>,
+    pub mysql: Option<Arc<MySqlSink>>,
+}
+
+impl SinkSet {
+    /// Every sink, S3 first.
+    pub fn all(&self) -> Vec<Arc<dyn Sink>> {
+        let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
+        if let Some(s3) = &self.s3 {
+            sinks.push(Arc::clone(s3) as Arc<dyn Sink>);
+        }
+        if let Some(postgres) = &self.postgres {
+            sinks.push(Arc::clone(postgres) as Arc<dyn Sink>);
+        }
+        if let Some(mysql) = &self.mysql {
+            sinks.push(Arc::clone(mysql) as Arc<dyn Sink>);
+        }
+        sinks
+    }
+
+    /// Closes the stores' connection pools (after the last write).
+    pub async fn close(&self) {
+        if let Some(postgres) = &self.postgres {
+            postgres.close().await;
+        }
+        if let Some(mysql) = &self.mysql {
+            mysql.close().await;
+        }
+    }
+}
+
+impl SinkSettings {
+    /// From any lookup (tests pass a map). At least one sink is required.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
+        let s3 = match optional(&get, "KTK_S3_BUCKET") {
+            None => None,
+            Some(bucket) => Some(S3Settings {
+                bucket,
+                prefix: optional(&get, "KTK_S3_PREFIX").unwrap_or_default(),
+                format: match optional(&get, "KTK_S3_FORMAT").as_deref() {
+                    None | Some("parquet") => S3Format::Parquet,
+                    Some("jsonl-gz") => S3Format::JsonLinesGzip,
+                    Some(other) => {
+                        return Err(SettingError {
+                            variable: "KTK_S3_FORMAT",
+                            problem: format!("{other:?}: use parquet or jsonl-gz"),
+                        });
+                    }
+                },
+                path_style: match optional(&get, "KTK_S3_PATH_STYLE").as_deref() {
+                    None | Some("false") | Some("0") => false,
+                    Some("true") | Some("1") => true,
+                    Some(other) => {
+                        return Err(SettingError {
+                            variable: "KTK_S3_PATH_STYLE",
+                            problem: format!("{other:?}: use true or false"),
+                        });
+                    }
+                },
+            }),
+        };
+        let postgres_url = optional(&get, "KTK_POSTGRES_URL");
+        let mysql_url = optional(&get, "KTK_MYSQL_URL");
+        if s3.is_none() && postgres_url.is_none() && mysql_url.is_none() {
+            return Err(SettingError {
+                variable: "KTK_S3_BUCKET / KTK_POSTGRES_URL / KTK_MYSQL_URL",
+                problem: "no sink configured; set at least one".into(),
+            });
+        }
+        Ok(SinkSettings {
+            s3,
+            postgres_url,
+            mysql_url,
+            store_table: optional(&get, "KTK_STORE_TABLE").unwrap_or_else(|| "events".to_owned()),
+        })
+    }
+
+    /// Connects the configured sinks (the stores with `store` pool settings, creating or
+    /// migrating their tables). A store that cannot be reached or migrated is an error naming its
+    /// variable.
+    pub async fn connect(&self, aws: &aws_config::SdkConfig, store: StoreConfig) -> Result<SinkSet, SettingError> {
+        let mut sinks = SinkSet::default();
+        if let Some(s3) = &self.s3 {
+            let config =
+                S3SinkConfig::new(&s3.bucket, &s3.prefix).with_format(s3.format).with_path_style(s3.path_style);
+            sinks.s3 = Some(Arc::new(S3Sink::new(aws, config)));
+        }
+        let problem = |variable: &'static str| {
+            move |e: crate::pipeline::SinkError| SettingError { variable, problem: e.to_string() }
+        };
+        if let Some(url) = &self.postgres_url {
+            let sink = PostgresSink::connect_with(url, &self.store_table, store.clone())
+                .await
+                .map_err(problem("KTK_POSTGRES_URL"))?;
+            sink.migrate().await.map_err(problem("KTK_POSTGRES_URL"))?;
+            sinks.postgres = Some(Arc::new(sink));
+        }
+        if let Some(url) = &self.mysql_url {
+            let sink =
+                MySqlSink::connect_with(url, &self.store_table, store).await.map_err(problem("KTK_MYSQL_URL"))?;
+            sink.migrate().await.map_err(problem("KTK_MYSQL_URL"))?;
+            sinks.mysql = Some(Arc::new(sink));
+        }
+        Ok(sinks)
+    }
 }
 
 /// Everything the binary needs, read from the environment.
@@ -168,41 +292,7 @@ impl Settings {
         let grace = millis(&get, "KTK_BATCH_GRACE_MS")?.unwrap_or(Duration::from_secs(5));
         pipeline = pipeline.with_batch_window(window, grace);
 
-        let s3 = match optional(&get, "KTK_S3_BUCKET") {
-            None => None,
-            Some(bucket) => Some(S3Settings {
-                bucket,
-                prefix: optional(&get, "KTK_S3_PREFIX").unwrap_or_default(),
-                format: match optional(&get, "KTK_S3_FORMAT").as_deref() {
-                    None | Some("parquet") => S3Format::Parquet,
-                    Some("jsonl-gz") => S3Format::JsonLinesGzip,
-                    Some(other) => {
-                        return Err(SettingError {
-                            variable: "KTK_S3_FORMAT",
-                            problem: format!("{other:?}: use parquet or jsonl-gz"),
-                        });
-                    }
-                },
-                path_style: match optional(&get, "KTK_S3_PATH_STYLE").as_deref() {
-                    None | Some("false") | Some("0") => false,
-                    Some("true") | Some("1") => true,
-                    Some(other) => {
-                        return Err(SettingError {
-                            variable: "KTK_S3_PATH_STYLE",
-                            problem: format!("{other:?}: use true or false"),
-                        });
-                    }
-                },
-            }),
-        };
-        let postgres_url = optional(&get, "KTK_POSTGRES_URL");
-        let mysql_url = optional(&get, "KTK_MYSQL_URL");
-        if s3.is_none() && postgres_url.is_none() && mysql_url.is_none() {
-            return Err(SettingError {
-                variable: "KTK_S3_BUCKET / KTK_POSTGRES_URL / KTK_MYSQL_URL",
-                problem: "no sink configured; set at least one".into(),
-            });
-        }
+        let SinkSettings { s3, postgres_url, mysql_url, store_table } = SinkSettings::from_lookup(&get)?;
         let listen = optional(&get, "KTK_LISTEN").unwrap_or_else(|| "0.0.0.0:8080".to_owned());
         let listen = listen.parse().map_err(|_| SettingError {
             variable: "KTK_LISTEN",
@@ -218,38 +308,22 @@ impl Settings {
                 });
             }
         };
-        Ok(Settings {
-            worker,
-            pipeline,
-            s3,
-            postgres_url,
-            mysql_url,
-            store_table: optional(&get, "KTK_STORE_TABLE").unwrap_or_else(|| "events".to_owned()),
-            listen,
-            log_format,
-        })
+        Ok(Settings { worker, pipeline, s3, postgres_url, mysql_url, store_table, listen, log_format })
+    }
+
+    /// The sink settings alone.
+    pub fn sink_settings(&self) -> SinkSettings {
+        SinkSettings {
+            s3: self.s3.clone(),
+            postgres_url: self.postgres_url.clone(),
+            mysql_url: self.mysql_url.clone(),
+            store_table: self.store_table.clone(),
+        }
     }
 
     /// Connects the configured sinks (creating or migrating the stores' tables).
     pub async fn sinks(&self, aws: &aws_config::SdkConfig) -> Result<Vec<Arc<dyn Sink>>, Box<dyn std::error::Error>> {
-        let mut sinks: Vec<Arc<dyn Sink>> = Vec::new();
-        if let Some(s3) = &self.s3 {
-            let config =
-                S3SinkConfig::new(&s3.bucket, &s3.prefix).with_format(s3.format).with_path_style(s3.path_style);
-            sinks.push(Arc::new(S3Sink::new(aws, config)));
-        }
-        if let Some(url) = &self.postgres_url {
-            let sink =
-                PostgresSink::connect(url, &self.store_table).await.map_err(|e| format!("KTK_POSTGRES_URL: {e}"))?;
-            sink.migrate().await.map_err(|e| format!("KTK_POSTGRES_URL: {e}"))?;
-            sinks.push(Arc::new(sink));
-        }
-        if let Some(url) = &self.mysql_url {
-            let sink = MySqlSink::connect(url, &self.store_table).await.map_err(|e| format!("KTK_MYSQL_URL: {e}"))?;
-            sink.migrate().await.map_err(|e| format!("KTK_MYSQL_URL: {e}"))?;
-            sinks.push(Arc::new(sink));
-        }
-        Ok(sinks)
+        Ok(self.sink_settings().connect(aws, StoreConfig::default()).await?.all())
     }
 }
 
@@ -363,6 +437,17 @@ mod tests {
                 .problem
                 .contains("no sink")
         );
+    }
+
+    #[test]
+    fn sink_settings_stand_alone_without_the_worker_settings() {
+        let map: HashMap<&str, &str> = HashMap::from([("KTK_MYSQL_URL", "mysql://x"), ("KTK_STORE_TABLE", "t")]);
+        let sinks = SinkSettings::from_lookup(|name| map.get(name).map(|v| (*v).to_owned())).expect("valid");
+        assert_eq!((sinks.mysql_url.as_deref(), sinks.store_table.as_str(), sinks.s3), (Some("mysql://x"), "t", None));
+        assert!(SinkSettings::from_lookup(|_| None).expect_err("no sink").problem.contains("no sink"));
+        let all = settings(&[("KTK_STREAM", "s"), ("KTK_APPLICATION", "a"), ("KTK_POSTGRES_URL", "postgres://x")])
+            .expect("valid");
+        assert_eq!(all.sink_settings().postgres_url.as_deref(), Some("postgres://x"));
     }
 
     #[test]

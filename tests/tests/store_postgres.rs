@@ -339,3 +339,29 @@ async fn batch_write_time_for_1000_events() {
     assert!(insert_time < Duration::from_secs(10), "{insert_time:?}");
     drop_tables(&sink).await;
 }
+
+/// PostgreSQL's TEXT and JSONB cannot hold NUL: an event with one in a text field or an attribute
+/// is stored with U+FFFD in its place, instead of failing its batch forever.
+#[tokio::test]
+async fn nul_characters_are_stored_as_replacement_characters() {
+    let sink = sink("nul").await;
+    let mut e = event(1);
+    e.content_title = "before\0after".to_owned();
+    e.attributes.insert("k\0ey".to_owned(), "va\0lue".to_owned());
+    let mut nul_batch = batch([e]);
+    nul_batch.dead_letters.push(DeadLetter {
+        shard_id: "shardId-000000000000".to_owned(),
+        sequence_number: "4960".to_owned(),
+        sub_sequence_number: 0,
+        partition_key: "key\0".to_owned(),
+        data: Bytes::from_static(b"\0\0"),
+        reason: "not an event".to_owned(),
+        arrival: None,
+    });
+    assert_eq!(sink.write(&nul_batch).await.expect("write"), SinkReport { written: 1, duplicates: 0 });
+    let (stored, _) = read_back(&sink, &nul_batch.events[0].event.event_id).await;
+    assert_eq!(stored.content_title, "before\u{FFFD}after");
+    assert_eq!(stored.attributes.get("k\u{FFFD}ey").map(String::as_str), Some("va\u{FFFD}lue"));
+    assert_eq!(count(&sink, &sink.dead_letter_table()).await, 1);
+    drop_tables(&sink).await;
+}

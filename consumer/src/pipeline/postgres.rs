@@ -763,7 +763,14 @@ impl Value<'_> {
 
 /// An empty string is proto3's "absent": NULL.
 fn text_value(text: &str) -> Value<'_> {
-    Value::Text((!text.is_empty()).then_some(Cow::Borrowed(text)))
+    Value::Text((!text.is_empty()).then(|| without_nul(text)))
+}
+
+/// The text with each NUL character replaced by U+FFFD. PostgreSQL's `TEXT` and `JSONB` cannot hold
+/// NUL (a row with one is refused, and the batch with it could never be written); both stores get
+/// the same text. Event ids with control characters never get here: they are dead letters.
+fn without_nul(text: &str) -> Cow<'_, str> {
+    if text.contains('\0') { Cow::Owned(text.replace('\0', "\u{FFFD}")) } else { Cow::Borrowed(text) }
 }
 
 /// An enum's name, or its number for a value this build does not know (kept, never lost).
@@ -811,7 +818,8 @@ pub(crate) fn event_values<'a>(stream: &'a str, record: &'a EventRecord) -> Resu
     let geo = event.geo.as_ref();
     let finite = |n: f64| n.is_finite().then_some(n);
     let attributes = (!event.attributes.is_empty()).then(|| {
-        let sorted: BTreeMap<&str, &str> = event.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let sorted: BTreeMap<Cow<'_, str>, Cow<'_, str>> =
+            event.attributes.iter().map(|(k, v)| (without_nul(k), without_nul(v))).collect();
         serde_json::to_string(&sorted).unwrap_or_else(|_| "{}".to_owned())
     });
     Ok([

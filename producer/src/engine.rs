@@ -58,8 +58,8 @@ pub(crate) struct Pending {
     record: Option<UserRecord>,
     hash_key: u128,
     reply: Option<Reply>,
+    /// When it was accepted; it expires `record_ttl` later (see [`expires`](Self::expires)).
     arrived: Instant,
-    expires: Instant,
     attempts: Vec<Attempt>,
     epoch: u64,
 }
@@ -81,34 +81,78 @@ impl Reply {
     }
 }
 
-impl Pending {
-    pub(crate) fn new(record: UserRecord, hash_key: u128, reply: Reply, ttl: Duration, arrived: Instant) -> Self {
-        Pending {
-            record: Some(record),
-            hash_key,
-            reply: Some(reply),
-            arrived,
-            expires: arrived + ttl,
-            attempts: Vec::new(),
-            epoch: 0,
+/// Records resolved but not yet answered: a call's records are answered together, consecutive
+/// results for the same `put_batch` written under one lock, their room and counts given back
+/// once, just before.
+#[derive(Debug, Default)]
+struct Answers {
+    /// Each with its record's size, for the room it gives back.
+    replies: Vec<(Reply, PutResult, usize)>,
+    /// Results for one batch receipt, waiting to be written together.
+    run: Vec<(usize, PutResult)>,
+}
+
+/// Room and counts of records about to be answered.
+#[derive(Debug, Default)]
+struct Tally {
+    put: u64,
+    failed: u64,
+    records: usize,
+    bytes: usize,
+}
+
+impl Tally {
+    fn add(&mut self, ok: bool, bytes: usize) {
+        if ok {
+            self.put += 1;
+        } else {
+            self.failed += 1;
         }
+        self.records += 1;
+        self.bytes += bytes;
+    }
+
+    /// Counts and room before the answers: whoever awaits a receipt may read the stats or put
+    /// again at once.
+    fn give_back(&mut self, counters: &Counters, limits: &Limits) {
+        if self.records == 0 {
+            return;
+        }
+        let Tally { put, failed, records, bytes } = std::mem::take(self);
+        bump(&counters.user_records_put, put);
+        bump(&counters.user_records_failed, failed);
+        limits.give_back_many(records, bytes);
+    }
+}
+
+impl Pending {
+    pub(crate) fn new(record: UserRecord, hash_key: u128, reply: Reply, arrived: Instant) -> Self {
+        Pending { record: Some(record), hash_key, reply: Some(reply), arrived, attempts: Vec::new(), epoch: 0 }
+    }
+
+    /// When its TTL runs out. Worked out rather than stored: a pending record is moved a few
+    /// times on its way, and every byte less of it counts.
+    fn expires(&self, ttl: Duration) -> Instant {
+        self.arrived + ttl
     }
 
     fn record(&self) -> &UserRecord {
-        // Present from creation until `answer`, which consumes the pending record.
+        // Present from creation until `into_answer`, which consumes the pending record.
         self.record.as_ref().expect("a pending record holds its record until answered")
     }
 
-    /// Sends the result to the receipt. Consumes the record, so it is answered exactly once.
-    fn answer(mut self, result: Result<PutOutcome, PutErrorKind>) {
-        let record = self.record.take().map(to_record);
-        let attempts = std::mem::take(&mut self.attempts);
-        if let Some(reply) = self.reply.take() {
-            let result = result.map_err(|kind| {
-                PutError::new(kind, record.unwrap_or_else(|| Record::new("unknown", bytes::Bytes::new())), attempts)
-            });
-            reply.send(result);
-        }
+    /// The result for the receipt, and where it goes. Consumes the record, so it is answered
+    /// exactly once.
+    fn into_answer(mut self, result: Result<PutOutcome, PutErrorKind>) -> Option<(Reply, PutResult)> {
+        let reply = self.reply.take()?;
+        let result = match result {
+            Ok(outcome) => Ok(outcome),
+            Err(kind) => {
+                let record = self.record.take().map_or_else(|| Record::new("unknown", bytes::Bytes::new()), to_record);
+                Err(PutError::new(kind, record, std::mem::take(&mut self.attempts)))
+            }
+        };
+        Some((reply, result))
     }
 }
 
@@ -148,6 +192,9 @@ struct ShardState {
     id: Arc<str>,
     aggregator: Aggregator,
     members: Vec<Pending>,
+    /// Records in the last aggregate: the next one likely holds as many, so its members are
+    /// allocated at once instead of regrown (and copied) on the way.
+    members_hint: usize,
     aggregating_since: Option<Instant>,
     ready: VecDeque<Ready>,
     ready_bytes: usize,
@@ -167,6 +214,7 @@ impl ShardState {
             id,
             aggregator: Aggregator::new(aggregator_config),
             members: Vec::new(),
+            members_hint: 0,
             aggregating_since: None,
             ready: VecDeque::new(),
             ready_bytes: 0,
@@ -187,10 +235,47 @@ impl ShardState {
         let Some(record) = self.aggregator.finish() else {
             return;
         };
+        self.members_hint = self.members.len();
         let members = std::mem::take(&mut self.members);
         let since = self.aggregating_since.take().unwrap_or_else(Instant::now);
         self.ready_bytes += record.size();
         self.ready.push_back(Ready { record, members, due: since + buffered_time });
+    }
+
+    /// Adds a record to the current aggregate (finishing it first if the record does not fit), or
+    /// to the held records while the shard backs off. Hands back a record no aggregate takes.
+    /// `spare`: emptied member lists to reuse for a new aggregate.
+    fn add(
+        &mut self,
+        pending: Pending,
+        buffered_time: Duration,
+        aggregation: bool,
+        spare: &mut Vec<Vec<Pending>>,
+    ) -> Option<Pending> {
+        if self.blocked_until.is_some() || !self.held.is_empty() {
+            self.held.push_back(pending);
+            return None;
+        }
+        let added = match self.aggregator.try_add_ref(pending.record()) {
+            Err(RejectedRef::Full) => {
+                self.finish_aggregate(buffered_time);
+                self.aggregator.try_add_ref(pending.record())
+            }
+            other => other,
+        };
+        if added.is_err() {
+            return Some(pending);
+        }
+        self.aggregating_since.get_or_insert(pending.arrived);
+        if self.members.capacity() == 0 {
+            self.members = spare.pop().unwrap_or_default();
+            self.members.reserve(self.members_hint);
+        }
+        self.members.push(pending);
+        if !aggregation {
+            self.finish_aggregate(buffered_time);
+        }
+        None
     }
 
     /// Puts `records` (the oldest of the shard) back in front of everything not yet sent, and
@@ -279,7 +364,13 @@ pub(crate) struct Engine {
     counters: Arc<Counters>,
     metrics: Metrics,
     limits: Arc<Limits>,
+    answers: Answers,
+    /// Member lists of answered Kinesis records, emptied, for new aggregates: memory that is
+    /// already allocated and likely in cache. At most [`SPARE_MEMBER_LISTS`].
+    spare_members: Vec<Vec<Pending>>,
 }
+
+const SPARE_MEMBER_LISTS: usize = 8;
 
 impl Engine {
     pub(crate) fn new(
@@ -327,6 +418,8 @@ impl Engine {
             counters,
             metrics,
             limits,
+            answers: Answers::default(),
+            spare_members: Vec::new(),
         };
         engine.install_map(ShardMap::new(shards), Instant::now());
         engine
@@ -477,46 +570,36 @@ impl Engine {
 
     /// Puts a record in its predicted shard's buffers.
     fn route(&mut self, pending: Pending, now: Instant) {
-        if pending.expires <= now {
+        if pending.expires(self.config.record_ttl) <= now {
             bump(&self.counters.user_records_expired, 1);
             self.metrics.user_record_expired.increment(1);
             self.resolve(pending, Err(PutErrorKind::Expired));
             return;
         }
-        let Some(shard_id) = self.map.shard_for(pending.hash_key).cloned() else {
+        let Some(shard_id) = self.map.shard_for(pending.hash_key) else {
             // No open shard known: hold the record in a placeholder until the next listing.
             self.refresh_wanted = true;
             self.state_for(Arc::from(""), now).held.push_back(pending);
             return;
         };
-        let buffered_time = self.config.record_max_buffered_time;
-        let aggregation = self.config.aggregation_enabled;
-        let state = self.state_for(shard_id, now);
-        if state.blocked_until.is_some() || !state.held.is_empty() {
-            state.held.push_back(pending);
-            return;
-        }
-        let added = match state.aggregator.try_add_ref(pending.record()) {
-            Err(RejectedRef::Full) => {
-                state.finish_aggregate(buffered_time);
-                state.aggregator.try_add_ref(pending.record())
+        let (buffered_time, aggregation) = (self.config.record_max_buffered_time, self.config.aggregation_enabled);
+        // Every shard of the map has its state (see `install_map`): looked up without touching
+        // the id's reference count.
+        let refused = match self.shards.get_mut(&**shard_id) {
+            Some(state) => state.add(pending, buffered_time, aggregation, &mut self.spare_members),
+            None => {
+                let shard_id = Arc::clone(shard_id);
+                let mut spare = std::mem::take(&mut self.spare_members);
+                let refused = self.state_for(shard_id, now).add(pending, buffered_time, aggregation, &mut spare);
+                self.spare_members = spare;
+                refused
             }
-            other => other,
         };
-        match added {
-            Ok(()) => {
-                state.aggregating_since.get_or_insert(pending.arrived);
-                state.members.push(pending);
-                if !aggregation {
-                    state.finish_aggregate(buffered_time);
-                }
-            }
-            // `put` checked the size, and an empty aggregator takes any record within it; fail
-            // loudly rather than drop the record if that ever changed.
-            Err(_) => {
-                let (size, max) = (pending.record().plain_size(), self.config.max_record_size);
-                self.resolve(pending, Err(PutErrorKind::TooLarge { size, max }));
-            }
+        // `put` checked the size, and an empty aggregator takes any record within it; fail
+        // loudly rather than drop the record if that ever changed.
+        if let Some(pending) = refused {
+            let (size, max) = (pending.record().plain_size(), self.config.max_record_size);
+            self.resolve(pending, Err(PutErrorKind::TooLarge { size, max }));
         }
     }
 
@@ -529,8 +612,15 @@ impl Engine {
         })
     }
 
-    /// Answers a record and accounts for it. Every record ends here exactly once.
+    /// Answers a record and accounts for it. Every record ends here (or in [`settle`](Self::settle)
+    /// and then [`deliver`](Self::deliver)) exactly once.
     fn resolve(&mut self, pending: Pending, result: Result<PutOutcome, PutErrorKind>) {
+        self.settle(pending, result);
+        self.deliver();
+    }
+
+    /// Accounts for a record and keeps its answer until the next [`deliver`](Self::deliver).
+    fn settle(&mut self, pending: Pending, result: Result<PutOutcome, PutErrorKind>) {
         if let Some(position) = self.epochs.iter().position(|(epoch, _)| *epoch == pending.epoch) {
             self.epochs[position].1 -= 1;
             self.outstanding -= 1;
@@ -538,14 +628,50 @@ impl Engine {
                 self.epochs.remove(position);
             }
         }
-        // Counts and room before the answer: whoever awaits the receipt may read the stats or
-        // put again at once.
-        match &result {
-            Ok(_) => bump(&self.counters.user_records_put, 1),
-            Err(_) => bump(&self.counters.user_records_failed, 1),
+        let (ok, size) = (result.is_ok(), pending.record().plain_size());
+        match pending.into_answer(result) {
+            Some((reply, result)) => self.answers.replies.push((reply, result, size)),
+            // Nobody to answer (cannot happen: a record keeps its reply until answered).
+            None => {
+                let mut tally = Tally::default();
+                tally.add(ok, size);
+                tally.give_back(&self.counters, &self.limits);
+            }
         }
-        self.limits.give_back(pending.record().plain_size());
-        pending.answer(result);
+    }
+
+    /// Answers the records settled since the last call, each just after giving back its room
+    /// and counting it (a batch receipt's results together, one at a time otherwise: the
+    /// outstanding records a caller sees never exceed the limit by more than what is being
+    /// answered).
+    fn deliver(&mut self) {
+        let (answers, counters, limits) = (&mut self.answers, &*self.counters, &*self.limits);
+        let mut run_slot: Option<Arc<BatchSlot>> = None;
+        let mut tally = Tally::default();
+        for (reply, result, size) in answers.replies.drain(..) {
+            match reply {
+                Reply::Batch(slot, index) => {
+                    if !run_slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, &slot))
+                        && let Some(done) = run_slot.replace(slot)
+                    {
+                        tally.give_back(counters, limits);
+                        done.set_many(answers.run.drain(..));
+                    }
+                    tally.add(result.is_ok(), size);
+                    answers.run.push((index, result));
+                }
+                one => {
+                    let mut single = Tally::default();
+                    single.add(result.is_ok(), size);
+                    single.give_back(counters, limits);
+                    one.send(result);
+                }
+            }
+        }
+        if let Some(done) = run_slot {
+            tally.give_back(counters, limits);
+            done.set_many(answers.run.drain(..));
+        }
     }
 
     /// Sends what is due; finishes aggregates that waited long enough; ends backoffs.
@@ -620,7 +746,7 @@ impl Engine {
             return false;
         }
         let (max_count, max_bytes) = (self.config.collection_max_count, self.config.collection_max_size);
-        let strict = self.config.strict_ordering;
+        let (strict, ttl) = (self.config.strict_ordering, self.config.record_ttl);
         let mut expired_records: Vec<Pending> = Vec::new();
         let mut entries: Vec<(Arc<str>, Ready)> = Vec::new();
         let mut bytes = 0usize;
@@ -649,11 +775,11 @@ impl Engine {
                 // A record can outlive its TTL waiting here (behind a rate limit): it fails as
                 // expired instead of being sent late, and the rest of its aggregate goes back in
                 // front of the shard, to be aggregated again.
-                if front.members.iter().any(|m| m.expires <= now) {
+                if front.members.iter().any(|m| m.expires(ttl) <= now) {
                     let Some(stale) = state.ready.pop_front() else { break };
                     state.ready_bytes -= size;
                     let (expired, live): (Vec<Pending>, Vec<Pending>) =
-                        stale.members.into_iter().partition(|m| m.expires <= now);
+                        stale.members.into_iter().partition(|m| m.expires(ttl) <= now);
                     expired_records.extend(expired);
                     state.requeue_front(live, now);
                     break;
@@ -796,7 +922,8 @@ impl Engine {
                         attempts: vec![attempt(None)],
                     });
                     let mut first_try = 0u64;
-                    for (index, mut member) in ready.members.into_iter().enumerate() {
+                    let mut members = ready.members;
+                    for (index, mut member) in members.drain(..).enumerate() {
                         // Records on their first attempt (nearly all) share the call's attempt list.
                         let landing = if member.attempts.is_empty() {
                             Arc::clone(&landing)
@@ -815,7 +942,10 @@ impl Engine {
                             n => self.metrics.retries_per_record.record((n - 1) as f64),
                         }
                         let outcome = PutOutcome::new(landing, index as u64);
-                        self.resolve(member, Ok(outcome));
+                        self.settle(member, Ok(outcome));
+                    }
+                    if self.spare_members.len() < SPARE_MEMBER_LISTS {
+                        self.spare_members.push(members);
                     }
                     self.metrics.retries_per_record.record_many(0.0, first_try as usize);
                 }
@@ -832,6 +962,7 @@ impl Engine {
                 }
             }
         }
+        self.deliver();
         for (shard, members, error) in failed {
             self.retry_or_fail(&shard, members, &error, now);
         }
@@ -851,7 +982,7 @@ impl Engine {
             let outcome = match error.retry {
                 Retry::No => Some(PutErrorKind::Rejected { code: error.code.clone(), message: error.message.clone() }),
                 Retry::Throttled if self.config.fail_if_throttled => Some(PutErrorKind::Throttled),
-                _ if member.expires <= retry_at => Some(PutErrorKind::Expired),
+                _ if member.expires(self.config.record_ttl) <= retry_at => Some(PutErrorKind::Expired),
                 _ => None,
             };
             match outcome {

@@ -126,6 +126,7 @@ impl Limits {
     }
 
     /// Gives back the room of one record of `bytes`.
+    #[cfg(test)]
     pub(crate) fn give_back(&self, bytes: usize) {
         self.give_back_many(1, bytes);
     }

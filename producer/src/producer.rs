@@ -132,29 +132,35 @@ impl Producer {
     /// takes room record by record if the batch is larger than the limits.
     pub async fn put_batch(&self, records: Vec<Record>) -> BatchReceipt {
         let (slot, done) = BatchSlot::new(records.len());
-        let mut valid: Vec<(usize, UserRecord)> = Vec::with_capacity(records.len());
+        let mut valid: Vec<(usize, UserRecord, u128)> = Vec::with_capacity(records.len());
         let mut bytes = 0;
-        for (index, record) in records.into_iter().enumerate() {
-            match self.check(record) {
-                Ok((user, size)) => {
-                    bytes += size;
-                    valid.push((index, user));
+        HASH_CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            for (index, record) in records.into_iter().enumerate() {
+                match self.check(record) {
+                    Ok((user, size)) => {
+                        bytes += size;
+                        let hash_key = hash_key_in(&mut cache, &user);
+                        valid.push((index, user, hash_key));
+                    }
+                    Err(error) => slot.set(index, Err(error)),
                 }
-                Err(error) => slot.set(index, Err(error)),
             }
-        }
+        });
         let limits = &self.inner.limits;
         let timeout = self.inner.config.put_timeout;
         let now = Instant::now();
         if limits.could_fit(valid.len(), bytes) {
             match limits.take_many(valid.len(), bytes, timeout).await {
                 Ok(()) => {
-                    let batch =
-                        valid.into_iter().map(|(index, user)| self.pending_in(&slot, index, user, now)).collect();
+                    let batch = valid
+                        .into_iter()
+                        .map(|(index, user, hash_key)| self.pending_in(&slot, index, user, hash_key, now))
+                        .collect();
                     self.send_batch(batch);
                 }
                 Err(no_room) => {
-                    for (index, user) in valid {
+                    for (index, user, _) in valid {
                         slot.set(index, Err(rejected(no_room_kind(no_room), user)));
                     }
                 }
@@ -163,7 +169,7 @@ impl Producer {
             // Larger than the limits: room record by record, handing over what has room before
             // waiting, so the engine can put it and free room for the rest.
             let mut chunk = Vec::new();
-            for (index, user) in valid {
+            for (index, user, hash_key) in valid {
                 let size = user.plain_size();
                 let room = match limits.try_take(size) {
                     Err(NoRoom::Full) => {
@@ -173,7 +179,7 @@ impl Producer {
                     other => other,
                 };
                 match room {
-                    Ok(()) => chunk.push(self.pending_in(&slot, index, user, Instant::now())),
+                    Ok(()) => chunk.push(self.pending_in(&slot, index, user, hash_key, Instant::now())),
                     Err(no_room) => slot.set(index, Err(rejected(no_room_kind(no_room), user))),
                 }
             }
@@ -182,12 +188,15 @@ impl Producer {
         BatchReceipt::new(slot, done)
     }
 
-    fn pending_in(&self, slot: &Arc<BatchSlot>, index: usize, user: UserRecord, now: Instant) -> Pending {
-        let hash_key = match user.explicit_hash_key() {
-            Some(_) => user.hash_key(),
-            None => cached_partition_key_hash(user.partition_key()),
-        };
-        Pending::new(user, hash_key, Reply::Batch(Arc::clone(slot), index), self.inner.config.record_ttl, now)
+    fn pending_in(
+        &self,
+        slot: &Arc<BatchSlot>,
+        index: usize,
+        user: UserRecord,
+        hash_key: u128,
+        now: Instant,
+    ) -> Pending {
+        Pending::new(user, hash_key, Reply::Batch(Arc::clone(slot), index), now)
     }
 
     fn send_batch(&self, batch: Vec<Pending>) {
@@ -257,12 +266,9 @@ impl Producer {
     }
 
     fn submit(&self, user: UserRecord) -> Result<PutReceipt, PutError> {
-        let hash_key = match user.explicit_hash_key() {
-            Some(_) => user.hash_key(),
-            None => cached_partition_key_hash(user.partition_key()),
-        };
+        let hash_key = HASH_CACHE.with(|cache| hash_key_in(&mut cache.borrow_mut(), &user));
         let (reply, receipt) = oneshot::channel();
-        let pending = Pending::new(user, hash_key, Reply::One(reply), self.inner.config.record_ttl, Instant::now());
+        let pending = Pending::new(user, hash_key, Reply::One(reply), Instant::now());
         // If the engine is gone, the command comes back and dropping its record answers the
         // receipt with `ShutDown` and the record (see `Pending`'s drop), so nothing is lost.
         let _ = self.inner.commands.send(Command::Put(pending));
@@ -273,28 +279,40 @@ impl Producer {
 /// Partition keys this thread hashed lately, at most this many.
 const HASH_CACHE_ENTRIES: usize = 4096;
 
+type HashCache = HashMap<String, u128, foldhash::fast::FixedState>;
+
 thread_local! {
     /// Recently hashed partition keys: applications put many records per key (a user, a
     /// device), and a lookup costs a fraction of an MD5. Per thread, so callers never contend.
-    static HASH_CACHE: std::cell::RefCell<HashMap<String, u128, foldhash::fast::FixedState>> =
-        std::cell::RefCell::new(HashMap::default());
+    static HASH_CACHE: std::cell::RefCell<HashCache> = std::cell::RefCell::new(HashMap::default());
+}
+
+/// The record's hash key: its explicit hash key, or the MD5 of its partition key, remembered in
+/// `cache` for recently seen keys.
+fn hash_key_in(cache: &mut HashCache, user: &UserRecord) -> u128 {
+    match user.explicit_hash_key() {
+        Some(_) => user.hash_key(),
+        None => cached_partition_key_hash_in(cache, user.partition_key()),
+    }
 }
 
 /// MD5 of the partition key as Kinesis computes it, remembered for recently seen keys.
+fn cached_partition_key_hash_in(cache: &mut HashCache, partition_key: &str) -> u128 {
+    if let Some(hash) = cache.get(partition_key) {
+        return *hash;
+    }
+    let hash = partition_key_hash(partition_key);
+    if cache.len() >= HASH_CACHE_ENTRIES {
+        // Crude but bounded: start over. Hot keys are back after one miss each.
+        cache.clear();
+    }
+    cache.insert(partition_key.to_owned(), hash);
+    hash
+}
+
+#[cfg(test)]
 fn cached_partition_key_hash(partition_key: &str) -> u128 {
-    HASH_CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if let Some(hash) = cache.get(partition_key) {
-            return *hash;
-        }
-        let hash = partition_key_hash(partition_key);
-        if cache.len() >= HASH_CACHE_ENTRIES {
-            // Crude but bounded: start over. Hot keys are back after one miss each.
-            cache.clear();
-        }
-        cache.insert(partition_key.to_owned(), hash);
-        hash
-    })
+    HASH_CACHE.with(|cache| cached_partition_key_hash_in(&mut cache.borrow_mut(), partition_key))
 }
 
 fn no_room_kind(no_room: NoRoom) -> PutErrorKind {

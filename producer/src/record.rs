@@ -129,10 +129,23 @@ impl BatchSlot {
 
     /// Records the result of record `index`; the last one wakes the receipt.
     pub(crate) fn set(&self, index: usize, result: PutResult) {
-        if let Some(cell) = lock(&self.results).get_mut(index) {
-            *cell = Some(result);
+        self.set_many(std::iter::once((index, result)));
+    }
+
+    /// Records the results of several records under one lock; the last one wakes the receipt.
+    pub(crate) fn set_many(&self, results: impl IntoIterator<Item = (usize, PutResult)>) {
+        let mut count = 0;
+        {
+            let mut cells = lock(&self.results);
+            for (index, result) in results {
+                if let Some(cell) = cells.get_mut(index) {
+                    *cell = Some(result);
+                }
+                count += 1;
+            }
         }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+        if count > 0
+            && self.remaining.fetch_sub(count, Ordering::AcqRel) == count
             && let Some(done) = lock(&self.done).take()
         {
             let _ = done.send(());
@@ -223,5 +236,27 @@ impl Future for PutReceipt {
             ))),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(key: &str) -> PutResult {
+        Err(PutError::new(PutErrorKind::Full, Record::new(key, "x"), Vec::new()))
+    }
+
+    #[tokio::test]
+    async fn a_batch_receipt_resolves_once_every_result_is_in_whether_set_alone_or_together() {
+        let (slot, done) = BatchSlot::new(3);
+        let receipt = BatchReceipt::new(Arc::clone(&slot), done);
+        slot.set_many([(2, failed("c")), (0, failed("a"))]);
+        assert_eq!(slot.remaining.load(Ordering::Acquire), 1);
+        slot.set_many(std::iter::empty());
+        slot.set(1, failed("b"));
+        let keys: Vec<String> =
+            receipt.await.into_iter().map(|r| r.expect_err("failed").record().partition_key.clone()).collect();
+        assert_eq!(keys, ["a", "b", "c"]);
     }
 }

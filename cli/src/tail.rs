@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_sdk_kinesis::primitives::{DateTime, DateTimeFormat};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use ktk_consumer::backoff::Backoff;
 use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, RetrievalError, ShardReader, StartingPosition};
 use ktk_consumer::shard_sync::{Shard, SyncError, list_shards};
 use ktk_proto::events::v1::Event;
@@ -292,6 +293,7 @@ struct ShardTask {
 impl ShardTask {
     async fn run(mut self) -> Result<ShardOutcome, RetrievalError> {
         let mut failures = 0u32;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let result = match self.reader.read().await {
                 Ok(result) => result,
@@ -304,7 +306,7 @@ impl ShardTask {
                     if !throttled && !self.follow && failures >= MAX_FAILURES_IN_A_ROW {
                         return Err(error);
                     }
-                    let wait = backoff(failures);
+                    let wait = backoff.next_delay();
                     if !throttled {
                         eprintln!("ktk tail: {error}; retrying in {} ms", wait.as_millis());
                     }
@@ -314,6 +316,7 @@ impl ShardTask {
                 Err(error) => return Err(error),
             };
             failures = 0;
+            backoff.reset();
             if !result.records.is_empty() {
                 let shard = self.reader.shard_id();
                 let batch = result.records.iter().map(|record| render(shard, record, self.events)).collect();
@@ -334,22 +337,15 @@ impl ShardTask {
     }
 }
 
-/// The wait before retrying after `failures` failed reads in a row: doubling, capped, with jitter
-/// so that shards throttled together do not retry together.
-fn backoff(failures: u32) -> Duration {
-    let doubled = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(10));
-    let capped = doubled.min(MAX_BACKOFF);
-    capped / 2 + capped.mul_f64(fastrand::f64() / 2.0)
-}
-
 async fn list_with_retries(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<Shard>, TailError> {
     let mut attempt = 0;
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         attempt += 1;
         match list_shards(client, stream).await {
             Ok(shards) => return Ok(shards),
             Err(error) if error.is_retryable() && attempt < LIST_ATTEMPTS => {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             // The SDK's full error context is long; the two usual causes get a short message.
             Err(SyncError::ListShards { message, .. }) if message.contains("ResourceNotFoundException") => {
@@ -785,11 +781,5 @@ mod tests {
             "reading shard s failed: InvalidArgumentException: service error: InvalidArgumentException: too late"
         );
         assert_eq!(without_sdk_debug("plain"), "plain");
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= FIRST_BACKOFF && backoff(1) >= FIRST_BACKOFF / 2);
-        assert!(backoff(30) <= MAX_BACKOFF && backoff(30) >= MAX_BACKOFF / 2);
     }
 }

@@ -204,11 +204,14 @@ fn required(get: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Re
     }
 }
 
-fn optional(get: &impl Fn(&str) -> Option<String>, variable: &str) -> Option<String> {
+/// A setting's value, trimmed; `None` when unset or blank. (The `KTK_*` readers here are shared
+/// with the Lambda's settings.)
+pub fn optional(get: &impl Fn(&str) -> Option<String>, variable: &str) -> Option<String> {
     get(variable).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
-fn number<T: std::str::FromStr>(
+/// A whole-number setting.
+pub fn number<T: std::str::FromStr>(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
 ) -> Result<Option<T>, SettingError> {
@@ -217,7 +220,19 @@ fn number<T: std::str::FromStr>(
         .transpose()
 }
 
-fn millis(get: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Result<Option<Duration>, SettingError> {
+/// A whole-number setting of at least 1.
+pub fn positive<T: std::str::FromStr + PartialOrd + Default>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+) -> Result<Option<T>, SettingError> {
+    match number::<T>(get, variable)? {
+        Some(n) if n <= T::default() => Err(SettingError { variable, problem: "must be at least 1".into() }),
+        n => Ok(n),
+    }
+}
+
+/// A setting in milliseconds.
+pub fn millis(get: &impl Fn(&str) -> Option<String>, variable: &'static str) -> Result<Option<Duration>, SettingError> {
     Ok(number::<u64>(get, variable)?.map(Duration::from_millis))
 }
 

@@ -1,25 +1,25 @@
-//! Exponential backoff with full jitter, for reads, processor retries and table calls that the
-//! worker repeats until they work.
+//! Exponential backoff with jitter, for what the worker (and the Lambda handler) repeats: reads,
+//! processor retries, table calls, sink writes.
 
 use std::time::Duration;
 
 /// Delays that double from `min` up to `max`, each drawn uniformly from [delay/2, delay] so
 /// workers that failed together do not retry together.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+    pub fn new(min: Duration, max: Duration) -> Self {
         let min = min.max(Duration::from_millis(1));
         Backoff { min, max: max.max(min), next: min }
     }
 
     /// The delay before the next attempt; doubles the one after.
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let delay = self.next;
         self.next = (self.next * 2).min(self.max);
         let half = delay / 2;
@@ -27,7 +27,7 @@ impl Backoff {
     }
 
     /// The last attempt worked: start again from the minimum.
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.next = self.min;
     }
 }

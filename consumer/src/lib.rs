@@ -42,7 +42,7 @@
 
 #[cfg(feature = "app")]
 pub mod app;
-mod backoff;
+pub mod backoff;
 pub mod error;
 pub mod fanout;
 pub mod lease;

@@ -13,9 +13,7 @@
 //!
 //! At least one sink is required. A missing or bad setting fails the init, naming the variable.
 
-use std::time::Duration;
-
-use ktk_consumer::app::{SettingError, SinkSettings};
+use ktk_consumer::app::{SettingError, SinkSettings, millis, number, optional, positive};
 use ktk_consumer::pipeline::postgres::StoreConfig;
 
 use crate::handler::HandlerConfig;
@@ -29,29 +27,6 @@ pub struct LambdaSettings {
     /// invocation at a time, so two connections are plenty (and many containers stay within the
     /// database's connection limit).
     pub store_max_connections: u32,
-}
-
-fn optional(get: &impl Fn(&str) -> Option<String>, variable: &str) -> Option<String> {
-    get(variable).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
-}
-
-fn number<T: std::str::FromStr>(
-    get: &impl Fn(&str) -> Option<String>,
-    variable: &'static str,
-) -> Result<Option<T>, SettingError> {
-    optional(get, variable)
-        .map(|v| v.parse::<T>().map_err(|_| SettingError { variable, problem: format!("{v:?} is not a whole number") }))
-        .transpose()
-}
-
-fn positive<T: std::str::FromStr + PartialOrd + Default>(
-    get: &impl Fn(&str) -> Option<String>,
-    variable: &'static str,
-) -> Result<Option<T>, SettingError> {
-    match number::<T>(get, variable)? {
-        Some(n) if n <= T::default() => Err(SettingError { variable, problem: "must be at least 1".into() }),
-        n => Ok(n),
-    }
 }
 
 impl LambdaSettings {
@@ -79,8 +54,8 @@ impl LambdaSettings {
         if let Some(n) = positive(&get, "KTK_SINK_MAX_ATTEMPTS")? {
             handler = handler.with_max_attempts(n);
         }
-        if let Some(ms) = number::<u64>(&get, "KTK_DEADLINE_MARGIN_MS")? {
-            handler = handler.with_deadline_margin(Duration::from_millis(ms));
+        if let Some(margin) = millis(&get, "KTK_DEADLINE_MARGIN_MS")? {
+            handler = handler.with_deadline_margin(margin);
         }
         let store_max_connections = positive(&get, "KTK_STORE_MAX_CONNECTIONS")?.unwrap_or(2);
         Ok(LambdaSettings { sinks, handler, store_max_connections })
@@ -95,6 +70,7 @@ impl LambdaSettings {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+    use std::time::Duration;
 
     use super::*;
 

@@ -29,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
+use ktk_consumer::backoff::Backoff;
 use ktk_consumer::pipeline::dedup::DedupWindow;
 use ktk_consumer::pipeline::{
     Batch, DeadLetter, EventEncoding, EventRecord, Sink, SinkError, SinkReport, decode_event,
@@ -428,7 +429,7 @@ impl KinesisHandler {
         deadline: Instant,
     ) -> (Result<SinkReport, SinkError>, u64) {
         let margin = self.config.deadline_margin;
-        let mut delay = self.config.retry_min;
+        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
         let mut errors = 0;
         let mut attempt = 0;
         loop {
@@ -452,14 +453,13 @@ impl KinesisHandler {
                 error!(sink = sink.name(), attempt, error = %error, "sink write failed and needs an operator");
                 return (Err(error), errors);
             }
-            let pause = jittered(delay);
+            let pause = backoff.next_delay();
             if attempt >= self.config.max_attempts || Instant::now() + pause + margin >= deadline {
                 warn!(sink = sink.name(), attempt, error = %error, "sink write failed; no attempts or time left");
                 return (Err(error), errors);
             }
             warn!(sink = sink.name(), attempt, error = %error, "sink write failed; retrying");
             tokio::time::sleep(pause).await;
-            delay = (delay * 2).min(self.config.retry_max);
         }
     }
 
@@ -540,12 +540,6 @@ fn arrival_from_seconds(value: &serde_json::Value) -> Option<SystemTime> {
     // Up to the year 9999: anything else is not a Kinesis arrival time.
     (millis.is_finite() && (0.0..=253_402_300_799_999.0).contains(&millis))
         .then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(millis as u64))
-}
-
-/// Half the delay plus a random part of the other half, so retries of many containers spread out.
-fn jittered(delay: Duration) -> Duration {
-    let half = delay / 2;
-    half + half.mul_f64(fastrand::f64())
 }
 
 /// The shard of a record: the part of its `eventID` before the sequence number.
@@ -632,13 +626,5 @@ mod tests {
         );
         assert!(arrival_from_seconds(&serde_json::json!(-1.0)).is_none());
         assert!(arrival_from_seconds(&serde_json::json!("soon")).is_none());
-    }
-
-    #[test]
-    fn jitter_stays_between_half_and_the_whole_delay() {
-        for _ in 0..1_000 {
-            let d = jittered(Duration::from_millis(100));
-            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100), "{d:?}");
-        }
     }
 }

@@ -72,3 +72,75 @@ pub fn batch(events: impl IntoIterator<Item = Event>) -> Batch {
         last,
     }
 }
+
+/// How to read one row of a store's events table, by kind of column (NULL as the default).
+#[derive(Clone, Copy)]
+pub struct RowReader<'a> {
+    pub text: &'a dyn Fn(&str) -> String,
+    pub int: &'a dyn Fn(&str) -> Option<i64>,
+    pub float: &'a dyn Fn(&str) -> Option<f64>,
+}
+
+impl std::fmt::Debug for RowReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RowReader")
+    }
+}
+
+impl RowReader<'_> {
+    /// An enum column: its name, or its number for a value the build did not know (0 for a row
+    /// from before the column existed).
+    fn enum_number(&self, column: &str, from_name: fn(&str) -> Option<i32>) -> i32 {
+        let stored = (self.text)(column);
+        if stored.is_empty() {
+            return 0;
+        }
+        from_name(&stored).unwrap_or_else(|| stored.parse().expect("an enum name or number"))
+    }
+
+    /// The event, rebuilt from the typed columns the way a reader of the table would: the times
+    /// from `<column>_ms` (milliseconds the query computed), the attributes from the
+    /// `attributes_text` JSON.
+    pub fn event(&self) -> Event {
+        let (text, int, float) = (self.text, self.int, self.float);
+        let geo_lat = float("geo_lat");
+        let geo_lon = float("geo_lon");
+        let geo_present = geo_lat.is_some() || geo_lon.is_some() || !text("geo_country").is_empty();
+        let attributes = text("attributes_text");
+        Event {
+            event_id: text("event_id"),
+            r#type: self.enum_number("event_type", |n| EventType::from_str_name(n).map(|t| t as i32)),
+            occurred_at_ms: int("occurred_at_ms").unwrap_or_default(),
+            received_at_ms: int("received_at_ms").unwrap_or_default(),
+            user_id: text("user_id"),
+            device_id: text("device_id"),
+            session_id: text("session_id"),
+            platform: self.enum_number("platform", |n| Platform::from_str_name(n).map(|p| p as i32)),
+            app_version: text("app_version"),
+            os_version: text("os_version"),
+            device_model: text("device_model"),
+            content_id: text("content_id"),
+            content_title: text("content_title"),
+            position_ms: int("position_ms").unwrap_or_default(),
+            duration_ms: int("duration_ms").unwrap_or_default(),
+            ad_id: text("ad_id"),
+            ad_break: text("ad_break"),
+            page: text("page"),
+            target: text("target"),
+            error_code: text("error_code"),
+            error_message: text("error_message"),
+            geo: geo_present.then(|| Geo {
+                lat: geo_lat.unwrap_or_default(),
+                lon: geo_lon.unwrap_or_default(),
+                country: text("geo_country"),
+                region: text("geo_region"),
+            }),
+            attributes: if attributes.is_empty() {
+                HashMap::new()
+            } else {
+                serde_json::from_str(&attributes).expect("a JSON object")
+            },
+            schema_version: text("schema_version"),
+        }
+    }
+}

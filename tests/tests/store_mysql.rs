@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use bytes::Bytes;
 use ktk_consumer::pipeline::mysql::{MySqlSink, StoreConfig};
 use ktk_consumer::pipeline::{DeadLetter, Sink, SinkReport};
-use ktk_proto::events::v1::{Event, EventType, Geo, Platform};
-use ktk_tests::store_support::{batch, event, ms, unique_table};
+use ktk_proto::events::v1::{Event, EventType, Geo};
+use ktk_tests::store_support::{RowReader, batch, event, ms, unique_table};
 use sqlx::Row;
 use sqlx::mysql::MySqlRow;
 
@@ -52,15 +52,6 @@ fn text(row: &MySqlRow, column: &str) -> String {
     text.unwrap_or_default()
 }
 
-fn enum_number(row: &MySqlRow, column: &str, from_name: fn(&str) -> Option<i32>) -> i32 {
-    let stored = text(row, column);
-    if stored.is_empty() {
-        // A row from before the column existed.
-        return 0;
-    }
-    from_name(&stored).unwrap_or_else(|| stored.parse().expect("an enum name or number"))
-}
-
 /// Reads an event back from its typed columns, the way a reader of the table would.
 async fn read_back(sink: &MySqlSink, event_id: &str) -> (Event, MySqlRow) {
     // DATETIME has no time zone: the sink stores UTC.
@@ -73,41 +64,12 @@ async fn read_back(sink: &MySqlSink, event_id: &str) -> (Event, MySqlRow) {
         sink.table()
     );
     let row = sqlx::query(&sql).bind(event_id).fetch_one(sink.pool()).await.expect("the event is stored");
-    let geo_lat: Option<f64> = row.get("geo_lat");
-    let geo_lon: Option<f64> = row.get("geo_lon");
-    let geo_present = geo_lat.is_some() || geo_lon.is_some() || !text(&row, "geo_country").is_empty();
-    let attributes: Option<String> = row.get("attributes_text");
-    let event = Event {
-        event_id: text(&row, "event_id"),
-        r#type: enum_number(&row, "event_type", |n| EventType::from_str_name(n).map(|t| t as i32)),
-        occurred_at_ms: row.get::<Option<i64>, _>("occurred_at_ms").unwrap_or_default(),
-        received_at_ms: row.get::<Option<i64>, _>("received_at_ms").unwrap_or_default(),
-        user_id: text(&row, "user_id"),
-        device_id: text(&row, "device_id"),
-        session_id: text(&row, "session_id"),
-        platform: enum_number(&row, "platform", |n| Platform::from_str_name(n).map(|p| p as i32)),
-        app_version: text(&row, "app_version"),
-        os_version: text(&row, "os_version"),
-        device_model: text(&row, "device_model"),
-        content_id: text(&row, "content_id"),
-        content_title: text(&row, "content_title"),
-        position_ms: row.get::<Option<i64>, _>("position_ms").unwrap_or_default(),
-        duration_ms: row.get::<Option<i64>, _>("duration_ms").unwrap_or_default(),
-        ad_id: text(&row, "ad_id"),
-        ad_break: text(&row, "ad_break"),
-        page: text(&row, "page"),
-        target: text(&row, "target"),
-        error_code: text(&row, "error_code"),
-        error_message: text(&row, "error_message"),
-        geo: geo_present.then(|| Geo {
-            lat: geo_lat.unwrap_or_default(),
-            lon: geo_lon.unwrap_or_default(),
-            country: text(&row, "geo_country"),
-            region: text(&row, "geo_region"),
-        }),
-        attributes: attributes.map(|json| serde_json::from_str(&json).expect("a JSON object")).unwrap_or_default(),
-        schema_version: text(&row, "schema_version"),
-    };
+    let event = RowReader {
+        text: &|c| text(&row, c),
+        int: &|c| row.get::<Option<i64>, _>(c),
+        float: &|c| row.get::<Option<f64>, _>(c),
+    }
+    .event();
     (event, row)
 }
 

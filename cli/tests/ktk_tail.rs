@@ -13,7 +13,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ktk_proto::aggregation::{Aggregator, AggregatorConfig, KinesisRecord, UserRecord};
 use ktk_proto::events::v1::{Event, EventType, Platform};
-use ktk_tests::{create_stream, delete_stream, kinesis, unique_name};
+use ktk_tests::{create_stream, delete_stream, kinesis, unique_name, wait_stream_active};
 use prost::Message as _;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -335,13 +335,7 @@ async fn split(client: &aws_sdk_kinesis::Client, stream: &str, shard: &str) -> V
         .send()
         .await
         .expect("split shard");
-    for _ in 0..300 {
-        let summary = client.describe_stream_summary().stream_name(stream).send().await.expect("describe");
-        if summary.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_stream_active(client, stream).await;
     let shards = client.list_shards().stream_name(stream).send().await.expect("list shards");
     let children: Vec<String> = shards
         .shards()

@@ -12,7 +12,7 @@ use ktk_consumer::fanout::{
 use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, ShardReader, StartingPosition};
 use ktk_proto::aggregation::{Aggregator, UserRecord};
 use ktk_proto::keys::HashKeyRange;
-use ktk_tests::{create_stream, delete_stream, index_in, kinesis, numbered_data, unique_name};
+use ktk_tests::{create_stream, delete_stream, index_in, kinesis, numbered_data, unique_name, wait_stream_active};
 
 struct Shard {
     id: String,
@@ -269,13 +269,7 @@ async fn a_subscription_ended_by_the_service_is_made_again_from_its_continuation
         .send()
         .await
         .expect("split");
-    for _ in 0..100 {
-        let summary = client.describe_stream_summary().stream_name(&stream).send().await.expect("describe");
-        if summary.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_stream_active(&client, &stream).await;
 
     let config = FanOutConfig::default().with_min_subscribe_interval(Duration::from_millis(200));
     let mut reader = FanOutReader::new(

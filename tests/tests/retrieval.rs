@@ -7,7 +7,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, ShardReader, StartingPosition};
 use ktk_proto::aggregation::{Aggregator, UserRecord};
 use ktk_proto::keys::HashKeyRange;
-use ktk_tests::{create_stream, delete_stream, kinesis, unique_name};
+use ktk_tests::{create_stream, delete_stream, kinesis, unique_name, wait_stream_active};
 
 /// Puts `records` as one KPL aggregate (each `<prefix>-<i>`) on the stream.
 async fn put_aggregate(client: &aws_sdk_kinesis::Client, stream: &str, prefix: &str, records: usize) {
@@ -124,14 +124,7 @@ async fn a_split_parent_is_read_to_its_end_and_names_its_children() {
         .send()
         .await
         .expect("split");
-    // Wait for the split to finish (the stream is ACTIVE again).
-    for _ in 0..100 {
-        let summary = client.describe_stream_summary().stream_name(&stream).send().await.expect("describe");
-        if summary.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_stream_active(&client, &stream).await;
     let mut reader =
         ShardReader::new(client.clone(), &stream, &shard, HashKeyRange::FULL, StartingPosition::TrimHorizon, fast());
     let mut records = Vec::new();

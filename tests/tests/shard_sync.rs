@@ -2,11 +2,10 @@
 //! parent, gating on the parent's end, idempotence, and LATEST skipping closed shards.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use ktk_consumer::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
 use ktk_consumer::shard_sync::{InitialPosition, ShardSyncer, parents_done};
-use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, kinesis, unique_name};
+use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, kinesis, unique_name, wait_stream_active};
 
 async fn leases(table: &LeaseTable) -> BTreeMap<String, Lease> {
     table.list().await.expect("list").leases.into_iter().map(|l| (l.lease_key.clone(), l)).collect()
@@ -26,13 +25,7 @@ async fn split_first_shard(client: &aws_sdk_kinesis::Client, stream: &str) -> St
         .send()
         .await
         .expect("split");
-    for _ in 0..100 {
-        let summary = client.describe_stream_summary().stream_name(stream).send().await.expect("describe");
-        if summary.stream_description_summary().map(|s| s.stream_status().as_str()) == Some("ACTIVE") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_stream_active(client, stream).await;
     first.shard_id().to_owned()
 }
 

@@ -31,33 +31,8 @@ case "${1:-}" in
 esac
 
 # --- the interpreter: cfn-lint 1.x needs Python >= 3.9 --------------------------------------------
-python_ok() {
-  "$1" -c 'import sys, venv, ensurepip; sys.exit(0 if sys.version_info >= (3, 9) else 1)' >/dev/null 2>&1
-}
-
-find_python() {
-  local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}" candidates=() v c
-  if [[ -n "${KTK_PYTHON:-}" ]]; then
-    python_ok "$KTK_PYTHON" && { printf '%s' "$KTK_PYTHON"; return 0; }
-    die "KTK_PYTHON=$KTK_PYTHON is not a Python >= 3.9 with the venv module"
-  fi
-  # The same interpreters localstack/install.sh prefers (pyenv's 3.13, 3.12), then whatever is on PATH.
-  if [[ -d "$pyenv_root/versions" ]]; then
-    for v in $(find "$pyenv_root/versions" -mindepth 1 -maxdepth 1 -printf '%f\n' |
-      grep -E '^3\.1[23]\.[0-9]+$' | sort -rV); do
-      candidates+=("$pyenv_root/versions/$v/bin/python3")
-    done
-  fi
-  for c in python3.13 python3.12 python3; do
-    command -v "$c" >/dev/null 2>&1 && candidates+=("$(command -v "$c")")
-  done
-  for c in "${candidates[@]}"; do
-    python_ok "$c" && { printf '%s' "$c"; return 0; }
-  done
-  die "no Python >= 3.9 with the venv module found (looked in $pyenv_root/versions/3.1[23].*, python3.13,
-  python3.12, python3 on PATH). Install one (Debian: apt-get install -y python3 python3-venv) or point
-  KTK_PYTHON at one."
-}
+# shellcheck source=../localstack/python.sh
+source "$INFRA_DIR/../localstack/python.sh"
 
 installed() {
   [[ -x "$VENV/bin/cfn-lint" && "$(cat "$STAMP" 2>/dev/null)" == "cfn-lint==$CFN_LINT_VERSION" ]]
@@ -67,10 +42,10 @@ install_cfn_lint() {
   local py t0 log_file="$KTK_CACHE/cfn-lint-pip.log"
   t0="$(date +%s)"
   rm -f "$STAMP"
-  if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python"; then
+  if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" 9; then
     log "reusing the venv $VENV ($("$VENV/bin/python" -V 2>&1))"
   else
-    py="$(find_python)"
+    py="$(find_python 9)" || no_python 9 "cfn-lint $CFN_LINT_VERSION needs Python 3.9 or later"
     log "creating the venv $VENV with $py ($("$py" -V 2>&1))"
     rm -rf "$VENV"
     "$py" -m venv "$VENV"

@@ -39,34 +39,8 @@ need_cmd() {
 }
 
 # --- 1. Python >= 3.12 ---------------------------------------------------------------------------
-python_ok() {
-  "$1" -c 'import sys, venv, ensurepip; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
-}
-
-find_python() {
-  local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}" candidates=() v c
-  if [[ -n "${KTK_PYTHON:-}" ]]; then
-    python_ok "$KTK_PYTHON" && { printf '%s' "$KTK_PYTHON"; return 0; }
-    die "KTK_PYTHON=$KTK_PYTHON is not a Python >= 3.12 with the venv module"
-  fi
-  # pyenv interpreters first (3.13, then 3.12: the versions LocalStack 2026.3.0 is known to run on)
-  if [[ -d "$pyenv_root/versions" ]]; then
-    for v in $(find "$pyenv_root/versions" -mindepth 1 -maxdepth 1 -printf '%f\n' |
-      grep -E '^3\.1[23]\.[0-9]+$' | sort -rV); do
-      candidates+=("$pyenv_root/versions/$v/bin/python3")
-    done
-  fi
-  for c in python3.13 python3.12; do
-    command -v "$c" >/dev/null 2>&1 && candidates+=("$(command -v "$c")")
-  done
-  command -v python3 >/dev/null 2>&1 && candidates+=("$(command -v python3)")
-  for c in "${candidates[@]}"; do
-    python_ok "$c" && { printf '%s' "$c"; return 0; }
-  done
-  die "no Python >= 3.12 found (looked in $pyenv_root/versions/3.1[23].*, python3.13, python3.12, python3 on PATH).
-  Install one, e.g. 'pyenv install 3.12' or 'apt-get install python3.12 python3.12-venv' where available,
-  or point KTK_PYTHON at one. (LocalStack $LS_CORE_VERSION does not run on Python 3.11.)"
-}
+# shellcheck source=python.sh
+source "$LS_DIR/python.sh"
 
 # --- 2. the venv ---------------------------------------------------------------------------------
 venv_has_localstack() {
@@ -85,10 +59,10 @@ install_venv() {
     return 0
   fi
   rm -f "$LS_VENV/.ktk-installed"
-  if [[ -x "$LS_VENV/bin/python" ]] && python_ok "$LS_VENV/bin/python"; then
+  if [[ -x "$LS_VENV/bin/python" ]] && python_ok "$LS_VENV/bin/python" 12; then
     log "venv: reusing $LS_VENV ($("$LS_VENV/bin/python" -V)), updating its packages"
   else
-    py="$(find_python)"
+    py="$(find_python 12)" || no_python 12 "LocalStack $LS_CORE_VERSION does not run on Python 3.11"
     log "venv: creating $LS_VENV with $py ($("$py" -V 2>&1))"
     rm -rf "$LS_VENV"
     "$py" -m venv "$LS_VENV"

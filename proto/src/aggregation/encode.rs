@@ -6,10 +6,11 @@
 //! finishing concatenates the parts between the magic and the digest. The field order (all of
 //! field 1, then 2, then 3) is the order a protobuf library writes, so the bytes are the KPL's.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::hash::BuildHasher;
 
 use bytes::Bytes;
+use hashbrown::HashTable;
 use md5::{Digest, Md5};
 
 use super::{
@@ -255,15 +256,66 @@ pub struct Aggregator {
     first: Option<UserRecord>,
 }
 
-/// Index of each distinct key in its table. Keys are short and hashed once per record, so a fast
-/// non-cryptographic hasher pays (they come from the application, and flooding one producer's
-/// own aggregate buys an attacker nothing).
-type KeyIndex = HashMap<String, u64, foldhash::fast::FixedState>;
+/// Index of each distinct key in its table, found by the key's bytes in the table itself: no key
+/// is copied or kept elsewhere, so a producer that adds records by reference allocates nothing
+/// per record. Keys are short and hashed once per record, so a fast non-cryptographic hasher
+/// pays (they come from the application, and flooding one producer's own aggregate buys an
+/// attacker nothing).
+#[derive(Clone, Default)]
+struct KeyIndex {
+    entries: HashTable<KeySpan>,
+    hasher: foldhash::fast::FixedState,
+}
+
+/// Where a key's bytes are in its table, and its index.
+#[derive(Debug, Clone, Copy)]
+struct KeySpan {
+    start: usize,
+    len: usize,
+    index: u64,
+}
+
+impl KeyIndex {
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key.as_bytes())
+    }
+
+    /// The index of `key`, whose hash is `hash`, if `table` holds it.
+    fn get(&self, table: &[u8], key: &str, hash: u64) -> Option<u64> {
+        self.entries
+            .find(hash, |span| table.get(span.start..span.start + span.len) == Some(key.as_bytes()))
+            .map(|s| s.index)
+    }
+
+    /// Records that the key at `start..start + len` of `table` has index `len()`.
+    fn insert(&mut self, table: &[u8], hash: u64, start: usize, len: usize) {
+        let hasher = &self.hasher;
+        let index = self.entries.len() as u64;
+        self.entries.insert_unique(hash, KeySpan { start, len, index }, |span| {
+            hasher.hash_one(&table[span.start..span.start + span.len])
+        });
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+impl fmt::Debug for KeyIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyIndex").field("keys", &self.entries.len()).finish()
+    }
+}
 
 /// What adding a record would cost, worked out once and then committed.
 struct Addition {
-    new_partition_key: bool,
-    new_explicit_hash_key: bool,
+    /// The key's hash in its index, when the key is new to the aggregate.
+    new_partition_key: Option<u64>,
+    new_explicit_hash_key: Option<u64>,
     partition_key_index: u64,
     explicit_hash_key_index: Option<u64>,
     /// Length of the encoded `Record` message (without its own tag and length).
@@ -333,7 +385,7 @@ impl Aggregator {
         } else if FRAMING_LEN + self.message_len() + plan.growth > self.aggregate_cap() {
             return Err(Rejected::Full(record));
         }
-        self.commit(record, &plan);
+        self.write(&record, &plan);
         Ok(())
     }
 
@@ -352,7 +404,6 @@ impl Aggregator {
             return Err(RejectedRef::Full);
         }
         self.write(record, &plan);
-        self.index_keys(&plan, || record.partition_key.clone(), || record.explicit_hash_key.clone());
         Ok(())
     }
 
@@ -429,23 +480,29 @@ impl Aggregator {
 
     fn plan(&self, record: &UserRecord) -> Addition {
         let mut growth = 0;
+        let indices = &self.partition_key_indices;
+        let hash = indices.hash(&record.partition_key);
         let (partition_key_index, new_partition_key) =
-            match self.partition_key_indices.get(record.partition_key.as_str()) {
-                Some(&index) => (index, false),
+            match indices.get(&self.partition_key_table, &record.partition_key, hash) {
+                Some(index) => (index, None),
                 None => {
                     growth += len_field_size(record.partition_key.len());
-                    (self.partition_key_indices.len() as u64, true)
+                    (indices.len() as u64, Some(hash))
                 }
             };
         let (explicit_hash_key_index, new_explicit_hash_key) = match &record.explicit_hash_key {
-            None => (None, false),
-            Some(ehk) => match self.explicit_hash_key_indices.get(ehk.as_str()) {
-                Some(&index) => (Some(index), false),
-                None => {
-                    growth += len_field_size(ehk.len());
-                    (Some(self.explicit_hash_key_indices.len() as u64), true)
+            None => (None, None),
+            Some(ehk) => {
+                let indices = &self.explicit_hash_key_indices;
+                let hash = indices.hash(ehk);
+                match indices.get(&self.explicit_hash_key_table, ehk, hash) {
+                    Some(index) => (Some(index), None),
+                    None => {
+                        growth += len_field_size(ehk.len());
+                        (Some(indices.len() as u64), Some(hash))
+                    }
                 }
-            },
+            }
         };
         let record_len = 1
             + varint_len(partition_key_index)
@@ -462,13 +519,17 @@ impl Aggregator {
         }
     }
 
-    /// Appends the record's bytes to the tables and the records.
+    /// Appends the record's bytes to the tables (indexing new keys) and the records.
     fn write(&mut self, record: &UserRecord, plan: &Addition) {
-        if plan.new_partition_key {
-            put_string(&mut self.partition_key_table, TAG_PARTITION_KEY_TABLE, &record.partition_key);
+        if let Some(hash) = plan.new_partition_key {
+            let table = &mut self.partition_key_table;
+            let start = put_string(table, TAG_PARTITION_KEY_TABLE, &record.partition_key);
+            self.partition_key_indices.insert(table, hash, start, record.partition_key.len());
         }
-        if let (true, Some(ehk)) = (plan.new_explicit_hash_key, &record.explicit_hash_key) {
-            put_string(&mut self.explicit_hash_key_table, TAG_EXPLICIT_HASH_KEY_TABLE, ehk);
+        if let (Some(hash), Some(ehk)) = (plan.new_explicit_hash_key, &record.explicit_hash_key) {
+            let table = &mut self.explicit_hash_key_table;
+            let start = put_string(table, TAG_EXPLICIT_HASH_KEY_TABLE, ehk);
+            self.explicit_hash_key_indices.insert(table, hash, start, ehk.len());
         }
         let records = &mut self.records;
         records.push(TAG_RECORDS);
@@ -484,34 +545,13 @@ impl Aggregator {
         records.extend_from_slice(&record.data);
         self.count += 1;
     }
-
-    /// Records new keys in the indices; the keys are only materialised when they are new.
-    fn index_keys(
-        &mut self,
-        plan: &Addition,
-        partition_key: impl FnOnce() -> String,
-        explicit_hash_key: impl FnOnce() -> Option<String>,
-    ) {
-        if plan.new_partition_key {
-            self.partition_key_indices.insert(partition_key(), plan.partition_key_index);
-        }
-        if let (true, Some(index)) = (plan.new_explicit_hash_key, plan.explicit_hash_key_index)
-            && let Some(ehk) = explicit_hash_key()
-        {
-            self.explicit_hash_key_indices.insert(ehk, index);
-        }
-    }
-
-    /// Adds a record by value: new keys move into the indices, uncopied.
-    fn commit(&mut self, record: UserRecord, plan: &Addition) {
-        self.write(&record, plan);
-        let UserRecord { partition_key, explicit_hash_key, .. } = record;
-        self.index_keys(plan, || partition_key, || explicit_hash_key);
-    }
 }
 
-fn put_string(buf: &mut Vec<u8>, tag: u8, value: &str) {
+/// Appends a length-delimited string field; returns where the string's bytes start.
+fn put_string(buf: &mut Vec<u8>, tag: u8, value: &str) -> usize {
     buf.push(tag);
     put_varint(buf, value.len() as u64);
+    let start = buf.len();
     buf.extend_from_slice(value.as_bytes());
+    start
 }

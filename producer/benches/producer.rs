@@ -9,10 +9,18 @@
 //! - `producer`: `Producer::put` for every record and a `flush`: validation, outstanding limits,
 //!   the channel to the engine, aggregation per shard, `PutRecords` batching, rate limiting,
 //!   per-record receipts resolved;
-//! - `producer_put_batch`: the same through `Producer::put_batch`, 100 records a batch.
+//! - `producer_put_batch`: the same through `Producer::put_batch`, 100 records a batch;
+//! - `floor`: the least any producer that answers per record must add to the codec, in one loop
+//!   with no engine, no channel, no limits, no retries: validate each record's keys, look its
+//!   partition key's hash up in a cache (every key is cached), aggregate it by reference and keep
+//!   it (to hand it back if the put fails), and give each record a result (its Kinesis record's
+//!   shard and sequence number, shared, and its sub-sequence number). It is the yardstick for
+//!   the producer's own overhead: what the producer costs above it is what its engine costs.
 
 use std::hint::black_box;
 use std::sync::Arc;
+
+use std::collections::HashMap;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use ktk_producer::api::{NoopKinesis, even_shards};
@@ -74,6 +82,47 @@ fn bench(c: &mut Criterion) {
                     }
                 }
                 black_box((out, aggregators.iter_mut().filter_map(Aggregator::finish).count()))
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
+    // Every partition key's hash, as a warm cache holds them.
+    let cache: HashMap<String, u128, foldhash::fast::FixedState> =
+        input.iter().map(|r| (r.partition_key.clone(), partition_key_hash(&r.partition_key))).collect();
+    group.bench_function("floor", |b| {
+        b.iter_batched(
+            || input.clone(),
+            |records| {
+                let mut aggregators: Vec<Aggregator> = (0..SHARDS).map(|_| Aggregator::default()).collect();
+                let mut members: Vec<Vec<UserRecord>> = (0..SHARDS).map(|_| Vec::new()).collect();
+                let mut results: Vec<(Arc<str>, u64)> = Vec::with_capacity(RECORDS);
+                let mut answer = |record: ktk_proto::aggregation::KinesisRecord, members: &mut Vec<UserRecord>| {
+                    let landing: Arc<str> = Arc::from(format!("{}", record.data.len()));
+                    for (index, member) in members.drain(..).enumerate() {
+                        results.push((Arc::clone(&landing), index as u64));
+                        drop(member);
+                    }
+                };
+                for record in records {
+                    let Record { partition_key, explicit_hash_key, data } = record;
+                    let user = UserRecord::from_parts(partition_key, explicit_hash_key, data).expect("valid");
+                    let hash = cache.get(user.partition_key()).copied().unwrap_or_default();
+                    let shard = shards.iter().position(|s| s.range.contains(hash)).unwrap_or(0);
+                    if aggregators[shard].try_add_ref(&user).is_err() {
+                        let done = aggregators[shard].finish().expect("full, so not empty");
+                        answer(done, &mut members[shard]);
+                        aggregators[shard].try_add_ref(&user).expect("fits an empty aggregate");
+                    }
+                    members[shard].push(user);
+                }
+                for (aggregator, members) in aggregators.iter_mut().zip(&mut members) {
+                    if let Some(done) = aggregator.finish() {
+                        answer(done, members);
+                    }
+                }
+                assert_eq!(results.len(), RECORDS);
+                black_box(results)
             },
             BatchSize::LargeInput,
         )

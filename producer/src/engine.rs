@@ -81,15 +81,45 @@ impl Reply {
     }
 }
 
-/// Records resolved but not yet answered: a call's records are answered together, consecutive
-/// results for the same `put_batch` written under one lock, their room and counts given back
-/// once, just before.
+/// Results on their way to their receipts: consecutive results for the same `put_batch` are
+/// written under one lock when the run ends, their room and counts given back once, just before;
+/// a single `put`'s result goes at once.
 #[derive(Debug, Default)]
 struct Answers {
-    /// Each with its record's size, for the room it gives back.
-    replies: Vec<(Reply, PutResult, usize)>,
-    /// Results for one batch receipt, waiting to be written together.
+    /// The batch receipt of the current run, and the run's results.
+    run_slot: Option<Arc<BatchSlot>>,
     run: Vec<(usize, PutResult)>,
+    tally: Tally,
+}
+
+impl Answers {
+    /// Answers a record, or adds it to the current run; `size` is the room it gives back.
+    fn push(&mut self, reply: Reply, result: PutResult, size: usize, counters: &Counters, limits: &Limits) {
+        match reply {
+            Reply::Batch(slot, index) => {
+                if !self.run_slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, &slot)) {
+                    self.end_run(counters, limits);
+                    self.run_slot = Some(slot);
+                }
+                self.tally.add(result.is_ok(), size);
+                self.run.push((index, result));
+            }
+            one => {
+                let mut single = Tally::default();
+                single.add(result.is_ok(), size);
+                single.give_back(counters, limits);
+                one.send(result);
+            }
+        }
+    }
+
+    /// Writes the current run's results to its receipt, after giving back their room.
+    fn end_run(&mut self, counters: &Counters, limits: &Limits) {
+        if let Some(slot) = self.run_slot.take() {
+            self.tally.give_back(counters, limits);
+            slot.set_many(self.run.drain(..));
+        }
+    }
 }
 
 /// Room and counts of records about to be answered.
@@ -128,6 +158,23 @@ impl Tally {
 impl Pending {
     pub(crate) fn new(record: UserRecord, hash_key: u128, reply: Reply, arrived: Instant) -> Self {
         Pending { record: Some(record), hash_key, reply: Some(reply), arrived, attempts: Vec::new(), epoch: 0 }
+    }
+
+    /// Size as Kinesis counts it: data plus partition key.
+    pub(crate) fn size(&self) -> usize {
+        self.record().plain_size()
+    }
+
+    /// Accepted now rather than when it was made (it waited for room before being accepted).
+    pub(crate) fn restart_clock(&mut self, now: Instant) {
+        self.arrived = now;
+    }
+
+    /// Answers a record that was never accepted (no room for it): the error carries it back.
+    pub(crate) fn refuse(self, kind: PutErrorKind) {
+        if let Some((reply, result)) = self.into_answer(Err(kind)) {
+            reply.send(result);
+        }
     }
 
     /// When its TTL runs out. Worked out rather than stored: a pending record is moved a few
@@ -466,11 +513,20 @@ impl Engine {
     /// Counts a newly received record in the current epoch.
     fn count_in(&mut self, pending: &mut Pending) {
         pending.epoch = self.epoch;
-        match self.epochs.back_mut() {
-            Some((epoch, count)) if *epoch == self.epoch => *count += 1,
-            _ => self.epochs.push_back((self.epoch, 1)),
+        self.count_in_many(1);
+    }
+
+    /// Counts `n` newly received records in the current epoch (their `epoch` is set by the
+    /// caller).
+    fn count_in_many(&mut self, n: usize) {
+        if n == 0 {
+            return;
         }
-        self.outstanding += 1;
+        match self.epochs.back_mut() {
+            Some((epoch, count)) if *epoch == self.epoch => *count += n,
+            _ => self.epochs.push_back((self.epoch, n)),
+        }
+        self.outstanding += n;
     }
 
     fn flushing(&self) -> bool {
@@ -545,8 +601,10 @@ impl Engine {
                 bump(&self.counters.user_records_received, batch.len() as u64);
                 self.metrics.user_records_received.increment(batch.len() as u64);
                 let now = Instant::now();
+                self.count_in_many(batch.len());
+                let epoch = self.epoch;
                 for mut pending in batch {
-                    self.count_in(&mut pending);
+                    pending.epoch = epoch;
                     self.route(pending, now);
                 }
             }
@@ -619,7 +677,8 @@ impl Engine {
         self.deliver();
     }
 
-    /// Accounts for a record and keeps its answer until the next [`deliver`](Self::deliver).
+    /// Accounts for a record and answers it, or adds it to the current run of a batch receipt,
+    /// written at the latest by the next [`deliver`](Self::deliver).
     fn settle(&mut self, pending: Pending, result: Result<PutOutcome, PutErrorKind>) {
         if let Some(position) = self.epochs.iter().position(|(epoch, _)| *epoch == pending.epoch) {
             self.epochs[position].1 -= 1;
@@ -628,9 +687,9 @@ impl Engine {
                 self.epochs.remove(position);
             }
         }
-        let (ok, size) = (result.is_ok(), pending.record().plain_size());
+        let (ok, size) = (result.is_ok(), pending.size());
         match pending.into_answer(result) {
-            Some((reply, result)) => self.answers.replies.push((reply, result, size)),
+            Some((reply, result)) => self.answers.push(reply, result, size, &self.counters, &self.limits),
             // Nobody to answer (cannot happen: a record keeps its reply until answered).
             None => {
                 let mut tally = Tally::default();
@@ -640,38 +699,9 @@ impl Engine {
         }
     }
 
-    /// Answers the records settled since the last call, each just after giving back its room
-    /// and counting it (a batch receipt's results together, one at a time otherwise: the
-    /// outstanding records a caller sees never exceed the limit by more than what is being
-    /// answered).
+    /// Answers what is left of the current run of results (see [`Answers`]).
     fn deliver(&mut self) {
-        let (answers, counters, limits) = (&mut self.answers, &*self.counters, &*self.limits);
-        let mut run_slot: Option<Arc<BatchSlot>> = None;
-        let mut tally = Tally::default();
-        for (reply, result, size) in answers.replies.drain(..) {
-            match reply {
-                Reply::Batch(slot, index) => {
-                    if !run_slot.as_ref().is_some_and(|current| Arc::ptr_eq(current, &slot))
-                        && let Some(done) = run_slot.replace(slot)
-                    {
-                        tally.give_back(counters, limits);
-                        done.set_many(answers.run.drain(..));
-                    }
-                    tally.add(result.is_ok(), size);
-                    answers.run.push((index, result));
-                }
-                one => {
-                    let mut single = Tally::default();
-                    single.add(result.is_ok(), size);
-                    single.give_back(counters, limits);
-                    one.send(result);
-                }
-            }
-        }
-        if let Some(done) = run_slot {
-            tally.give_back(counters, limits);
-            done.set_many(answers.run.drain(..));
-        }
+        self.answers.end_run(&self.counters, &self.limits);
     }
 
     /// Sends what is due; finishes aggregates that waited long enough; ends backoffs.

@@ -132,7 +132,9 @@ impl Producer {
     /// takes room record by record if the batch is larger than the limits.
     pub async fn put_batch(&self, records: Vec<Record>) -> BatchReceipt {
         let (slot, done) = BatchSlot::new(records.len());
-        let mut valid: Vec<(usize, UserRecord, u128)> = Vec::with_capacity(records.len());
+        let now = Instant::now();
+        // Checked, hashed and made pending in one pass: the records are touched once here.
+        let mut batch: Vec<Pending> = Vec::with_capacity(records.len());
         let mut bytes = 0;
         HASH_CACHE.with(|cache| {
             let mut cache = cache.borrow_mut();
@@ -141,7 +143,7 @@ impl Producer {
                     Ok((user, size)) => {
                         bytes += size;
                         let hash_key = hash_key_in(&mut cache, &user);
-                        valid.push((index, user, hash_key));
+                        batch.push(Pending::new(user, hash_key, Reply::Batch(Arc::clone(&slot), index), now));
                     }
                     Err(error) => slot.set(index, Err(error)),
                 }
@@ -149,54 +151,35 @@ impl Producer {
         });
         let limits = &self.inner.limits;
         let timeout = self.inner.config.put_timeout;
-        let now = Instant::now();
-        if limits.could_fit(valid.len(), bytes) {
-            match limits.take_many(valid.len(), bytes, timeout).await {
-                Ok(()) => {
-                    let batch = valid
-                        .into_iter()
-                        .map(|(index, user, hash_key)| self.pending_in(&slot, index, user, hash_key, now))
-                        .collect();
-                    self.send_batch(batch);
-                }
-                Err(no_room) => {
-                    for (index, user, _) in valid {
-                        slot.set(index, Err(rejected(no_room_kind(no_room), user)));
-                    }
-                }
+        if limits.could_fit(batch.len(), bytes) {
+            match limits.take_many(batch.len(), bytes, timeout).await {
+                Ok(()) => self.send_batch(batch),
+                Err(no_room) => batch.into_iter().for_each(|pending| pending.refuse(no_room_kind(no_room))),
             }
         } else {
             // Larger than the limits: room record by record, handing over what has room before
             // waiting, so the engine can put it and free room for the rest.
             let mut chunk = Vec::new();
-            for (index, user, hash_key) in valid {
-                let size = user.plain_size();
+            for mut pending in batch {
+                let size = pending.size();
                 let room = match limits.try_take(size) {
                     Err(NoRoom::Full) => {
                         self.send_batch(std::mem::take(&mut chunk));
-                        limits.take(size, timeout).await
+                        let room = limits.take(size, timeout).await;
+                        // Its TTL runs from when it was accepted, not from when it began to wait.
+                        pending.restart_clock(Instant::now());
+                        room
                     }
                     other => other,
                 };
                 match room {
-                    Ok(()) => chunk.push(self.pending_in(&slot, index, user, hash_key, Instant::now())),
-                    Err(no_room) => slot.set(index, Err(rejected(no_room_kind(no_room), user))),
+                    Ok(()) => chunk.push(pending),
+                    Err(no_room) => pending.refuse(no_room_kind(no_room)),
                 }
             }
             self.send_batch(chunk);
         }
         BatchReceipt::new(slot, done)
-    }
-
-    fn pending_in(
-        &self,
-        slot: &Arc<BatchSlot>,
-        index: usize,
-        user: UserRecord,
-        hash_key: u128,
-        now: Instant,
-    ) -> Pending {
-        Pending::new(user, hash_key, Reply::Batch(Arc::clone(slot), index), now)
     }
 
     fn send_batch(&self, batch: Vec<Pending>) {

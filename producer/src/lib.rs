@@ -41,5 +41,5 @@ pub use config::{
     SHARD_MAX_RECORDS_PER_SEC,
 };
 pub use error::{ConfigError, PutError, PutErrorKind, StartError};
-pub use producer::{Producer, ProducerStats};
+pub use producer::{BatchTaken, Producer, ProducerStats};
 pub use record::{Attempt, BatchReceipt, PutOutcome, PutReceipt, Record};

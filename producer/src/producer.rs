@@ -69,6 +69,18 @@ impl ProducerStats {
     }
 }
 
+/// What [`Producer::try_put_batch`] did with a batch at once.
+#[derive(Debug)]
+#[must_use = "the receipt says whether the records taken were put"]
+pub struct BatchTaken {
+    /// Resolves to one result per record taken, in the order of `taken`.
+    pub receipt: BatchReceipt,
+    /// Positions in the batch of the records taken, in order.
+    pub taken: Vec<usize>,
+    /// Records handed back at once, with their positions in the batch, in order.
+    pub refused: Vec<(usize, PutError)>,
+}
+
 impl Producer {
     /// A producer for the stream in `config`, talking to Kinesis with clients built from `aws`
     /// (the standard configuration chain). Fails fast if the settings are invalid or the stream
@@ -180,6 +192,59 @@ impl Producer {
             self.send_batch(chunk);
         }
         BatchReceipt::new(slot, done)
+    }
+
+    /// Like [`put_batch`](Self::put_batch), but never waits: takes the records in order while
+    /// there is room, and hands back at once, with [`PutErrorKind::Full`] (or `ShutDown`), the
+    /// first record that finds none and every valid record after it, so that a record is never
+    /// taken after an earlier one of the same batch was turned away (order per key holds when
+    /// the caller sends the refused ones again). Invalid records come back alone, as in
+    /// `put_batch`. The receipt resolves to one result per record taken.
+    pub fn try_put_batch(&self, records: Vec<Record>) -> BatchTaken {
+        let now = Instant::now();
+        let mut refused: Vec<(usize, PutError)> = Vec::new();
+        let mut valid: Vec<(usize, UserRecord, usize)> = Vec::with_capacity(records.len());
+        let mut bytes = 0;
+        for (index, record) in records.into_iter().enumerate() {
+            match self.check(record) {
+                Ok((user, size)) => {
+                    bytes += size;
+                    valid.push((index, user, size));
+                }
+                Err(error) => refused.push((index, error)),
+            }
+        }
+        let limits = &self.inner.limits;
+        // Room for the whole batch in one step, or else record by record up to the first refusal.
+        let room = limits.try_take_many(valid.len(), bytes);
+        let mut no_room: Option<NoRoom> = None;
+        let mut taken_users = Vec::with_capacity(valid.len());
+        for (index, user, size) in valid {
+            if room.is_err()
+                && no_room.is_none()
+                && let Err(refusal) = limits.try_take(size)
+            {
+                no_room = Some(refusal);
+            }
+            match no_room {
+                Some(refusal) => refused.push((index, rejected(no_room_kind(refusal), user))),
+                None => taken_users.push((index, user)),
+            }
+        }
+        refused.sort_by_key(|(index, _)| *index);
+        let (slot, done) = BatchSlot::new(taken_users.len());
+        let mut taken = Vec::with_capacity(taken_users.len());
+        let mut batch = Vec::with_capacity(taken_users.len());
+        HASH_CACHE.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            for (position, (index, user)) in taken_users.into_iter().enumerate() {
+                let hash_key = hash_key_in(&mut cache, &user);
+                batch.push(Pending::new(user, hash_key, Reply::Batch(Arc::clone(&slot), position), now));
+                taken.push(index);
+            }
+        });
+        self.send_batch(batch);
+        BatchTaken { receipt: BatchReceipt::new(slot, done), taken, refused }
     }
 
     fn send_batch(&self, batch: Vec<Pending>) {

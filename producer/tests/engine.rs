@@ -562,3 +562,35 @@ async fn a_batch_that_cannot_get_room_comes_back_whole() {
     producer.shutdown(Duration::from_secs(1)).await;
     assert!(first.await.iter().all(|r| r.as_ref().is_err_and(|e| matches!(e.kind(), PutErrorKind::ShutDown { .. }))));
 }
+
+#[tokio::test(start_paused = true)]
+async fn try_put_batch_takes_a_prefix_and_hands_back_the_rest_at_once() {
+    let fake = FakeKinesis::new(2);
+    fake.plan(Plan::Stall(Duration::from_millis(500)));
+    let config = ProducerConfig::new("s").with_max_outstanding_records(10);
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let mut records: Vec<Record> = (0..15).map(|i| record(i, 4)).collect();
+    records[2] = Record::new("", "no key");
+    let batch = producer.try_put_batch(records);
+    // Room for ten: the valid records 0, 1, 3..=10 are taken; 2 is invalid; 11..=14 have no room.
+    assert_eq!(batch.taken, [0, 1, 3, 4, 5, 6, 7, 8, 9, 10]);
+    let refused: Vec<(usize, PutErrorKind)> = batch.refused.iter().map(|(i, e)| (*i, e.kind().clone())).collect();
+    assert!(matches!(refused[0], (2, PutErrorKind::InvalidRecord(_))), "{refused:?}");
+    assert_eq!(refused[1..], [11, 12, 13, 14].map(|i| (i, PutErrorKind::Full)));
+    assert_eq!(batch.refused[4].1.record(), &record(14, 4), "the record comes back");
+    // Full now: the next batch is handed back whole, without waiting.
+    let full = producer.try_put_batch(vec![record(20, 4)]);
+    assert!(full.taken.is_empty() && full.receipt.await.is_empty());
+    assert_eq!(full.refused[0].1.kind(), &PutErrorKind::Full);
+    let results = batch.receipt.await;
+    assert_eq!(results.len(), 10);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(fake.user_records().len(), 10);
+    // Room again once they are put.
+    let again = producer.try_put_batch((11..15).map(|i| record(i, 4)).collect());
+    assert_eq!(again.taken, [0, 1, 2, 3]);
+    assert!(again.receipt.await.iter().all(Result::is_ok));
+    producer.shutdown(Duration::from_secs(1)).await;
+    let closed = producer.try_put_batch(vec![record(30, 4)]);
+    assert!(matches!(closed.refused[0].1.kind(), PutErrorKind::ShutDown { .. }));
+}

@@ -19,7 +19,7 @@
 //! answers are `{"error": "<code>", "reason": "<what to fix>"}`.
 //!
 //! Otherwise each event is checked (see `validate.rs`), and the valid ones are put into the
-//! producer in batch order with `try_put`, which never waits. The answer is:
+//! producer in batch order with one `try_put_batch`, which never waits. The answer is:
 //!
 //! ```json
 //! {

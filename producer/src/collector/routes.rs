@@ -22,7 +22,8 @@ use tracing::{debug, warn};
 use super::Collector;
 use super::validate::{BatchValidator, RejectCode, Rejection};
 use crate::error::{PutError, PutErrorKind};
-use crate::record::{PutReceipt, Record};
+use crate::producer::BatchTaken;
+use crate::record::{BatchReceipt, Record};
 
 pub(super) fn router(collector: Collector) -> Router {
     Router::new()
@@ -309,12 +310,9 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
     counter!("collector_events_received").increment(total as u64);
     let mut validator = BatchValidator::new(now, collector.config().max_event_age);
     let mut rejected: Vec<Rejected> = Vec::new();
-    let mut receipts: Vec<(usize, String, PutReceipt)> = Vec::new();
-    // Set when the producer stops taking records: every later valid event is turned away too.
-    // Taking a later event of a user whose earlier one was turned away would put the earlier
-    // one's resend after it on the stream.
-    let mut stopped: Option<Rejection> = None;
-
+    // The valid events, in batch order, as records, and who they are.
+    let mut records: Vec<Record> = Vec::new();
+    let mut ids: Vec<Option<(usize, String)>> = Vec::new();
     for (index, decoded) in events.into_iter().enumerate() {
         let Decoded { event, event_id, unknown_type } = decoded;
         let mut event = match event {
@@ -332,33 +330,41 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
                 continue;
             }
         };
-        if let Some(rejection) = &stopped {
-            rejected.push(Rejected::new(index, event_id, rejection.clone()));
-            continue;
-        }
         event.received_at_ms = now;
-        match collector.producer().try_put(Record::new(key, event.encode_to_vec())) {
-            Ok(receipt) => receipts.push((index, event_id, receipt)),
-            Err(error) => {
-                let rejection = match error.kind() {
-                    PutErrorKind::Full => Rejection::new(
-                        RejectCode::ProducerFull,
-                        "the collector is at its limit of events not yet in Kinesis; send again after Retry-After",
-                    ),
-                    PutErrorKind::ShutDown { .. } => Rejection::new(
-                        RejectCode::ShuttingDown,
-                        "the collector is shutting down; send again after Retry-After",
-                    ),
-                    _ => {
-                        rejected.push(put_failed(index, event_id, &error));
-                        continue;
-                    }
-                };
-                stopped = Some(rejection.clone());
-                rejected.push(Rejected::new(index, event_id, rejection));
-            }
-        }
+        records.push(Record::new(key, event.encode_to_vec()));
+        ids.push(Some((index, event_id)));
     }
+
+    // One hand-off for the batch. The producer takes events in order while it has room; from
+    // the first it cannot take, every later event is turned away too: taking a later event of a
+    // user whose earlier one was turned away would put the earlier one's resend after it on the
+    // stream.
+    let BatchTaken { receipt, taken, refused } = collector.producer().try_put_batch(records);
+    // Set when the producer stops taking records.
+    let mut stopped: Option<Rejection> = None;
+    for (position, error) in refused {
+        let Some((index, event_id)) = ids.get_mut(position).and_then(Option::take) else {
+            continue;
+        };
+        let rejection = match error.kind() {
+            PutErrorKind::Full => Rejection::new(
+                RejectCode::ProducerFull,
+                "the collector is at its limit of events not yet in Kinesis; send again after Retry-After",
+            ),
+            PutErrorKind::ShutDown { .. } => {
+                Rejection::new(RejectCode::ShuttingDown, "the collector is shutting down; send again after Retry-After")
+            }
+            _ => {
+                rejected.push(put_failed(index, event_id, &error));
+                continue;
+            }
+        };
+        stopped.get_or_insert_with(|| rejection.clone());
+        rejected.push(Rejected::new(index, event_id, rejection));
+    }
+    let receipts: Vec<(usize, String)> =
+        taken.iter().filter_map(|&position| ids.get_mut(position).and_then(Option::take)).collect();
+    rejected.sort_by_key(|r| r.index);
 
     counter!("collector_events_accepted").increment(receipts.len() as u64);
     for entry in &rejected {
@@ -373,13 +379,11 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
         );
     }
 
-    let taken = receipts.len();
+    let taken_count = receipts.len();
     let mut retryable_failures = false;
     let results = if wait {
         let mut acked = Vec::with_capacity(receipts.len());
-        let (indices, receipts): (Vec<(usize, String)>, Vec<PutReceipt>) =
-            receipts.into_iter().map(|(index, id, receipt)| ((index, id), receipt)).unzip();
-        for ((index, event_id), result) in indices.into_iter().zip(futures::future::join_all(receipts).await) {
+        for ((index, event_id), result) in receipts.into_iter().zip(receipt.await) {
             match result {
                 Ok(outcome) => acked.push(Acked {
                     index,
@@ -400,12 +404,12 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
         Some(acked)
     } else {
         if !receipts.is_empty() {
-            tokio::spawn(watch_receipts(receipts));
+            tokio::spawn(watch_receipts(receipts, receipt));
         }
         None
     };
 
-    let accepted = results.as_ref().map_or(taken, Vec::len);
+    let accepted = results.as_ref().map_or(taken_count, Vec::len);
     let unavailable = stopped.is_some() || (accepted == 0 && retryable_failures);
     debug!(events = total, accepted, rejected = rejected.len(), wait, "batch taken");
     let answer = Json(Answer { accepted, rejected, results });
@@ -431,9 +435,9 @@ fn put_failed(index: usize, event_id: String, error: &PutError) -> Rejected {
 
 /// Without `?wait=acked` the app has its answer already; a record that fails later is still
 /// never dropped silently: it is logged with its event id and counted.
-async fn watch_receipts(receipts: Vec<(usize, String, PutReceipt)>) {
-    for (_, event_id, receipt) in receipts {
-        if let Err(error) = receipt.await {
+async fn watch_receipts(events: Vec<(usize, String)>, receipt: BatchReceipt) {
+    for ((_, event_id), result) in events.into_iter().zip(receipt.await) {
+        if let Err(error) = result {
             counter!("collector_events_failed").increment(1);
             warn!(event_id = %event_id, error = %error.kind(), "an accepted event could not be put into Kinesis");
         }

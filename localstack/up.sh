@@ -114,6 +114,7 @@ rm -f "$LS_PIDFILE" "$LS_STARTED"
     SERVICES=kinesis,dynamodb,s3,cloudwatch,sts,iam,cloudformation \
     EAGER_SERVICE_LOADING=1 \
     KINESIS_LATENCY=0 \
+    KINESIS_PERSISTENCE=0 \
     DYNAMODB_IN_MEMORY=1 \
     DNS_ADDRESS=0 \
     SKIP_SSL_CERT_DOWNLOAD=1 \

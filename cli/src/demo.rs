@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::error::DisplayErrorContext;
-use ktk_consumer::pipeline::s3::{read_dead_letters, read_events};
+use ktk_pipeline::s3::{read_dead_letters, read_events};
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType, Platform};
 use prost::Message as _;
@@ -197,7 +197,7 @@ impl Options {
             seed: args.seed.unwrap_or_else(|| fastrand::u64(..)),
             wait: args.wait,
             collector_bin: binary(args.collector_bin, "collector", "ktk-producer")?,
-            consumer_bin: binary(args.consumer_bin, "consumer", "ktk-consumer")?,
+            consumer_bin: binary(args.consumer_bin, "consumer", "ktk-ecs")?,
             names,
         })
     }
@@ -387,7 +387,7 @@ async fn run(options: &Options, stop: &CancellationToken) -> Result<bool, Stoppe
 
     let run = Run {
         options,
-        s3: ktk_consumer::pipeline::s3::client(&aws, path_style),
+        s3: ktk_pipeline::s3::client(&aws, path_style),
         dynamodb: aws_sdk_dynamodb::Client::new(&aws),
         aws,
         kinesis,

@@ -414,7 +414,7 @@ fn s3_read_main(args: S3ReadArgs) -> ExitCode {
     };
     runtime.block_on(async {
         let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let client = ktk_consumer::pipeline::s3::client(&aws, args.path_style);
+        let client = ktk_pipeline::s3::client(&aws, args.path_style);
         let options = s3::ReadOptions { bucket: args.bucket, prefix: args.prefix, json: args.json };
         let mut stdout = BufWriter::new(io::stdout().lock());
         match s3::read(&client, &options, &mut stdout, &mut io::stderr()).await {

@@ -6,7 +6,7 @@
 
 use std::io::{self, Write};
 
-use ktk_consumer::pipeline::s3::{Client, ReadEvents, S3Error, event_json, event_line, read_events};
+use ktk_pipeline::s3::{Client, ReadEvents, S3Error, event_json, event_line, read_events};
 
 /// What `ktk s3 read` reads and how it prints it.
 #[derive(Debug, Clone)]
@@ -69,7 +69,7 @@ pub fn print_events(
 
 #[cfg(test)]
 mod tests {
-    use ktk_consumer::pipeline::EventRecord;
+    use ktk_pipeline::EventRecord;
     use ktk_proto::events::v1::{Event, EventType};
 
     use super::*;

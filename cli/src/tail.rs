@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use aws_sdk_kinesis::primitives::{DateTime, DateTimeFormat};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use ktk_consumer::backoff::Backoff;
+use ktk_backoff::Backoff;
 use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, RetrievalError, ShardReader, StartingPosition};
 use ktk_consumer::shard_sync::{Shard, SyncError, list_shards};
 use ktk_proto::events::v1::Event;

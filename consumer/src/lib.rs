@@ -34,21 +34,15 @@
 //!   starts), renewals (skipped when a checkpoint just moved the counter), one task per lease, and
 //!   a graceful shutdown that releases every lease at once. Timings default to the KCL's.
 //! - [`fanout`]: enhanced fan-out (`SubscribeToShard`) beside polling.
-//! - [`pipeline`]: the delivery pipeline's shared types (in progress: dedup, S3 and real-time
-//!   store sinks, the `consumer` binary).
 //!
 //! See `docs/consumer.md` for the design and the measurements.
 #![deny(unsafe_code)]
 
-#[cfg(feature = "app")]
-pub mod app;
-pub mod backoff;
 pub mod error;
 pub mod fanout;
 pub mod lease;
 pub mod lease_renewer;
 pub mod lease_taker;
-pub mod pipeline;
 pub mod processor;
 pub mod retrieval;
 mod shard_consumer;
@@ -59,5 +53,6 @@ pub use error::{Error, ItemError, Result};
 pub use processor::{
     Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, ProcessorFactory, RecordProcessor,
 };
+pub use retrieval::ConsumerRecord;
 pub use shard_sync::InitialPosition;
 pub use worker::{Worker, WorkerConfig, WorkerReport};

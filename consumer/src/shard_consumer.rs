@@ -11,12 +11,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::Backoff;
 use crate::fanout::{FanOutConfig, FanOutReader, Reader};
 use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable, SequenceNumber};
 use crate::lease_renewer::{HeldLease, LeaseRenewer};
 use crate::processor::{Checkpointer, InitializeInput, ProcessRecordsInput, RecordProcessor};
 use crate::retrieval::{ReadResult, ReaderConfig, RetrievalError, ShardReader, StartingPosition};
+use ktk_backoff::Backoff;
 
 /// What every shard task of a worker shares.
 #[derive(Debug)]

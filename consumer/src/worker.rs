@@ -32,7 +32,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::lease::{Lease, LeaseTable, TableCalls};
 use crate::lease_renewer::LeaseRenewer;
@@ -41,6 +40,7 @@ use crate::processor::ProcessorFactory;
 use crate::retrieval::{GET_RECORDS_MAX_RECORDS, ReaderConfig};
 use crate::shard_consumer::{self, Ending, ShardContext};
 use crate::shard_sync::{InitialPosition, ShardSyncer, SyncError};
+use ktk_backoff::Backoff;
 
 const EPSILON: Duration = Duration::from_millis(25);
 

@@ -1,64 +1,56 @@
-//! The function's settings, from `KTK_*` environment variables, read once at init.
-//!
-//! | variable | meaning | default |
-//! | --- | --- | --- |
-//! | `KTK_S3_BUCKET`, `KTK_S3_PREFIX`, `KTK_S3_FORMAT`, `KTK_S3_PATH_STYLE` | the S3 sink, as for the ECS consumer | off |
-//! | `KTK_POSTGRES_URL`, `KTK_MYSQL_URL`, `KTK_STORE_TABLE` | the real-time stores, as for the ECS consumer | off, off, `events` |
-//! | `KTK_STREAM` | the stream name written with the events | from each record's `eventSourceARN` |
-//! | `KTK_BATCH_MAX_RECORDS`, `KTK_BATCH_MAX_BYTES` | sink batch limits within an invocation | 10,000, 16 MiB |
-//! | `KTK_DEDUP_WINDOW` | event ids per shard a warm container remembers | 100,000 |
-//! | `KTK_SINK_MAX_ATTEMPTS` | attempts at one sink write within an invocation | 5 |
-//! | `KTK_DEADLINE_MARGIN_MS` | stop writing this long before the invocation's deadline | 1,000 |
-//! | `KTK_STORE_MAX_CONNECTIONS` | connections per store pool and container | 2 |
+//! The function's settings: every one a `--flag` and its `KTK_*` environment variable (Lambda sets
+//! only the variables; `bootstrap --help` lists them). The sink and batch settings are the
+//! pipeline's own, read the same way by the ECS `consumer`.
 //!
 //! At least one sink is required. A missing or bad setting fails the init, naming the variable.
 
-use ktk_consumer::app::{SettingError, SinkSettings, millis, number, optional, positive};
-use ktk_consumer::pipeline::postgres::StoreConfig;
+use std::time::Duration;
+
+use clap::Parser;
+use ktk_pipeline::postgres::StoreConfig;
+use ktk_pipeline::settings::{BatchSettings, SinkSettings};
 
 use crate::handler::HandlerConfig;
 
-/// Everything the `bootstrap` binary reads from the environment.
-#[derive(Debug, Clone)]
+/// The delivery pipeline as an AWS Lambda function behind a Kinesis event source mapping: the same
+/// decoding, dedup, batches and sinks as the ECS consumer; a partial batch response names the
+/// first record not delivered.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bootstrap", version, about, long_about = None)]
 pub struct LambdaSettings {
+    #[command(flatten)]
     pub sinks: SinkSettings,
-    pub handler: HandlerConfig,
-    /// Pool size of each store. An invocation writes one batch at a time, and a container runs one
-    /// invocation at a time, so two connections are plenty (and many containers stay within the
-    /// database's connection limit).
+
+    #[command(flatten)]
+    pub batches: BatchSettings,
+
+    /// The stream name written with the events [default: from each record's eventSourceARN].
+    #[arg(long, env = "KTK_STREAM", value_name = "NAME", help_heading = "Lambda")]
+    pub stream: Option<String>,
+    /// Attempts at one sink write within an invocation.
+    #[arg(long = "sink-max-attempts", env = "KTK_SINK_MAX_ATTEMPTS", value_name = "ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1_000), help_heading = "Lambda")]
+    pub sink_max_attempts: u32,
+    /// Stop writing this long before the invocation's deadline, in milliseconds.
+    #[arg(long = "deadline-margin-ms", env = "KTK_DEADLINE_MARGIN_MS", value_name = "MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=900_000), help_heading = "Lambda")]
+    pub deadline_margin_ms: u64,
+    /// Connections per store pool and container (a container runs one invocation at a time).
+    #[arg(long = "store-max-connections", env = "KTK_STORE_MAX_CONNECTIONS", value_name = "CONNECTIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100), help_heading = "Lambda")]
     pub store_max_connections: u32,
 }
 
 impl LambdaSettings {
-    /// From the process environment.
-    pub fn from_env() -> Result<Self, SettingError> {
-        LambdaSettings::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// From any lookup (tests pass a map).
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
-        let sinks = SinkSettings::from_lookup(&get)?;
-        let mut handler = HandlerConfig::default();
-        if let Some(stream) = optional(&get, "KTK_STREAM") {
+    /// The handler's configuration.
+    pub fn handler_config(&self) -> HandlerConfig {
+        let defaults = HandlerConfig::default();
+        let (retry_min, retry_max) = (Duration::from_millis(100), Duration::from_secs(5));
+        let mut handler = defaults
+            .with_pipeline(self.batches.pipeline_config().with_retry_backoff(retry_min, retry_max))
+            .with_max_attempts(self.sink_max_attempts)
+            .with_deadline_margin(Duration::from_millis(self.deadline_margin_ms));
+        if let Some(stream) = &self.stream {
             handler = handler.with_stream(stream);
         }
-        if let Some(n) = positive(&get, "KTK_BATCH_MAX_RECORDS")? {
-            handler = handler.with_max_batch_records(n);
-        }
-        if let Some(n) = positive(&get, "KTK_BATCH_MAX_BYTES")? {
-            handler = handler.with_max_batch_bytes(n);
-        }
-        if let Some(n) = number(&get, "KTK_DEDUP_WINDOW")? {
-            handler = handler.with_dedup_window(n);
-        }
-        if let Some(n) = positive(&get, "KTK_SINK_MAX_ATTEMPTS")? {
-            handler = handler.with_max_attempts(n);
-        }
-        if let Some(margin) = millis(&get, "KTK_DEADLINE_MARGIN_MS")? {
-            handler = handler.with_deadline_margin(margin);
-        }
-        let store_max_connections = positive(&get, "KTK_STORE_MAX_CONNECTIONS")?.unwrap_or(2);
-        Ok(LambdaSettings { sinks, handler, store_max_connections })
+        handler
     }
 
     /// The stores' pool settings.
@@ -69,55 +61,61 @@ impl LambdaSettings {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-    use std::time::Duration;
-
     use super::*;
 
-    fn settings(vars: &[(&str, &str)]) -> Result<LambdaSettings, SettingError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        LambdaSettings::from_lookup(|name| map.get(name).cloned())
+    fn settings(args: &[&str]) -> Result<LambdaSettings, clap::Error> {
+        LambdaSettings::try_parse_from(std::iter::once("bootstrap").chain(args.iter().copied()))
     }
 
     #[test]
     fn a_sink_is_enough_and_the_stream_comes_from_the_event() {
-        let s = settings(&[("KTK_S3_BUCKET", "b"), ("KTK_S3_PATH_STYLE", "true")]).expect("valid");
-        let s3 = s.sinks.s3.clone().expect("s3");
-        assert_eq!((s3.bucket.as_str(), s3.path_style), ("b", true));
+        let s = settings(&["--s3-bucket", "b", "--s3-path-style", "true"]).expect("valid");
+        let s3 = s.sinks.s3_config().expect("s3");
+        assert_eq!((s3.bucket(), s3.path_style()), ("b", true));
         assert_eq!(s.sinks.store_table, "events");
-        assert_eq!(s.handler.max_batch_records(), 10_000);
-        assert_eq!(s.handler.deadline_margin(), Duration::from_secs(1));
+        let handler = s.handler_config();
+        assert_eq!(handler.pipeline().max_batch_records(), 10_000);
+        assert_eq!(handler.deadline_margin(), Duration::from_secs(1));
+        assert_eq!(handler, HandlerConfig::default());
         assert_eq!(s.store_config().max_connections(), 2);
 
         let s = settings(&[
-            ("KTK_POSTGRES_URL", "postgres://x"),
-            ("KTK_BATCH_MAX_RECORDS", "500"),
-            ("KTK_DEDUP_WINDOW", "0"),
-            ("KTK_SINK_MAX_ATTEMPTS", "3"),
-            ("KTK_DEADLINE_MARGIN_MS", "2500"),
-            ("KTK_STORE_MAX_CONNECTIONS", "4"),
+            "--postgres-url",
+            "postgres://x",
+            "--batch-max-records",
+            "500",
+            "--dedup-window",
+            "0",
+            "--sink-max-attempts",
+            "3",
+            "--deadline-margin-ms",
+            "2500",
+            "--store-max-connections",
+            "4",
         ])
         .expect("valid");
-        assert_eq!(s.handler.max_batch_records(), 500);
-        assert_eq!(s.handler.dedup_window(), 0);
-        assert_eq!(s.handler.max_attempts(), 3);
-        assert_eq!(s.handler.deadline_margin(), Duration::from_millis(2500));
+        let handler = s.handler_config();
+        assert_eq!(handler.pipeline().max_batch_records(), 500);
+        assert_eq!(handler.pipeline().dedup_window(), 0);
+        assert_eq!(handler.max_attempts(), 3);
+        assert_eq!(handler.deadline_margin(), Duration::from_millis(2500));
         assert_eq!(s.store_max_connections, 4);
     }
 
     #[test]
-    fn bad_values_name_their_variable() {
-        assert!(settings(&[]).expect_err("no sink").problem.contains("no sink"));
-        for (variable, value) in [
-            ("KTK_S3_FORMAT", "csv"),
-            ("KTK_BATCH_MAX_RECORDS", "many"),
-            ("KTK_BATCH_MAX_BYTES", "0"),
-            ("KTK_SINK_MAX_ATTEMPTS", "-1"),
-            ("KTK_DEADLINE_MARGIN_MS", "1s"),
-            ("KTK_STORE_MAX_CONNECTIONS", "0"),
+    fn bad_values_name_their_setting() {
+        let error = settings(&[]).expect_err("no sink");
+        assert_eq!(error.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        for (flag, value) in [
+            ("--s3-format", "csv"),
+            ("--batch-max-records", "many"),
+            ("--batch-max-bytes", "0"),
+            ("--sink-max-attempts", "-1"),
+            ("--deadline-margin-ms", "1s"),
+            ("--store-max-connections", "0"),
         ] {
-            let error = settings(&[("KTK_S3_BUCKET", "b"), (variable, value)]).expect_err("bad");
-            assert_eq!(error.variable, variable, "{error}");
+            let error = settings(&["--s3-bucket", "b", flag, value]).expect_err("bad");
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
         }
     }
 }

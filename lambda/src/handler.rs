@@ -4,35 +4,32 @@
 //! 1. The records are grouped by shard (a mapping's batch holds one shard's records, in sequence
 //!    order; the grouping only keeps a hand-made event with several shards correct).
 //! 2. Each Kinesis record is deaggregated (`ktk_proto`'s KPL codec: a plain record is one user
-//!    record, an aggregate many, a broken aggregate is delivered whole as one plain record) and each
-//!    user record decoded into an `events.v1.Event` ([`decode_event`]). What does not decode (or
-//!    has no usable `event_id`) becomes a [`DeadLetter`] with the reason.
-//! 3. Duplicates are dropped in memory: an event id seen earlier in the invocation, or delivered
-//!    recently on this shard by this container (a [`DedupWindow`] per shard, kept across warm
-//!    invocations). The sinks, idempotent on `event_id`, catch the rest.
-//! 4. The records become [`Batch`]es of at most `max_batch_records` user records and
-//!    `max_batch_bytes` bytes, cut only between Kinesis records (never inside an aggregate), and are
-//!    written one after another, each to every sink at once, each sink retried with a backoff while
-//!    the invocation has time left.
-//! 5. The first batch that a sink could not take stops the shard: its first Kinesis record's
-//!    sequence number is the `itemIdentifier` of the response, so the mapping (with
-//!    `ReportBatchItemFailures`) checkpoints everything before it and retries from it. Nothing after
-//!    it was written, so nothing is skipped; what was written before it is not sent again.
+//!    record, an aggregate many, a broken aggregate is delivered whole as one plain record).
+//! 3. The user records go through the delivery pipeline (`ktk_pipeline::ShardPipeline`), the same
+//!    code the ECS consumer drives: decoding, dedup, batches cut only between Kinesis records,
+//!    every sink written and retried, the same counts. Each shard's pipeline, with its dedup
+//!    window, is kept across warm invocations. The invocation's end also ends a batch: a Lambda
+//!    cannot hold records over to the next invocation.
+//! 4. Retries stop when the runtime's budget is spent: `max_attempts` writes of one batch to one
+//!    sink, the invocation's deadline less a margin, or at once for an error an operator must mend.
+//!    The batch being filled is then abandoned and the sequence number of its first Kinesis record
+//!    is the `itemIdentifier` of the response, so the mapping (with `ReportBatchItemFailures`)
+//!    checkpoints everything before it and retries from it. Nothing after it was acknowledged, so
+//!    nothing is skipped; what was delivered before it is not sent again.
 //!
 //! A poison record is never a failure: it is delivered as a dead letter (S3's `dead-letters/`
 //! objects, the stores' `<table>_dead_letters`), or it would block its shard until it expired.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
-use ktk_consumer::backoff::Backoff;
-use ktk_consumer::pipeline::dedup::DedupWindow;
-use ktk_consumer::pipeline::{
-    Batch, DeadLetter, EventEncoding, EventRecord, Sink, SinkError, SinkReport, decode_event,
+use ktk_pipeline::{
+    Acknowledge, BatchEnd, ConfigError, DeliveryError, EventEncoding, Pipeline, PipelineConfig, PipelineStats,
+    ShardPipeline, Sink, SinkError, UserRecord,
 };
 use ktk_proto::aggregation::{DeaggregatedRecord, Deaggregator};
 use tokio::time::Instant;
@@ -41,41 +38,38 @@ use tracing::{error, info, warn};
 /// Where the shard id ends in a record's `eventID` (`shardId-000000000000:<sequence number>`).
 const EVENT_ID_SEPARATOR: char = ':';
 
-/// How the handler batches, deduplicates and retries.
-#[derive(Debug, Clone)]
+/// How the handler batches, deduplicates and retries: the pipeline's configuration (the same
+/// defaults as the ECS consumer) and what only a Lambda needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerConfig {
+    pipeline: PipelineConfig,
     stream: Option<String>,
-    encoding: EventEncoding,
-    max_batch_records: usize,
-    max_batch_bytes: usize,
-    dedup_window: usize,
     max_attempts: u32,
-    retry_min: Duration,
-    retry_max: Duration,
     deadline_margin: Duration,
 }
 
 impl Default for HandlerConfig {
-    /// The ECS consumer's batch limits (10,000 records, 16 MiB: a mapping's batch, at most 10,000
-    /// records and 6 MB, is then one sink batch) and dedup window (100,000 ids per shard); each sink
-    /// write tried at most 5 times, 100 ms to 5 s apart; every retry stops 1 s before the
-    /// invocation's deadline, leaving time to answer.
+    /// The pipeline's defaults (see `ktk_pipeline::PipelineConfig`; a mapping's batch, at most
+    /// 10,000 records and 6 MB, then fits in one sink batch) with sink retries 100 ms to 5 s apart;
+    /// each sink write tried at most 5 times; every retry stops 1 s before the invocation's
+    /// deadline, leaving time to answer.
     fn default() -> Self {
         HandlerConfig {
+            pipeline: PipelineConfig::default().with_retry_backoff(Duration::from_millis(100), Duration::from_secs(5)),
             stream: None,
-            encoding: EventEncoding::Auto,
-            max_batch_records: 10_000,
-            max_batch_bytes: 16 << 20,
-            dedup_window: 100_000,
             max_attempts: 5,
-            retry_min: Duration::from_millis(100),
-            retry_max: Duration::from_secs(5),
             deadline_margin: Duration::from_secs(1),
         }
     }
 }
 
 impl HandlerConfig {
+    /// The pipeline's configuration (batches, dedup window, encoding, retry backoff).
+    pub fn with_pipeline(mut self, pipeline: PipelineConfig) -> Self {
+        self.pipeline = pipeline;
+        self
+    }
+
     /// The stream name the batches carry (S3 object names, the stores' `stream` column). By default
     /// it is taken from each record's `eventSourceARN`.
     pub fn with_stream(mut self, stream: impl Into<String>) -> Self {
@@ -84,26 +78,25 @@ impl HandlerConfig {
     }
 
     pub fn with_encoding(mut self, encoding: EventEncoding) -> Self {
-        self.encoding = encoding;
+        self.pipeline = self.pipeline.with_encoding(encoding);
         self
     }
 
-    /// A batch is closed once it holds this many user records (at least 1); the Kinesis record
-    /// that would pass it starts the next batch, so an aggregate is never split.
+    /// See `PipelineConfig::with_max_batch_records`.
     pub fn with_max_batch_records(mut self, records: usize) -> Self {
-        self.max_batch_records = records.max(1);
+        self.pipeline = self.pipeline.with_max_batch_records(records);
         self
     }
 
-    /// A batch is closed before a Kinesis record whose data would take it past this many bytes.
+    /// See `PipelineConfig::with_max_batch_bytes`.
     pub fn with_max_batch_bytes(mut self, bytes: usize) -> Self {
-        self.max_batch_bytes = bytes.max(1);
+        self.pipeline = self.pipeline.with_max_batch_bytes(bytes);
         self
     }
 
     /// Event ids per shard the container remembers across invocations (0 turns it off).
     pub fn with_dedup_window(mut self, ids: usize) -> Self {
-        self.dedup_window = ids;
+        self.pipeline = self.pipeline.with_dedup_window(ids);
         self
     }
 
@@ -113,10 +106,9 @@ impl HandlerConfig {
         self
     }
 
-    /// Backoff between attempts (doubling from `min` to `max`, with jitter).
+    /// Backoff between attempts (`ktk_backoff`: doubling from `min` to `max`, with jitter).
     pub fn with_retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.retry_min = min;
-        self.retry_max = max.max(min);
+        self.pipeline = self.pipeline.with_retry_backoff(min, max);
         self
     }
 
@@ -126,16 +118,8 @@ impl HandlerConfig {
         self
     }
 
-    pub fn max_batch_records(&self) -> usize {
-        self.max_batch_records
-    }
-
-    pub fn max_batch_bytes(&self) -> usize {
-        self.max_batch_bytes
-    }
-
-    pub fn dedup_window(&self) -> usize {
-        self.dedup_window
+    pub fn pipeline(&self) -> &PipelineConfig {
+        &self.pipeline
     }
 
     pub fn max_attempts(&self) -> u32 {
@@ -147,18 +131,19 @@ impl HandlerConfig {
     }
 }
 
-/// What one invocation did.
+/// What one invocation did. The delivery counts mean what `ktk_pipeline::PipelineStats` says, on
+/// Lambda as on ECS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InvocationReport {
     /// Kinesis records in the event.
     pub records: u64,
     /// User records they held (after deaggregation).
     pub user_records: u64,
-    /// Events delivered, duplicates the sinks reported excluded.
+    /// Events delivered, duplicates excluded.
     pub events_delivered: u64,
-    /// Duplicates dropped before the sinks (within the invocation or the container's window).
+    /// Duplicates dropped in memory (within a batch, or known to the shard's dedup window).
     pub duplicates_in_memory: u64,
-    /// Duplicates the sinks reported (the most any one sink reported, per batch).
+    /// Events every sink already had.
     pub duplicates_in_sinks: u64,
     /// Dead letters delivered.
     pub dead_letters: u64,
@@ -181,34 +166,65 @@ impl InvocationReport {
         response.set_failures(self.failures.iter().cloned());
         response
     }
+
+    fn add(&mut self, stats: &PipelineStats) {
+        self.events_delivered += stats.events_delivered;
+        self.duplicates_in_memory += stats.duplicates_in_memory;
+        self.duplicates_in_sinks += stats.duplicates_in_sinks;
+        self.dead_letters += stats.dead_letters;
+        self.batches += stats.batches;
+        self.sink_errors += stats.sink_errors;
+    }
 }
 
-/// The function's handler: the sinks and the per-shard dedup windows, built once per container and
-/// shared by every invocation.
+/// The function's handler: the pipeline and each shard's delivery state, built once per container
+/// and shared by every invocation.
 #[derive(Debug)]
 pub struct KinesisHandler {
     config: HandlerConfig,
-    sinks: Vec<Arc<dyn Sink>>,
+    pipeline: Pipeline,
     deaggregator: Deaggregator,
-    /// Taken out for the length of an invocation and put back after, so no lock is held across a
-    /// write.
-    windows: Mutex<HashMap<String, DedupWindow>>,
+    /// Per (stream, shard): taken out for the length of an invocation and put back after, so no
+    /// lock is held across a write.
+    shards: Mutex<HashMap<(String, String), ShardPipeline>>,
 }
 
-/// A sink batch and where it starts in the mapping's batch.
-#[derive(Debug)]
-struct PlannedBatch {
-    batch: Batch,
-    /// The sequence number of its first Kinesis record: what to report if it cannot be written.
-    first_record: String,
-    user_records: usize,
-    bytes: usize,
-    duplicates: u64,
+/// The invocation's side of the pipeline: a budget of attempts and time.
+struct Invocation {
+    deadline: Instant,
+    margin: Duration,
+    max_attempts: u32,
+}
+
+impl Acknowledge for Invocation {
+    fn may_retry(&self, attempt: u32, error: &SinkError, pause: Duration) -> Result<(), String> {
+        if !error.is_retryable() {
+            return Err("it needs an operator; the mapping retries the batch later".to_owned());
+        }
+        if attempt >= self.max_attempts {
+            return Err(format!("{attempt} attempts made, the most one invocation makes"));
+        }
+        if Instant::now() + pause + self.margin >= self.deadline {
+            return Err("no time left in the invocation".to_owned());
+        }
+        Ok(())
+    }
+
+    fn time_left(&self) -> Option<Duration> {
+        Some(self.deadline.saturating_duration_since(Instant::now()).saturating_sub(self.margin))
+    }
+
+    /// Nothing to do: the answer to the mapping is the checkpoint.
+    async fn batch_delivered(&mut self, _end: &BatchEnd) -> Result<(), DeliveryError> {
+        Ok(())
+    }
 }
 
 impl KinesisHandler {
-    pub fn new(config: HandlerConfig, sinks: Vec<Arc<dyn Sink>>) -> Self {
-        KinesisHandler { config, sinks, deaggregator: Deaggregator::new(), windows: Mutex::default() }
+    /// A handler that delivers to `sinks` (at least one).
+    pub fn new(config: HandlerConfig, sinks: Vec<Arc<dyn Sink>>) -> Result<Self, ConfigError> {
+        let pipeline = Pipeline::new(config.pipeline.clone(), sinks)?;
+        Ok(KinesisHandler { config, pipeline, deaggregator: Deaggregator::new(), shards: Mutex::default() })
     }
 
     pub fn config(&self) -> &HandlerConfig {
@@ -217,7 +233,12 @@ impl KinesisHandler {
 
     /// The sinks' names (`s3`, `postgres`, `mysql`).
     pub fn sink_names(&self) -> impl Iterator<Item = &str> {
-        self.sinks.iter().map(|sink| sink.name())
+        self.pipeline.sink_names()
+    }
+
+    /// Counts over every invocation of this container.
+    pub fn stats(&self) -> PipelineStats {
+        self.pipeline.stats()
     }
 
     /// Handles one invocation that must answer by `deadline` (the context's deadline, as a
@@ -259,218 +280,88 @@ impl KinesisHandler {
             (None, Some(first)) => stream_of(first),
             (None, None) => return None,
         };
-        let mut window = self.take_window(shard_id);
-        let batches = self.plan(&stream, shard_id, records, &window, report);
-        let mut failed = None;
-        for planned in batches {
-            let batch = &planned.batch;
-            if batch.events.is_empty() && batch.dead_letters.is_empty() {
-                // Only duplicates: nothing to write.
-                report.duplicates_in_memory += planned.duplicates;
-                continue;
+        let first_record = records.first().map(|r| r.kinesis.sequence_number.clone());
+        let user_records = self.deaggregate(shard_id, records, report);
+        let mut shard = self.take_shard(&stream, shard_id);
+        let before = shard.stats();
+        let mut invocation =
+            Invocation { deadline, margin: self.config.deadline_margin, max_attempts: self.config.max_attempts };
+        let outcome = match shard.process(user_records, &mut invocation).await {
+            // The invocation's end ends the batch.
+            Ok(()) => shard.flush(&mut invocation).await,
+            Err(e) => Err(e),
+        };
+        let failed = match outcome {
+            Ok(()) => None,
+            Err(e) => {
+                let start = shard.pending_start().map(str::to_owned).or(first_record);
+                error!(
+                    shard = shard_id,
+                    first_record = start.as_deref().unwrap_or(""),
+                    error = %e,
+                    "batch not delivered; the mapping retries from its first record"
+                );
+                shard.abandon();
+                start
             }
-            match self.write_batch(batch, deadline, report).await {
-                Ok((written, duplicates)) => {
-                    for record in &batch.events {
-                        window.insert(&record.event.event_id);
-                    }
-                    report.events_delivered += written;
-                    report.duplicates_in_memory += planned.duplicates;
-                    report.duplicates_in_sinks += duplicates;
-                    report.dead_letters += batch.dead_letters.len() as u64;
-                    report.batches += 1;
-                }
-                Err(e) => {
-                    error!(
-                        shard = shard_id,
-                        first_record = %planned.first_record,
-                        user_records = planned.user_records,
-                        bytes = planned.bytes,
-                        error = %e,
-                        "batch not delivered; the mapping retries from its first record"
-                    );
-                    failed = Some(planned.first_record);
-                    break;
-                }
-            }
-        }
-        self.put_window(shard_id, window);
+        };
+        report.add(&shard.stats().since(&before));
+        self.put_shard(&stream, shard);
         failed
     }
 
-    /// Deaggregates, decodes and deduplicates one shard's records into batches.
-    fn plan(
+    /// Deaggregates one shard's Kinesis records into user records, counting them.
+    fn deaggregate(
         &self,
-        stream: &str,
         shard_id: &str,
         records: Vec<KinesisEventRecord>,
-        window: &DedupWindow,
         report: &mut InvocationReport,
-    ) -> Vec<PlannedBatch> {
-        let mut batches: Vec<PlannedBatch> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut user_records: Vec<DeaggregatedRecord> = Vec::new();
+    ) -> Vec<UserRecord> {
+        let mut users: Vec<UserRecord> = Vec::with_capacity(records.len());
+        let mut deaggregated: Vec<DeaggregatedRecord> = Vec::new();
         let mut out_of_range = Vec::new();
         for record in records {
             let kinesis = record.kinesis;
-            let sequence_number = kinesis.sequence_number;
             let arrival = Some(SystemTime::from(*kinesis.approximate_arrival_timestamp));
-            let data = Bytes::from(kinesis.data.0);
-            let size = data.len();
-            user_records.clear();
+            deaggregated.clear();
             let format = self.deaggregator.deaggregate_into(
-                data,
+                Bytes::from(kinesis.data.0),
                 &kinesis.partition_key,
                 None,
-                &mut user_records,
+                &mut deaggregated,
                 &mut out_of_range,
             );
-            let suspicious = format.is_suspicious().then(|| format!("{format:?}"));
-            if let Some(format) = &suspicious {
+            if format.is_suspicious() {
                 report.suspicious_records += 1;
                 warn!(
                     shard = shard_id,
-                    sequence_number, format, "a record has the KPL magic but is not a valid aggregate"
+                    sequence_number = kinesis.sequence_number,
+                    format = ?format,
+                    "a record has the KPL magic but is not a valid aggregate; delivered as a plain record"
                 );
             }
-            report.user_records += user_records.len() as u64;
-
-            let cut = batches.last().is_none_or(|last| {
-                last.user_records >= self.config.max_batch_records
-                    || (last.bytes > 0 && last.bytes + size > self.config.max_batch_bytes)
-            });
-            if cut {
-                batches.push(PlannedBatch {
-                    batch: Batch { stream: stream.to_owned(), shard_id: shard_id.to_owned(), ..Batch::default() },
-                    first_record: sequence_number.clone(),
-                    user_records: 0,
-                    bytes: 0,
-                    duplicates: 0,
-                });
-            }
-            let Some(planned) = batches.last_mut() else { continue };
-            planned.bytes += size;
-            for user in user_records.drain(..) {
-                let position = (sequence_number.clone(), user.sub_sequence_number);
-                if planned.user_records == 0 {
-                    planned.batch.first = position.clone();
-                }
-                planned.user_records += 1;
-                planned.batch.last = position;
-                match decode_event(&user.data, self.config.encoding) {
-                    Ok(event) => {
-                        if window.contains(&event.event_id) || !seen.insert(event.event_id.clone()) {
-                            planned.duplicates += 1;
-                            continue;
-                        }
-                        planned.batch.events.push(EventRecord {
-                            event,
-                            shard_id: shard_id.to_owned(),
-                            sequence_number: sequence_number.clone(),
-                            sub_sequence_number: user.sub_sequence_number,
-                            arrival,
-                        });
-                    }
-                    Err(reason) => {
-                        let reason = match &suspicious {
-                            Some(format) => {
-                                format!("not a valid KPL aggregate ({format}), read as a plain record: {reason}")
-                            }
-                            None => reason,
-                        };
-                        planned.batch.dead_letters.push(DeadLetter {
-                            shard_id: shard_id.to_owned(),
-                            sequence_number: sequence_number.clone(),
-                            sub_sequence_number: user.sub_sequence_number,
-                            partition_key: user.partition_key.to_string(),
-                            data: user.data,
-                            reason,
-                            arrival,
-                        });
-                    }
-                }
-            }
+            report.user_records += deaggregated.len() as u64;
+            users.extend(deaggregated.drain(..).map(|user| UserRecord {
+                sequence_number: kinesis.sequence_number.clone(),
+                sub_sequence_number: user.sub_sequence_number,
+                partition_key: user.partition_key.to_string(),
+                data: user.data,
+                arrival,
+            }));
         }
-        batches
+        users
     }
 
-    /// Writes a batch to every sink at once; `Ok((written, duplicates))` once all acknowledged.
-    async fn write_batch(
-        &self,
-        batch: &Batch,
-        deadline: Instant,
-        report: &mut InvocationReport,
-    ) -> Result<(u64, u64), SinkError> {
-        let writes = self.sinks.iter().map(|sink| self.write_with_retry(sink.as_ref(), batch, deadline));
-        let results = futures::future::join_all(writes).await;
-        let mut duplicates = 0;
-        let mut first_error = None;
-        for (result, errors) in results {
-            report.sink_errors += errors;
-            match result {
-                Ok(sink) => duplicates = duplicates.max(sink.duplicates),
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(((batch.events.len() as u64).saturating_sub(duplicates), duplicates)),
-        }
+    fn take_shard(&self, stream: &str, shard_id: &str) -> ShardPipeline {
+        let mut shards = self.shards.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        shards
+            .remove(&(stream.to_owned(), shard_id.to_owned()))
+            .unwrap_or_else(|| self.pipeline.shard(stream, shard_id))
     }
 
-    /// Writes a batch to one sink, retrying retryable failures while attempts and time are left.
-    /// Returns the outcome and the number of failed attempts.
-    async fn write_with_retry(
-        &self,
-        sink: &dyn Sink,
-        batch: &Batch,
-        deadline: Instant,
-    ) -> (Result<SinkReport, SinkError>, u64) {
-        let margin = self.config.deadline_margin;
-        let mut backoff = Backoff::new(self.config.retry_min, self.config.retry_max);
-        let mut errors = 0;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let time_left = deadline.saturating_duration_since(Instant::now()).saturating_sub(margin);
-            if time_left.is_zero() {
-                let message = "no time left in the invocation to write the batch".to_owned();
-                return (Err(SinkError::new(sink.name(), message, true)), errors);
-            }
-            let error = match tokio::time::timeout(time_left, sink.write(batch)).await {
-                Ok(Ok(report)) => return (Ok(report), errors),
-                Ok(Err(e)) => e,
-                Err(_) => SinkError::new(
-                    sink.name(),
-                    format!("the write took longer than the invocation's time left ({time_left:?}); abandoned"),
-                    true,
-                ),
-            };
-            errors += 1;
-            if !error.retryable {
-                error!(sink = sink.name(), attempt, error = %error, "sink write failed and needs an operator");
-                return (Err(error), errors);
-            }
-            let pause = backoff.next_delay();
-            if attempt >= self.config.max_attempts || Instant::now() + pause + margin >= deadline {
-                warn!(sink = sink.name(), attempt, error = %error, "sink write failed; no attempts or time left");
-                return (Err(error), errors);
-            }
-            warn!(sink = sink.name(), attempt, error = %error, "sink write failed; retrying");
-            tokio::time::sleep(pause).await;
-        }
-    }
-
-    fn take_window(&self, shard_id: &str) -> DedupWindow {
-        let mut windows = self.windows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        windows.remove(shard_id).unwrap_or_else(|| DedupWindow::new(self.config.dedup_window))
-    }
-
-    fn put_window(&self, shard_id: &str, window: DedupWindow) {
-        let mut windows = self.windows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        windows.insert(shard_id.to_owned(), window);
+    fn put_shard(&self, stream: &str, shard: ShardPipeline) {
+        let mut shards = self.shards.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        shards.insert((stream.to_owned(), shard.shard_id().to_owned()), shard);
     }
 
     /// Logs what an invocation did (one line per invocation).

@@ -5,12 +5,12 @@
 //! checkpoint: a partial batch response naming the first record that was not delivered.
 //!
 //! # Layout
-//! - [`handler`]: [`KinesisHandler`] turns one `KinesisEvent` into sink batches and writes them,
-//!   in order, through the consumer's sinks (`ktk_consumer::pipeline`), answering with
-//!   `batchItemFailures`. Deaggregation is `ktk_proto`'s codec, event decoding and the dedup window
-//!   are the consumer's: nothing of the pipeline is copied here.
-//! - [`config`]: [`LambdaSettings`] from `KTK_*` environment variables (the sink variables are the
-//!   ECS consumer's, read by `ktk_consumer::app::SinkSettings`).
+//! - [`handler`]: [`KinesisHandler`] deaggregates one `KinesisEvent` (`ktk_proto`'s codec) and
+//!   drives the delivery pipeline (`ktk_pipeline::ShardPipeline`, the same code the ECS consumer
+//!   drives) with the invocation's budget of attempts and time, answering with
+//!   `batchItemFailures`. Nothing of the pipeline is copied here.
+//! - [`config`]: [`LambdaSettings`], flags and `KTK_*` variables (the sink and batch settings are
+//!   the pipeline's, read the same way by the ECS consumer).
 //! - `main.rs` (the `bootstrap` binary): builds the clients and pools once per container, reports
 //!   a bad setting to the Runtime API's `/init/error`, runs the handler, and closes the pools on
 //!   the SIGTERM Lambda sends before it shuts a container down.

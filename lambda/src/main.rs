@@ -1,6 +1,6 @@
 //! `bootstrap`: the delivery pipeline as a Lambda function (`provided.al2023`) behind a Kinesis
-//! event source mapping. Settings come from `KTK_*` environment variables (see
-//! `ktk_lambda::config`), AWS settings from the standard chain.
+//! event source mapping. Settings come from `KTK_*` environment variables (or flags; see
+//! `bootstrap --help` and `ktk_lambda::config`), AWS settings from the standard chain.
 //!
 //! Init builds everything once per container: the settings, the AWS configuration, the S3 client
 //! and the stores' pools (connected and migrated). A bad setting or an unreachable store is
@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
+use clap::{CommandFactory, Parser};
 use ktk_lambda::{KinesisHandler, LambdaSettings, parse_event};
 use lambda_runtime::{LambdaEvent, service_fn};
 use lambda_runtime_api_client::body::Body;
@@ -21,16 +22,25 @@ use tracing::{error, info};
 #[tokio::main]
 async fn main() -> ExitCode {
     lambda_runtime::tracing::init_default_subscriber();
-    let settings = match LambdaSettings::from_env() {
+    let settings = match LambdaSettings::try_parse() {
         Ok(settings) => settings,
-        Err(e) => return init_failed("InvalidSetting", &e.to_string()).await,
+        // --help and --version print and exit 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let line = ktk_pipeline::settings::one_line(&LambdaSettings::command(), &e);
+            eprintln!("{line}");
+            return init_failed("InvalidSetting", &line, 2).await;
+        }
     };
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let sinks = match settings.sinks.connect(&aws, settings.store_config()).await {
         Ok(sinks) => sinks,
-        Err(e) => return init_failed("SinkUnavailable", &e.to_string()).await,
+        Err(e) => return init_failed("SinkUnavailable", &e.to_string(), 1).await,
     };
-    let handler = Arc::new(KinesisHandler::new(settings.handler.clone(), sinks.all()));
+    let handler = match KinesisHandler::new(settings.handler_config(), sinks.all()) {
+        Ok(handler) => Arc::new(handler),
+        Err(e) => return init_failed("InvalidSetting", &e.to_string(), 2).await,
+    };
     let names: Vec<&str> = handler.sink_names().collect();
     info!(sinks = ?names, "ready");
 
@@ -66,14 +76,15 @@ async fn main() -> ExitCode {
 }
 
 /// Logs the init error, reports it to the Runtime API (so the invocation that waits on the init
-/// fails with this message, not a bare exit status) and exits 1.
-async fn init_failed(error_type: &str, message: &str) -> ExitCode {
+/// fails with this message, not a bare exit status) and exits with `status` (2 for a bad setting,
+/// 1 for a sink that cannot be reached).
+async fn init_failed(error_type: &str, message: &str, status: u8) -> ExitCode {
     error!(error_type, "init failed: {message}");
     if let Err(e) = report_init_error(error_type, message).await {
         error!("could not report the init error to the Runtime API: {e}");
     }
     let _ = std::io::stdout().flush();
-    ExitCode::FAILURE
+    ExitCode::from(status)
 }
 
 /// `POST /2018-06-01/runtime/init/error` (the Runtime API's address is `AWS_LAMBDA_RUNTIME_API`).

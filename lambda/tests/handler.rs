@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use futures::future::BoxFuture;
-use ktk_consumer::pipeline::{Batch, Sink, SinkError, SinkReport};
 use ktk_lambda::{HandlerConfig, InvocationReport, KinesisHandler};
+use ktk_pipeline::{Batch, Sink, SinkError, SinkReport};
 use prost::Message as _;
 use serde_json::json;
 use tokio::time::Instant;
@@ -67,7 +67,7 @@ impl Sink for FakeSink {
             if self.fail_at.as_deref() == Some(batch.first.0.as_str())
                 && self.failures_left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
             {
-                return Err(SinkError::new(self.name, "injected failure", self.retryable));
+                return Err(SinkError::classified(self.name, "injected failure", self.retryable));
             }
             let mut written = self.written.lock().expect("lock");
             let duplicates = written
@@ -93,7 +93,7 @@ fn kinesis_event(data: &[Vec<u8>]) -> KinesisEvent {
 }
 
 fn handler(config: HandlerConfig, sinks: &[&Arc<FakeSink>]) -> KinesisHandler {
-    KinesisHandler::new(config, sinks.iter().map(|s| Arc::clone(s) as Arc<dyn Sink>).collect())
+    KinesisHandler::new(config, sinks.iter().map(|s| Arc::clone(s) as Arc<dyn Sink>).collect()).expect("valid handler")
 }
 
 fn in_a_minute() -> Instant {

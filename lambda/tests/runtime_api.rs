@@ -19,7 +19,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use ktk_consumer::pipeline::s3::{read_dead_letters, read_events};
+use ktk_pipeline::s3::{read_dead_letters, read_events};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use support::{STREAM, aggregate, batch_json, plain, sequence};
@@ -279,7 +279,7 @@ impl Function {
 // The sinks
 
 struct Sinks {
-    s3: ktk_consumer::pipeline::s3::Client,
+    s3: ktk_pipeline::s3::Client,
     bucket: String,
     db: PgPool,
     table: String,
@@ -290,7 +290,7 @@ impl Sinks {
     /// PostgreSQL, both unused by anything else.
     async fn new(tag: &str, create_bucket: bool) -> Sinks {
         let aws = ktk_tests::aws_config().await;
-        let s3 = ktk_consumer::pipeline::s3::client(&aws, true);
+        let s3 = ktk_pipeline::s3::client(&aws, true);
         let bucket = ktk_tests::unique_name(&format!("ktk-lambda-{tag}")).to_lowercase();
         if create_bucket {
             s3.create_bucket().bucket(&bucket).send().await.unwrap_or_else(|e| {

@@ -177,7 +177,7 @@ impl ProducerConfig {
     }
 
     /// Backoff between attempts of a failed record: jittered, doubling from `min` up to `max`
-    /// (defaults 100 ms and 5 s).
+    /// (`ktk_backoff::delay`; defaults 100 ms and 5 s).
     pub fn with_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.min_backoff = min;
         self.max_backoff = max;

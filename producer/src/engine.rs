@@ -29,7 +29,6 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, warn};
 
 use crate::api::{CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, retry_for_entry, with_timeout};
-use crate::backoff;
 use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES};
 use crate::error::{PutError, PutErrorKind};
 use crate::limiter::ShardLimiter;
@@ -1005,7 +1004,11 @@ impl Engine {
             bump(&self.counters.throttled, members.len() as u64);
         }
         let attempts = members.iter().map(|m| m.attempts.len()).max().unwrap_or(1);
-        let delay = backoff::delay(attempts, self.config.min_backoff, self.config.max_backoff);
+        let delay = ktk_backoff::delay(
+            u32::try_from(attempts).unwrap_or(u32::MAX),
+            self.config.min_backoff,
+            self.config.max_backoff,
+        );
         let retry_at = now + delay;
         let mut keep = Vec::new();
         for member in members {

@@ -23,7 +23,6 @@
 #![deny(unsafe_code)]
 
 pub mod api;
-mod backoff;
 #[cfg(feature = "collector")]
 pub mod collector;
 mod config;

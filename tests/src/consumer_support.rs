@@ -15,7 +15,7 @@ pub fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| DEFAULT_DATABASE_URL.to_owned())
 }
 
-/// The `consumer` binary of ktk-consumer, built by `cargo test --workspace` next to the running
+/// The `consumer` binary of ktk-ecs, built by `cargo test --workspace` next to the running
 /// test's own executable.
 pub fn consumer_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
@@ -23,7 +23,7 @@ pub fn consumer_binary() -> PathBuf {
     let binary = dir.join("consumer");
     assert!(
         binary.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p ktk-consumer --bin consumer` first)",
+        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p ktk-ecs --bin consumer` first)",
         binary.display()
     );
     binary

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ktk_consumer::pipeline::{Batch, EventRecord};
+use ktk_pipeline::{Batch, EventRecord};
 use ktk_proto::events::v1::{Event, EventType, Geo, Platform};
 
 /// A table name no other test (or earlier run) uses.

@@ -21,8 +21,9 @@ use aws_sdk_cloudformation::types::{Capability, Parameter, StackStatus};
 use aws_sdk_dynamodb::types::{BillingMode, KeyType, ScalarAttributeType};
 use aws_sdk_kinesis::types::{StreamMode, StreamStatus};
 use ktk_consumer::Worker;
-use ktk_consumer::pipeline::s3::{self, S3Sink, S3SinkConfig, read_events};
-use ktk_consumer::pipeline::{Pipeline, PipelineConfig, Sink};
+use ktk_ecs::DeliveryProcessor;
+use ktk_pipeline::s3::{self, S3Sink, S3SinkConfig, read_events};
+use ktk_pipeline::{Pipeline, PipelineConfig, Sink};
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType, Platform};
 use ktk_tests::worker_support::fast_worker_config;
@@ -336,14 +337,15 @@ async fn data_plane_deploys_and_carries_events_from_the_producer_through_a_worke
     let delivering = Instant::now();
     let sink = S3Sink::with_client(s3.clone(), S3SinkConfig::new(&bucket, output("DataPrefix")));
     let pipeline = Pipeline::new(
-        PipelineConfig::new(&stream)
+        PipelineConfig::default()
             .with_batch_window(Duration::from_secs(2), Duration::from_millis(500))
             .with_max_batch_records(500),
         vec![Arc::new(sink) as Arc<dyn Sink>],
-    );
+    )
+    .expect("valid pipeline");
     let factory = {
-        let pipeline = pipeline.clone();
-        move |shard: &str| pipeline.processor(shard)
+        let (pipeline, stream_name) = (pipeline.clone(), stream.to_string());
+        move |shard: &str| DeliveryProcessor::new(&pipeline, &stream_name, shard)
     };
     let config = fast_worker_config(&stream, &output("ApplicationName"), "infra-worker").with_empty_batches(true);
     let worker = Worker::new(config, &aws, factory).expect("worker config");

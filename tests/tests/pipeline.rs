@@ -14,7 +14,8 @@ use aws_sdk_kinesis::primitives::Blob;
 use futures::future::BoxFuture;
 use ktk_consumer::Worker;
 use ktk_consumer::lease::{ExtendedSequenceNumber, LeaseTable};
-use ktk_consumer::pipeline::{Batch, Pipeline, PipelineConfig, Sink, SinkError, SinkReport, SinkTiming};
+use ktk_ecs::DeliveryProcessor;
+use ktk_pipeline::{Batch, Pipeline, PipelineConfig, Sink, SinkError, SinkReport, SinkTiming};
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType};
 use ktk_tests::worker_support::fast_worker_config;
@@ -44,7 +45,7 @@ impl Sink for RecordingSink {
         Box::pin(async move {
             if self.fail_next.load(Ordering::SeqCst) > 0 {
                 self.fail_next.fetch_sub(1, Ordering::SeqCst);
-                return Err(SinkError::new("recording", "down on purpose", true));
+                return Err(SinkError::unavailable("recording", "down on purpose"));
             }
             let mut stored = self.stored.lock().expect("lock");
             let mut report = SinkReport::default();
@@ -78,17 +79,18 @@ async fn run_pipeline(
     app: &str,
     sink: Arc<RecordingSink>,
     until_records: u64,
-) -> ktk_consumer::pipeline::PipelineStats {
+) -> ktk_pipeline::PipelineStats {
     let pipeline = Pipeline::new(
-        PipelineConfig::new(stream)
+        PipelineConfig::default()
             .with_batch_window(Duration::from_secs(2), Duration::from_millis(500))
             .with_max_batch_records(300)
             .with_retry_backoff(Duration::from_millis(50), Duration::from_millis(200)),
         vec![sink.clone() as Arc<dyn Sink>],
-    );
+    )
+    .expect("valid pipeline");
     let factory = {
-        let pipeline = pipeline.clone();
-        move |shard: &str| pipeline.processor(shard)
+        let (pipeline, stream_name) = (pipeline.clone(), stream.to_string());
+        move |shard: &str| DeliveryProcessor::new(&pipeline, &stream_name, shard)
     };
     let config = fast_worker_config(stream, app, "worker-a").with_empty_batches(true);
     let worker = Worker::new(config, &aws_config().await, factory).expect("config");
@@ -205,12 +207,13 @@ async fn immediate_sinks_get_events_before_the_batch_closes_and_the_checkpoint_w
     let archive = Arc::new(RecordingSink::default());
     // A window far longer than the test: the batch never closes by time.
     let pipeline = Pipeline::new(
-        PipelineConfig::new(&stream).with_batch_window(Duration::from_secs(3_600), Duration::from_secs(5)),
+        PipelineConfig::default().with_batch_window(Duration::from_secs(3_600), Duration::from_secs(5)),
         vec![store.clone() as Arc<dyn Sink>, archive.clone() as Arc<dyn Sink>],
-    );
+    )
+    .expect("valid pipeline");
     let factory = {
-        let pipeline = pipeline.clone();
-        move |shard: &str| pipeline.processor(shard)
+        let (pipeline, stream_name) = (pipeline.clone(), stream.to_string());
+        move |shard: &str| DeliveryProcessor::new(&pipeline, &stream_name, shard)
     };
     let app = unique_name("ktk-pipeline-rt-app");
     let config = fast_worker_config(&stream, &app, "worker-a").with_empty_batches(true);

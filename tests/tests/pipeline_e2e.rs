@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ktk_consumer::pipeline::s3::read_events;
+use ktk_pipeline::s3::read_events;
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType, Platform};
 use ktk_tests::consumer_support::{ConsumerProcess, ConsumerSpec, database_url};
@@ -35,7 +35,7 @@ async fn two_consumer_processes_deliver_fifty_thousand_events_exactly_once_to_s3
     let client = kinesis().await;
     let _ = dynamodb().await;
     let aws = aws_config().await;
-    let s3 = ktk_consumer::pipeline::s3::client(&aws, true);
+    let s3 = ktk_pipeline::s3::client(&aws, true);
     let stream = unique_name("ktk-e2e");
     let app = unique_name("ktk-e2e-app");
     let bucket = unique_name("ktk-e2e").to_lowercase();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_kinesis::primitives::Blob;
 use ktk_consumer::lease::{ExtendedSequenceNumber, LeaseTable};
-use ktk_consumer::pipeline::s3::{read_dead_letters, read_events};
+use ktk_pipeline::s3::{read_dead_letters, read_events};
 use ktk_producer::{Producer, ProducerConfig, Record};
 use ktk_proto::events::v1::{Event, EventType, Platform};
 use ktk_tests::consumer_support::{ConsumerProcess, ConsumerSpec, database_url};
@@ -81,7 +81,7 @@ fn produce(stream: &str, tag: &'static str, n: usize, over: Duration) -> JoinHan
 
 struct Fixture {
     kinesis: aws_sdk_kinesis::Client,
-    s3: ktk_consumer::pipeline::s3::Client,
+    s3: ktk_pipeline::s3::Client,
     pool: sqlx::PgPool,
     stream: String,
     app: String,
@@ -93,7 +93,7 @@ impl Fixture {
     async fn new(tag: &str, shards: i32) -> Self {
         let kinesis = kinesis().await;
         let aws = aws_config().await;
-        let s3 = ktk_consumer::pipeline::s3::client(&aws, true);
+        let s3 = ktk_pipeline::s3::client(&aws, true);
         let stream = unique_name(&format!("ktk-{tag}"));
         let bucket = unique_name(&format!("ktk-{tag}")).to_lowercase();
         let table = format!("{}_{}", tag.replace('-', "_"), &uuid::Uuid::new_v4().simple().to_string()[..8]);
@@ -126,7 +126,7 @@ impl Fixture {
     }
 
     /// Waits until S3, read back through the reader, yields exactly `n` events (each once).
-    async fn wait_s3(&self, n: usize, within: Duration) -> ktk_consumer::pipeline::s3::ReadEvents {
+    async fn wait_s3(&self, n: usize, within: Duration) -> ktk_pipeline::s3::ReadEvents {
         let deadline = Instant::now() + within;
         loop {
             let read = read_events(&self.s3, &self.bucket, "events").await.expect("read S3");

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ktk_consumer::pipeline::s3::{
+use ktk_pipeline::s3::{
     self, BatchWrite, Client, S3Error, S3Format, S3Sink, S3SinkConfig, WriteOutcome, read_dead_letters, read_events,
 };
-use ktk_consumer::pipeline::{Batch, DeadLetter, EventRecord, Sink, SinkReport};
+use ktk_pipeline::{Batch, DeadLetter, EventRecord, Sink, SinkReport};
 use ktk_proto::events::v1::{Event, EventType, Geo, Platform};
 use ktk_tests::{DEFAULT_ENDPOINT, aws_config, unique_name};
 
@@ -338,9 +338,9 @@ async fn a_missing_bucket_is_an_error_that_names_it_and_is_not_retryable() {
         let sink =
             S3Sink::with_client(client.clone(), S3SinkConfig::new(&bucket, "p").with_multipart_threshold(threshold));
         let error = sink.write(&batch).await.expect_err("no bucket");
-        assert!(!error.retryable, "{error}");
-        assert!(error.message.contains(&bucket), "{error}");
-        assert_eq!(error.sink, "s3");
+        assert!(!error.is_retryable(), "{error}");
+        assert!(error.message().contains(&bucket), "{error}");
+        assert_eq!(error.sink(), "s3");
     }
     match read_events(&client, &bucket, "p").await {
         Err(error @ S3Error::NoSuchBucket { .. }) => {

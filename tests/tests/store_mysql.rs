@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ktk_consumer::pipeline::mysql::{MySqlSink, StoreConfig};
-use ktk_consumer::pipeline::{DeadLetter, Sink, SinkReport};
+use ktk_pipeline::mysql::{MySqlSink, StoreConfig};
+use ktk_pipeline::{DeadLetter, Sink, SinkReport};
 use ktk_proto::events::v1::{Event, EventType, Geo};
 use ktk_tests::store_support::{RowReader, batch, event, ms, unique_table};
 use sqlx::Row;
@@ -219,15 +219,15 @@ async fn a_dead_database_is_a_retryable_error_within_the_acquire_timeout() {
     let error =
         MySqlSink::connect_with(dead_url, "events", config.clone()).await.expect_err("nothing listens on port 1");
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
-    assert!(error.retryable, "{error}");
-    assert!(error.message.contains("127.0.0.1:1") && !error.message.contains("secret"), "{error}");
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.message().contains("127.0.0.1:1") && !error.message().contains("secret"), "{error}");
 
     // A sink whose database goes away: each write fails retryably, just as fast.
     let sink = MySqlSink::connect_lazy(dead_url, "events", config).expect("valid URL");
     let started = Instant::now();
     let error = sink.write(&batch((0..5).map(event))).await.expect_err("no database");
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
-    assert!(error.retryable && error.sink == "mysql", "{error}");
+    assert!(error.is_retryable() && error.sink() == "mysql", "{error}");
 }
 
 #[tokio::test]
@@ -275,9 +275,9 @@ async fn migrate_names_a_column_of_the_wrong_type_and_a_missing_key() {
         .await
         .expect("create a wrong table");
     let error = sink.migrate().await.expect_err("cannot work");
-    assert!(!error.retryable, "{error}");
-    assert!(error.message.contains("column occurred_at") && error.message.contains("MODIFY"), "{error}");
-    assert!(error.message.contains("no primary key or unique index on (event_id)"), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.message().contains("column occurred_at") && error.message().contains("MODIFY"), "{error}");
+    assert!(error.message().contains("no primary key or unique index on (event_id)"), "{error}");
     drop_tables(&sink).await;
 }
 
@@ -286,8 +286,8 @@ async fn writing_before_migrate_says_to_migrate() {
     let url = database_url();
     let sink = MySqlSink::connect_with(&url, &unique_table("nomigrate"), config()).await.expect("MariaDB is up");
     let error = sink.write(&batch((0..2).map(event))).await.expect_err("no table");
-    assert!(!error.retryable, "{error}");
-    assert!(error.message.contains("1146") && error.message.contains("run migrate()"), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.message().contains("1146") && error.message().contains("run migrate()"), "{error}");
     sink.close().await;
 }
 
@@ -325,8 +325,8 @@ async fn a_value_too_long_for_its_column_fails_the_batch_instead_of_being_trunca
         .await
         .expect("narrow a column");
     let error = sink.write(&batch([event(1)])).await.expect_err("content-1 does not fit VARCHAR(4)");
-    assert!(!error.retryable, "{error}");
-    assert!(error.message.contains("1406") && error.message.contains("content_id"), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.message().contains("1406") && error.message().contains("content_id"), "{error}");
     assert_eq!(count(&sink, &table).await, 0);
 
     sqlx::query(&format!("INSERT IGNORE INTO `{table}` (event_id, content_id) VALUES ('ignored', 'content-1')"))
@@ -350,7 +350,7 @@ async fn event_ids_are_compared_byte_for_byte_and_limited_to_the_key() {
 
     let too_long = Event { event_id: "x".repeat(129), ..Event::default() };
     let error = sink.write(&batch([event(1), too_long])).await.expect_err("129 characters");
-    assert!(!error.retryable && error.message.contains("129 characters"), "{error}");
+    assert!(!error.is_retryable() && error.message().contains("129 characters"), "{error}");
     drop_tables(&sink).await;
 }
 

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ktk_consumer::pipeline::postgres::{PostgresSink, StoreConfig};
-use ktk_consumer::pipeline::{DeadLetter, Sink, SinkReport};
+use ktk_pipeline::postgres::{PostgresSink, StoreConfig};
+use ktk_pipeline::{DeadLetter, Sink, SinkReport};
 use ktk_proto::events::v1::{Event, EventType, Geo};
 use ktk_tests::consumer_support::database_url;
 use ktk_tests::store_support::{RowReader, batch, event, ms, unique_table};
@@ -199,15 +199,15 @@ async fn a_dead_database_is_a_retryable_error_within_the_acquire_timeout() {
     let error =
         PostgresSink::connect_with(dead_url, "events", config.clone()).await.expect_err("nothing listens on port 1");
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
-    assert!(error.retryable, "{error}");
-    assert!(error.message.contains("127.0.0.1:1") && !error.message.contains("secret"), "{error}");
+    assert!(error.is_retryable(), "{error}");
+    assert!(error.message().contains("127.0.0.1:1") && !error.message().contains("secret"), "{error}");
 
     // A sink whose database goes away: each write fails retryably, just as fast.
     let sink = PostgresSink::connect_lazy(dead_url, "events", config).expect("valid URL");
     let started = Instant::now();
     let error = sink.write(&batch((0..5).map(event))).await.expect_err("no database");
     assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
-    assert!(error.retryable && error.sink == "postgres", "{error}");
+    assert!(error.is_retryable() && error.sink() == "postgres", "{error}");
 }
 
 #[tokio::test]
@@ -253,9 +253,9 @@ async fn migrate_names_a_column_of_the_wrong_type_and_a_missing_key() {
         .await
         .expect("create a wrong table");
     let error = sink.migrate().await.expect_err("cannot work");
-    assert!(!error.retryable, "{error}");
-    assert!(error.message.contains("column occurred_at") && error.message.contains("ALTER TABLE"), "{error}");
-    assert!(error.message.contains("no primary key or unique index on (event_id)"), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.message().contains("column occurred_at") && error.message().contains("ALTER TABLE"), "{error}");
+    assert!(error.message().contains("no primary key or unique index on (event_id)"), "{error}");
     // Nothing was half-done: the transaction rolled back.
     let columns: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1",
@@ -273,8 +273,8 @@ async fn writing_before_migrate_says_to_migrate() {
     let url = database_url();
     let sink = PostgresSink::connect_with(&url, &unique_table("nomigrate"), config()).await.expect("PostgreSQL is up");
     let error = sink.write(&batch((0..2).map(event))).await.expect_err("no table");
-    assert!(!error.retryable, "{error}");
-    assert!(error.message.contains("42P01") && error.message.contains("run migrate()"), "{error}");
+    assert!(!error.is_retryable(), "{error}");
+    assert!(error.message().contains("42P01") && error.message().contains("run migrate()"), "{error}");
     sink.close().await;
 }
 

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 
 /// The longest table name the demo takes: the consumers' limit (63 bytes for the dead-letter
 /// table's name) less `_dead_letters`.
-pub const MAX_TABLE_NAME_LEN: usize = ktk_consumer::pipeline::postgres::MAX_TABLE_NAME_LEN;
+pub const MAX_TABLE_NAME_LEN: usize = ktk_pipeline::postgres::MAX_TABLE_NAME_LEN;
 
 /// Collector-to-store delay percentiles, in milliseconds (`stored_at - received_at`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,7 +75,7 @@ impl Store {
     }
 
     fn dead_letters(&self) -> String {
-        format!("\"{}{}\"", self.table, ktk_consumer::pipeline::postgres::DEAD_LETTER_SUFFIX)
+        format!("\"{}{}\"", self.table, ktk_pipeline::postgres::DEAD_LETTER_SUFFIX)
     }
 
     /// Whether the events table exists already.

@@ -57,13 +57,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use ktk_proto::events::v1::{Event, EventType, Platform};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Batch, EventRecord, Sink, SinkError, SinkReport, SinkTiming};
+use crate::time::unix_millis as system_time_ms;
+use crate::{Batch, EventRecord, Sink, SinkError, SinkReport, SinkTiming};
 
 /// The PostgreSQL sink's name in logs, metrics and errors.
 pub const POSTGRES_SINK_NAME: &str = "postgres";
@@ -213,10 +214,9 @@ impl PostgresSink {
     pub fn connect_lazy(url: &str, table: &str, config: StoreConfig) -> Result<Self, SinkError> {
         check_scheme(url, &["postgres", "postgresql"], POSTGRES_SINK_NAME)?;
         let options = PgConnectOptions::from_str(url).map_err(|e| {
-            SinkError::new(
+            SinkError::misconfigured(
                 POSTGRES_SINK_NAME,
                 format!("the PostgreSQL URL is not valid: {e}; expected postgres://user:password@host:port/database"),
-                false,
             )
         })?;
         let options =
@@ -228,7 +228,7 @@ impl PostgresSink {
             options.get_port(),
             options.get_database().unwrap_or(options.get_username()),
         );
-        let table = TableName::parse(table).map_err(|e| SinkError::new(POSTGRES_SINK_NAME, e, false))?;
+        let table = TableName::parse(table).map_err(|e| SinkError::misconfigured(POSTGRES_SINK_NAME, e))?;
         let dead_letter_table = table.with_suffix(DEAD_LETTER_SUFFIX);
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
@@ -343,7 +343,7 @@ impl PostgresSink {
         }
         if !problems.is_empty() {
             // Nothing half-done stays behind: the transaction rolls back on drop.
-            return Err(SinkError::new(POSTGRES_SINK_NAME, problems.join("; "), false));
+            return Err(SinkError::misconfigured(POSTGRES_SINK_NAME, problems.join("; ")));
         }
         tx.commit().await.map_err(|e| self.error("migrate", &e))?;
         if !report.created_tables.is_empty() || !report.added_columns.is_empty() {
@@ -366,7 +366,7 @@ impl PostgresSink {
             }
         }
         let rows =
-            event_rows(&batch.stream, &batch.events).map_err(|e| SinkError::new(POSTGRES_SINK_NAME, e, false))?;
+            event_rows(&batch.stream, &batch.events).map_err(|e| SinkError::misconfigured(POSTGRES_SINK_NAME, e))?;
         let mut written = 0;
         for range in chunk_ranges(&rows, usize::MAX, POSTGRES_MAX_STATEMENT_BYTES) {
             written += self.insert(&self.insert_events, &EVENT_COLUMNS, &rows[range]).await?;
@@ -401,10 +401,9 @@ impl PostgresSink {
                     let converted: Result<Vec<i64>, _> =
                         values.map(|v| i64::try_from(v.as_u64()).map_err(|_| v.as_u64())).collect();
                     let converted = converted.map_err(|value| {
-                        SinkError::new(
+                        SinkError::misconfigured(
                             POSTGRES_SINK_NAME,
                             format!("{} {value} does not fit PostgreSQL's BIGINT", column.name),
-                            false,
                         )
                     })?;
                     query.bind(converted)
@@ -427,7 +426,7 @@ impl PostgresSink {
             }
             other => transport_error(other, "PostgreSQL", &self.target, &self.config),
         };
-        SinkError::new(POSTGRES_SINK_NAME, message, retryable)
+        SinkError::classified(POSTGRES_SINK_NAME, message, retryable)
     }
 }
 
@@ -448,8 +447,9 @@ impl Sink for PostgresSink {
             }
             match tokio::time::timeout(self.config.write_timeout, self.write_batch(batch)).await {
                 Ok(result) => result,
-                Err(_) => Err(SinkError::new(
+                Err(_) => Err(SinkError::timed_out(
                     POSTGRES_SINK_NAME,
+                    self.config.write_timeout,
                     format!(
                         "writing {} events of shard {} to {} at {} took longer than {:?}; will retry \
                          (raise the write timeout if batches are this slow on a healthy database)",
@@ -459,7 +459,6 @@ impl Sink for PostgresSink {
                         self.target,
                         self.config.write_timeout
                     ),
-                    true,
                 )),
             }
         })
@@ -788,18 +787,6 @@ pub(crate) fn storable_time(ms: i64) -> Option<i64> {
     (MIN_STORED_TIME_MS..=MAX_STORED_TIME_MS).contains(&ms).then_some(ms)
 }
 
-/// Milliseconds since the Unix epoch, rounded down (also before 1970).
-pub(crate) fn system_time_ms(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => {
-            let before = before.duration();
-            let ms = i64::try_from(before.as_millis()).unwrap_or(i64::MAX);
-            if before.subsec_nanos() % 1_000_000 == 0 { -ms } else { -ms - 1 }
-        }
-    }
-}
-
 fn arrival_value(arrival: Option<SystemTime>) -> Value<'static> {
     Value::Time(arrival.map(system_time_ms).and_then(storable_time))
 }
@@ -970,10 +957,9 @@ pub(crate) fn check_scheme(url: &str, schemes: &[&str], sink: &str) -> Result<()
     let scheme = url.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
     match scheme {
         Some(scheme) if schemes.contains(&scheme.as_str()) => Ok(()),
-        _ => Err(SinkError::new(
+        _ => Err(SinkError::misconfigured(
             sink,
             format!("the database URL for the {sink} sink must start with {}://", schemes.join(":// or ")),
-            false,
         )),
     }
 }
@@ -1023,6 +1009,8 @@ mod tests {
     use std::collections::HashMap;
 
     use ktk_proto::events::v1::Geo;
+
+    use std::time::UNIX_EPOCH;
 
     use super::*;
 
@@ -1178,10 +1166,7 @@ mod tests {
     }
 
     #[test]
-    fn system_times_round_down_to_milliseconds() {
-        assert_eq!(system_time_ms(UNIX_EPOCH + Duration::from_micros(1_500)), 1);
-        assert_eq!(system_time_ms(UNIX_EPOCH - Duration::from_micros(1_500)), -2);
-        assert_eq!(system_time_ms(UNIX_EPOCH - Duration::from_millis(2)), -2);
+    fn arrivals_outside_what_both_stores_hold_are_null() {
         let arrival = arrival_value(Some(UNIX_EPOCH + Duration::from_secs(400_000_000_000)));
         assert_eq!(arrival, Value::Time(None));
     }
@@ -1269,15 +1254,15 @@ mod tests {
         let debug = format!("{sink:?}");
         assert!(debug.contains("postgres://ktk@db.example:6543/analytics") && !debug.contains("s3cret"), "{debug}");
         let error = sink.error("write", &sqlx::Error::PoolTimedOut);
-        assert!(error.retryable && !error.message.contains("s3cret"), "{error}");
+        assert!(error.is_retryable() && !error.message().contains("s3cret"), "{error}");
         let error = PostgresSink::connect_lazy("mysql://ktk:s3cret@db/x", "events", StoreConfig::default())
             .expect_err("not a PostgreSQL URL");
-        assert!(!error.retryable && !error.to_string().contains("s3cret"), "{error}");
+        assert!(!error.is_retryable() && !error.to_string().contains("s3cret"), "{error}");
         let error = PostgresSink::connect_lazy("postgres://ktk:s3cret@db:port/x", "events", StoreConfig::default())
             .expect_err("not a port");
-        assert!(!error.retryable && !error.to_string().contains("s3cret"), "{error}");
+        assert!(!error.is_retryable() && !error.to_string().contains("s3cret"), "{error}");
         let error =
             PostgresSink::connect_lazy("postgres://db/x", "Events", StoreConfig::default()).expect_err("bad table");
-        assert!(error.message.contains("lower-case"), "{error}");
+        assert!(error.message().contains("lower-case"), "{error}");
     }
 }

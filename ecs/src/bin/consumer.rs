@@ -1,27 +1,27 @@
 //! `consumer`: the delivery pipeline as an ECS task. Reads a stream with leases shared among
 //! every task of the application, decodes and deduplicates events, writes batches to S3 and the
-//! real-time stores, and checkpoints after they acknowledged. Settings come from `KTK_*`
-//! environment variables (see `ktk_consumer::app`); AWS settings from the standard chain.
+//! real-time stores, and checkpoints after they acknowledged. Settings are flags or their `KTK_*`
+//! environment variables (`consumer --help`; see `ktk_ecs::settings`); AWS settings come from the
+//! standard chain.
 //! SIGTERM (an ECS stop) stops taking work, abandons the batch being filled, releases every lease
 //! and exits 0 well within ECS's 30 s stop timeout. A bad setting exits 2 naming the variable.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ktk_consumer::app::{self, LogFormat, Settings};
+use ktk_ecs::{LogFormat, Settings, app};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("consumer: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // A bad value is one line naming the flag and its variable, exit status 2.
+    let settings: Settings = ktk_pipeline::settings::parse_or_exit();
+    if let Err(e) = settings.worker_config() {
+        eprintln!("consumer: {e}");
+        return ExitCode::from(2);
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt().with_env_filter(filter);
     match settings.log_format {

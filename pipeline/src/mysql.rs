@@ -51,12 +51,12 @@ use futures::future::BoxFuture;
 use sqlx::Executor;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
-use super::postgres::{
+pub use super::postgres::{MigrationReport, StoreConfig};
+use crate::postgres::{
     Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_KEY, DEAD_LETTER_SUFFIX, EVENT_COLUMNS, STORED_AT, TableName,
     Value, check_scheme, chunk_ranges, dead_letter_values, event_rows, transport_error,
 };
-pub use super::postgres::{MigrationReport, StoreConfig};
-use super::{Batch, Sink, SinkError, SinkReport, SinkTiming};
+use crate::{Batch, Sink, SinkError, SinkReport, SinkTiming};
 
 /// The MySQL sink's name in logs, metrics and errors.
 pub const MYSQL_SINK_NAME: &str = "mysql";
@@ -126,10 +126,9 @@ impl MySqlSink {
     pub fn connect_lazy(url: &str, table: &str, config: StoreConfig) -> Result<Self, SinkError> {
         check_scheme(url, &["mysql", "mariadb"], MYSQL_SINK_NAME)?;
         let options = MySqlConnectOptions::from_str(url).map_err(|e| {
-            SinkError::new(
+            SinkError::misconfigured(
                 MYSQL_SINK_NAME,
                 format!("the MySQL URL is not valid: {e}; expected mysql://user:password@host:port/database"),
-                false,
             )
         })?;
         let target = format!(
@@ -139,7 +138,7 @@ impl MySqlSink {
             options.get_port(),
             options.get_database().unwrap_or_default(),
         );
-        let table = TableName::parse(table).map_err(|e| SinkError::new(MYSQL_SINK_NAME, e, false))?;
+        let table = TableName::parse(table).map_err(|e| SinkError::misconfigured(MYSQL_SINK_NAME, e))?;
         let dead_letter_table = table.with_suffix(DEAD_LETTER_SUFFIX);
         let pool = MySqlPoolOptions::new()
             .max_connections(config.max_connections())
@@ -261,7 +260,7 @@ impl MySqlSink {
             }
         }
         if !problems.is_empty() {
-            return Err(SinkError::new(MYSQL_SINK_NAME, problems.join("; "), false));
+            return Err(SinkError::misconfigured(MYSQL_SINK_NAME, problems.join("; ")));
         }
         if !report.created_tables.is_empty() || !report.added_columns.is_empty() {
             tracing::info!(
@@ -295,7 +294,7 @@ impl MySqlSink {
     async fn write_batch(&self, batch: &Batch) -> Result<SinkReport, SinkError> {
         let started = Instant::now();
         if let Some(record) = batch.events.iter().find(|r| r.event.event_id.chars().count() > MAX_EVENT_ID_CHARS) {
-            return Err(SinkError::new(
+            return Err(SinkError::misconfigured(
                 MYSQL_SINK_NAME,
                 format!(
                     "the event at shard {} sequence {}/{} has an event_id of {} characters, longer than the \
@@ -307,7 +306,6 @@ impl MySqlSink {
                     record.event.event_id.chars().count(),
                     record.event.event_id.chars().take(40).collect::<String>()
                 ),
-                false,
             ));
         }
         if !batch.dead_letters.is_empty() {
@@ -318,7 +316,8 @@ impl MySqlSink {
                     .await?;
             }
         }
-        let rows = event_rows(&batch.stream, &batch.events).map_err(|e| SinkError::new(MYSQL_SINK_NAME, e, false))?;
+        let rows =
+            event_rows(&batch.stream, &batch.events).map_err(|e| SinkError::misconfigured(MYSQL_SINK_NAME, e))?;
         let max_rows = MYSQL_MAX_PLACEHOLDERS / EVENT_COLUMNS.len();
         let mut written = 0;
         for range in chunk_ranges(&rows, max_rows, MYSQL_MAX_STATEMENT_BYTES) {
@@ -358,7 +357,7 @@ impl MySqlSink {
                     Value::BigInt(n) => query.bind(*n),
                     Value::UnsignedBigInt(n) => query.bind(*n),
                     Value::Double(n) => query.bind(*n),
-                    Value::Time(ms) => query.bind(ms.map(mysql_datetime)),
+                    Value::Time(ms) => query.bind(ms.map(crate::time::datetime_millis)),
                     Value::Bytes(bytes) => query.bind(*bytes),
                 };
             }
@@ -377,7 +376,7 @@ impl MySqlSink {
             }
             other => transport_error(other, "MySQL", &self.target, &self.config),
         };
-        SinkError::new(MYSQL_SINK_NAME, message, retryable)
+        SinkError::classified(MYSQL_SINK_NAME, message, retryable)
     }
 }
 
@@ -398,8 +397,9 @@ impl Sink for MySqlSink {
             }
             match tokio::time::timeout(self.config.write_timeout(), self.write_batch(batch)).await {
                 Ok(result) => result,
-                Err(_) => Err(SinkError::new(
+                Err(_) => Err(SinkError::timed_out(
                     MYSQL_SINK_NAME,
+                    self.config.write_timeout(),
                     format!(
                         "writing {} events of shard {} to {} at {} took longer than {:?}; will retry \
                          (raise the write timeout if batches are this slow on a healthy database)",
@@ -409,7 +409,6 @@ impl Sink for MySqlSink {
                         self.target,
                         self.config.write_timeout()
                     ),
-                    true,
                 )),
             }
         })
@@ -519,36 +518,6 @@ fn mysql_type_fits(kind: ColumnKind, data_type: &str, column_type: &str) -> bool
     }
 }
 
-/// `ms` (milliseconds since the Unix epoch, UTC) as a `DATETIME(3)` literal,
-/// `YYYY-MM-DD HH:MM:SS.mmm`; for years 1000 to 9999 (see `storable_time`).
-fn mysql_datetime(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let in_day = ms.rem_euclid(86_400_000);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}.{:03}",
-        in_day / 3_600_000,
-        in_day / 60_000 % 60,
-        in_day / 1000 % 60,
-        in_day % 1000
-    )
-}
-
-/// The proleptic Gregorian (year, month, day) of a day counted from 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, <https://howardhinnant.github.io/date_algorithms.html>).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::postgres::{MAX_STORED_TIME_MS, MIN_STORED_TIME_MS};
@@ -556,25 +525,12 @@ mod tests {
 
     #[test]
     fn datetimes_are_utc_with_milliseconds() {
-        assert_eq!(mysql_datetime(0), "1970-01-01 00:00:00.000");
-        assert_eq!(mysql_datetime(1_700_000_000_123), "2023-11-14 22:13:20.123");
-        assert_eq!(mysql_datetime(-1), "1969-12-31 23:59:59.999");
-        assert_eq!(mysql_datetime(951_782_400_000), "2000-02-29 00:00:00.000");
-        assert_eq!(mysql_datetime(MIN_STORED_TIME_MS), "1000-01-01 00:00:00.000");
-        assert_eq!(mysql_datetime(MAX_STORED_TIME_MS), "9999-12-31 23:59:59.999");
-    }
-
-    #[test]
-    fn every_day_of_four_centuries_follows_the_previous_one() {
-        let mut previous = civil_from_days(-146_097 * 2 - 1);
-        for days in -146_097 * 2..146_097 {
-            let (year, month, day) = civil_from_days(days);
-            let next_day = (year, month, day) == (previous.0, previous.1, previous.2 + 1);
-            let next_month = day == 1 && (year, month) == (previous.0, previous.1 + 1);
-            let next_year = (month, day) == (1, 1) && year == previous.0 + 1 && previous.1 == 12 && previous.2 == 31;
-            assert!(next_day || next_month || next_year, "{previous:?} then {:?}", (year, month, day));
-            previous = (year, month, day);
-        }
+        assert_eq!(crate::time::datetime_millis(0), "1970-01-01 00:00:00.000");
+        assert_eq!(crate::time::datetime_millis(1_700_000_000_123), "2023-11-14 22:13:20.123");
+        assert_eq!(crate::time::datetime_millis(-1), "1969-12-31 23:59:59.999");
+        assert_eq!(crate::time::datetime_millis(951_782_400_000), "2000-02-29 00:00:00.000");
+        assert_eq!(crate::time::datetime_millis(MIN_STORED_TIME_MS), "1000-01-01 00:00:00.000");
+        assert_eq!(crate::time::datetime_millis(MAX_STORED_TIME_MS), "9999-12-31 23:59:59.999");
     }
 
     #[test]
@@ -641,12 +597,12 @@ mod tests {
         let debug = format!("{sink:?}");
         assert!(debug.contains("mysql://ktk@db.example:3307/analytics") && !debug.contains("s3cret"), "{debug}");
         let error = sink.error("write", &sqlx::Error::PoolTimedOut);
-        assert!(error.retryable && !error.message.contains("s3cret"), "{error}");
+        assert!(error.is_retryable() && !error.message().contains("s3cret"), "{error}");
         let error = MySqlSink::connect_lazy("postgres://ktk:s3cret@db/x", "events", StoreConfig::default())
             .expect_err("not a MySQL URL");
-        assert!(!error.retryable && !error.to_string().contains("s3cret"), "{error}");
+        assert!(!error.is_retryable() && !error.to_string().contains("s3cret"), "{error}");
         let error = MySqlSink::connect_lazy("mysql://ktk:s3cret@db:port/x", "events", StoreConfig::default())
             .expect_err("not a port");
-        assert!(!error.retryable && !error.to_string().contains("s3cret"), "{error}");
+        assert!(!error.is_retryable() && !error.to_string().contains("s3cret"), "{error}");
     }
 }

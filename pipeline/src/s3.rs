@@ -52,7 +52,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use aws_config::SdkConfig;
 /// The S3 client the sink and the reader take (re-exported so callers name the same SDK version).
@@ -79,7 +79,8 @@ use parquet::schema::types::ColumnPath;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
-use super::{Batch, DeadLetter, EventRecord, Sink, SinkError, SinkReport};
+use crate::time::{MS_PER_HOUR, date_and_hour, from_unix_millis as ms_system_time, unix_millis as system_time_ms};
+use crate::{Batch, DeadLetter, EventRecord, Sink, SinkError, SinkReport};
 
 /// Objects larger than this go up as multipart uploads (default 8 MiB, the AWS CLI's
 /// `multipart_threshold`).
@@ -160,8 +161,6 @@ const PART_UPLOAD_CONCURRENCY: usize = 4;
 const READ_CONCURRENCY: usize = 8;
 const EVENTS_DIR: &str = "events";
 const DEAD_LETTERS_DIR: &str = "dead-letters";
-const MS_PER_HOUR: i64 = 3_600_000;
-const MS_PER_DAY: i64 = 24 * MS_PER_HOUR;
 
 /// How events objects are written. The reader reads both, told apart by the key's extension.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -269,6 +268,11 @@ impl S3SinkConfig {
         self.format
     }
 
+    /// Whether the client [`S3Sink::new`] builds uses path-style addressing.
+    pub fn path_style(&self) -> bool {
+        self.force_path_style
+    }
+
     pub fn multipart_threshold(&self) -> usize {
         self.multipart_threshold
     }
@@ -318,7 +322,7 @@ impl S3Error {
 impl From<S3Error> for SinkError {
     fn from(error: S3Error) -> Self {
         let retryable = error.is_retryable();
-        SinkError::new("s3", error.to_string(), retryable)
+        SinkError::classified("s3", error.to_string(), retryable)
     }
 }
 
@@ -694,28 +698,6 @@ where
 // ---------------------------------------------------------------------------------------------
 // Keys and partitions
 
-/// `YYYY-MM-DD` and `HH` (UTC) of a Unix time in milliseconds; times before 1970 work too.
-fn date_and_hour(ms: i64) -> (String, u32) {
-    let days = ms.div_euclid(MS_PER_DAY);
-    let hour = ms.rem_euclid(MS_PER_DAY) / MS_PER_HOUR;
-    (civil_date(days), hour as u32)
-}
-
-/// The proleptic Gregorian date of a day number since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`), as `YYYY-MM-DD`.
-fn civil_date(days: i64) -> String {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
 fn object_name(batch: &Batch, extension: &str) -> String {
     let (first, first_sub) = &batch.first;
     let (last, last_sub) = &batch.last;
@@ -757,21 +739,6 @@ fn object_kind(key: &str) -> Option<(ObjectKind, S3Format)> {
 enum ObjectKind {
     Events,
     DeadLetters,
-}
-
-fn system_time_ms(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
-    }
-}
-
-fn ms_system_time(ms: i64) -> SystemTime {
-    if ms >= 0 {
-        UNIX_EPOCH + Duration::from_millis(ms.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1400,14 +1367,7 @@ mod tests {
     }
 
     #[test]
-    fn dates_and_hours_are_utc_civil_dates() {
-        assert_eq!(date_and_hour(0), ("1970-01-01".into(), 0));
-        assert_eq!(date_and_hour(-1), ("1969-12-31".into(), 23));
-        assert_eq!(date_and_hour(951_782_400_000), ("2000-02-29".into(), 0));
-        assert_eq!(date_and_hour(1_709_251_199_999), ("2024-02-29".into(), 23));
-        assert_eq!(date_and_hour(1_709_251_200_000), ("2024-03-01".into(), 0));
-        assert_eq!(date_and_hour(4_102_444_800_000), ("2100-01-01".into(), 0));
-        assert_eq!(date_and_hour(253_402_300_799_999), ("9999-12-31".into(), 23));
+    fn the_partition_hour_is_the_utc_hour_of_occurred_at() {
         assert_eq!(date_and_hour(T_10_59 + 1_000 + 13 * MS_PER_HOUR), ("2026-03-02".into(), 0));
     }
 
@@ -1420,7 +1380,7 @@ mod tests {
         b.dead_letters = vec![
             letter(7, Some(ms_system_time(T_10_59))),
             letter(8, None),
-            letter(9, Some(ms_system_time(T_10_59 + MS_PER_DAY))),
+            letter(9, Some(ms_system_time(T_10_59 + crate::time::MS_PER_DAY))),
         ];
         for format in [S3Format::Parquet, S3Format::JsonLinesGzip] {
             let objects = encode_batch(&b, "p", format).expect("encode");
@@ -1610,7 +1570,7 @@ mod tests {
         let missing = classify(404, "NoSuchBucket");
         assert!(matches!(missing, S3Error::NoSuchBucket { .. }) && !missing.is_retryable());
         let sink = SinkError::from(missing);
-        assert!(!sink.retryable && sink.message.contains("bucket-x") && sink.sink == "s3", "{sink}");
+        assert!(!sink.is_retryable() && sink.message().contains("bucket-x") && sink.sink() == "s3", "{sink}");
         assert!(!classify(403, "AccessDenied").is_retryable());
         assert!(!classify(400, "InvalidArgument").is_retryable());
         for (status, code) in

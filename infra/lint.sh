@@ -4,7 +4,7 @@
 # (error or warning) and on any failure to install or run the linter.
 set -euo pipefail
 
-CFN_LINT_VERSION="1.51.0"
+CFN_LINT_VERSION="1.58.0"
 INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KTK_CACHE="${KTK_CACHE:-$HOME/.cache/ktk}"
 case "$KTK_CACHE" in /*) ;; *) KTK_CACHE="$PWD/$KTK_CACHE" ;; esac
@@ -30,7 +30,7 @@ case "${1:-}" in
   -h | --help) usage; exit 0 ;;
 esac
 
-# --- the interpreter: cfn-lint 1.x needs Python >= 3.9 --------------------------------------------
+# --- the interpreter: cfn-lint 1.58 needs Python >= 3.10 ------------------------------------------
 # shellcheck source=../localstack/python.sh
 source "$INFRA_DIR/../localstack/python.sh"
 
@@ -42,10 +42,10 @@ install_cfn_lint() {
   local py t0 log_file="$KTK_CACHE/cfn-lint-pip.log"
   t0="$(date +%s)"
   rm -f "$STAMP"
-  if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" 9; then
+  if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" 10; then
     log "reusing the venv $VENV ($("$VENV/bin/python" -V 2>&1))"
   else
-    py="$(find_python 9)" || no_python 9 "cfn-lint $CFN_LINT_VERSION needs Python 3.9 or later"
+    py="$(find_python 10)" || no_python 10 "cfn-lint $CFN_LINT_VERSION needs Python 3.10 or later"
     log "creating the venv $VENV with $py ($("$py" -V 2>&1))"
     rm -rf "$VENV"
     "$py" -m venv "$VENV"

@@ -1,8 +1,9 @@
 //! `collector`: the Event API (`POST /v1/events`) in front of a Kinesis stream.
 //!
-//! Settings come from `KTK_*` environment variables (see [`Settings`]), AWS settings from the
-//! standard chain. Stops cleanly on SIGTERM or SIGINT: no new connections, open requests finish,
-//! the producer flushes, exit status 0. A bad setting exits with status 2 and names the variable.
+//! Settings come from flags or their `KTK_*` environment variables (see [`Settings`]; `collector
+//! --help` lists them), AWS settings from the standard chain. Stops cleanly on SIGTERM or SIGINT:
+//! no new connections, open requests finish, the producer flushes, exit status 0. A bad setting
+//! exits with status 2 and names the flag or variable.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,13 +20,7 @@ const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings,
-        Err(e) => {
-            eprintln!("collector: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let settings = Settings::parse();
     init_logs(settings.log_format);
     match run(settings).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,7 +37,7 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let producer = Producer::new(settings.producer, &aws).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
-        .map_err(|e| format!("cannot listen on {} (KTK_LISTEN): {e}", settings.listen))?;
+        .map_err(|e| format!("cannot listen on {} (--listen, KTK_LISTEN): {e}", settings.listen))?;
     let collector = Collector::new(producer, settings.collector, Some(prometheus));
     collector::serve(listener, collector, shutdown_signal()).await?;
     info!("stopped");

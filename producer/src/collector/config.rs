@@ -1,8 +1,19 @@
 //! The collector's settings, and how the `collector` binary reads them (and the producer's) from
-//! environment variables.
+//! its command line and environment.
+//!
+//! [`Settings::parse`] builds a clap command (`Flags`) in which every setting is a `--flag` and a
+//! `KTK_*` environment variable; clap checks each value against its type and range, then the
+//! flags are converted into the typed [`CollectorConfig`] and [`ProducerConfig`] and validated
+//! with [`ProducerConfig::validate`]. Every error names the setting (the variable when a bad value
+//! came from the environment, otherwise the flag), and the binary exits with status 2.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use clap::builder::RangedU64ValueParser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 use crate::config::ProducerConfig;
 
@@ -82,40 +93,116 @@ impl CollectorConfig {
     }
 }
 
-/// A setting from the environment that is missing or unusable; the message names the variable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("environment variable {variable}: {problem}")]
-pub struct EnvError {
-    pub variable: &'static str,
-    pub problem: String,
-}
-
-/// How the `collector` binary writes its logs (`KTK_LOG_FORMAT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How the `collector` binary writes its logs (`--log-format`, `KTK_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines (default).
     #[default]
     Text,
-    /// One JSON object per line, for log collectors (`KTK_LOG_FORMAT=json`).
+    /// One JSON object per line, for log collectors.
     Json,
 }
 
-/// Everything the `collector` binary reads from its environment. AWS settings are not here: they
-/// come from the standard chain (`AWS_REGION`, `AWS_ENDPOINT_URL`, profiles, task roles...).
+/// Largest `--max-body-bytes`: 64 MiB. Memory is bounded by this times the concurrent requests.
+const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest `--max-event-age-secs`: 365 days, the longest a Kinesis stream retains records.
+const MAX_EVENT_AGE_SECS: u64 = 365 * 24 * 60 * 60;
+/// Largest value of every other duration setting: 1 day.
+const MAX_DURATION_SECS: u64 = 24 * 60 * 60;
+/// Largest `--max-concurrent-requests`.
+const MAX_CONCURRENT_REQUESTS: u64 = 65_536;
+/// Largest `--max-outstanding-records`: 100 million.
+const MAX_OUTSTANDING_RECORDS: u64 = 100_000_000;
+
+/// The Event API (`POST /v1/events`) in front of a Kinesis stream.
 ///
-/// | variable | meaning | default |
-/// | --- | --- | --- |
-/// | `KTK_STREAM` | stream name or ARN | required |
-/// | `KTK_LISTEN` | address to listen on | `127.0.0.1:8080` |
-/// | `KTK_MAX_BODY_BYTES` | [`CollectorConfig::with_max_body_bytes`] | 1048576 |
-/// | `KTK_MAX_EVENT_AGE_SECS` | [`CollectorConfig::with_max_event_age`] | 604800 |
-/// | `KTK_RETRY_AFTER_SECS` | [`CollectorConfig::with_retry_after`] | 1 |
-/// | `KTK_MAX_CONCURRENT_REQUESTS` | [`CollectorConfig::with_max_concurrent_requests`] | 256 |
-/// | `KTK_DRAIN_TIMEOUT_SECS` | [`CollectorConfig::with_drain_timeout`] | 10 |
-/// | `KTK_FLUSH_TIMEOUT_SECS` | [`CollectorConfig::with_flush_timeout`] | 15 |
-/// | `KTK_RECORD_MAX_BUFFERED_MS` | [`ProducerConfig::with_record_max_buffered_time`] | 100 |
-/// | `KTK_MAX_OUTSTANDING_RECORDS` | [`ProducerConfig::with_max_outstanding_records`] | 250000 |
-/// | `KTK_LOG_FORMAT` | `text` or `json` | `text` |
+/// Every setting is a flag and a KTK_* environment variable; the flag wins, and an empty variable
+/// counts as unset. AWS settings come from the standard chain (AWS_REGION, AWS_ENDPOINT_URL,
+/// profiles, task roles...). Stops on SIGTERM or SIGINT: no new connections, open requests
+/// finish, the producer flushes. A bad setting exits with status 2.
+// The defaults repeat `CollectorConfig::default()` and `ProducerConfig::new`; the test
+// `only_the_stream_is_required` keeps them equal.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "collector", version)]
+struct Flags {
+    /// Name or ARN of the Kinesis stream to put events into. Required.
+    #[arg(long, env = "KTK_STREAM", value_name = "NAME_OR_ARN")]
+    stream: Option<String>,
+
+    /// Address and port to listen on.
+    #[arg(long, env = "KTK_LISTEN", value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Largest request body accepted, in bytes (up to 64 MiB); a larger one is answered 413.
+    #[arg(long, env = "KTK_MAX_BODY_BYTES", value_name = "BYTES", default_value_t = 1024 * 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_BODY_BYTES))]
+    max_body_bytes: usize,
+
+    /// Oldest `occurred_at_ms` accepted, in seconds before the server clock (up to 365 days).
+    #[arg(long, env = "KTK_MAX_EVENT_AGE_SECS", value_name = "SECS", default_value_t = 7 * 24 * 60 * 60,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_EVENT_AGE_SECS))]
+    max_event_age_secs: u64,
+
+    /// `Retry-After` of a 503 answer, in seconds (up to 1 day).
+    #[arg(long, env = "KTK_RETRY_AFTER_SECS", value_name = "SECS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
+    retry_after_secs: u64,
+
+    /// Most `POST /v1/events` requests handled at once (up to 65,536); more are answered 503.
+    #[arg(long, env = "KTK_MAX_CONCURRENT_REQUESTS", value_name = "REQUESTS", default_value_t = 256,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CONCURRENT_REQUESTS))]
+    max_concurrent_requests: usize,
+
+    /// At shutdown, how long open requests may take to finish, in seconds (up to 1 day).
+    #[arg(long, env = "KTK_DRAIN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
+    drain_timeout_secs: u64,
+
+    /// At shutdown, after the drain, how long the producer may take to send what it holds, in
+    /// seconds (up to 1 day).
+    #[arg(long, env = "KTK_FLUSH_TIMEOUT_SECS", value_name = "SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
+    flush_timeout_secs: u64,
+
+    /// Longest a record waits in the producer's buffers before it is sent, in milliseconds (up to
+    /// 1 day; KPL RecordMaxBufferedTime).
+    #[arg(long, env = "KTK_RECORD_MAX_BUFFERED_MS", value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS * 1000))]
+    record_max_buffered_ms: u64,
+
+    /// Most events accepted and not yet acknowledged by Kinesis, in records (up to 100 million);
+    /// when reached, requests are answered 503.
+    #[arg(long, env = "KTK_MAX_OUTSTANDING_RECORDS", value_name = "RECORDS", default_value_t = 250_000,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_OUTSTANDING_RECORDS))]
+    max_outstanding_records: usize,
+
+    /// Log format.
+    #[arg(long, env = "KTK_LOG_FORMAT", value_name = "FORMAT", value_enum, ignore_case = true,
+          default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Everything the `collector` binary reads from its command line and environment, typed and
+/// validated. AWS settings are not here: they come from the standard chain (`AWS_REGION`,
+/// `AWS_ENDPOINT_URL`, profiles, task roles...).
+///
+/// | flag | variable | meaning | default |
+/// | --- | --- | --- | --- |
+/// | `--stream` | `KTK_STREAM` | stream name or ARN | required |
+/// | `--listen` | `KTK_LISTEN` | address to listen on | `127.0.0.1:8080` |
+/// | `--max-body-bytes` | `KTK_MAX_BODY_BYTES` | [`CollectorConfig::with_max_body_bytes`] | 1048576 |
+/// | `--max-event-age-secs` | `KTK_MAX_EVENT_AGE_SECS` | [`CollectorConfig::with_max_event_age`] | 604800 |
+/// | `--retry-after-secs` | `KTK_RETRY_AFTER_SECS` | [`CollectorConfig::with_retry_after`] | 1 |
+/// | `--max-concurrent-requests` | `KTK_MAX_CONCURRENT_REQUESTS` | [`CollectorConfig::with_max_concurrent_requests`] | 256 |
+/// | `--drain-timeout-secs` | `KTK_DRAIN_TIMEOUT_SECS` | [`CollectorConfig::with_drain_timeout`] | 10 |
+/// | `--flush-timeout-secs` | `KTK_FLUSH_TIMEOUT_SECS` | [`CollectorConfig::with_flush_timeout`] | 15 |
+/// | `--record-max-buffered-ms` | `KTK_RECORD_MAX_BUFFERED_MS` | [`ProducerConfig::with_record_max_buffered_time`] | 100 |
+/// | `--max-outstanding-records` | `KTK_MAX_OUTSTANDING_RECORDS` | [`ProducerConfig::with_max_outstanding_records`] | 250000 |
+/// | `--log-format` | `KTK_LOG_FORMAT` | `text` or `json` (any case) | `text` |
+///
+/// A flag wins over its variable; an empty variable counts as unset. Every number is a positive
+/// whole number within a range (`collector --help` shows each), so no setting is 0 and no
+/// duration can overflow the clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -125,106 +212,116 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, EnvError> {
-        Self::from_vars(|name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
+    /// Reads the process's arguments and environment. On `--help` or `--version` prints and exits
+    /// 0; on a bad setting prints what is wrong (naming the flag or variable) and exits 2.
+    pub fn parse() -> Self {
+        match Self::try_parse_from(std::env::args_os()) {
+            Ok(settings) => settings,
+            Err(e) => e.exit(),
+        }
     }
 
-    /// Reads settings through `var` (the environment, or a map in tests). Empty values count as
-    /// unset.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
-        let get = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let stream = get("KTK_STREAM").ok_or_else(|| EnvError {
-            variable: "KTK_STREAM",
-            problem: "is not set; give the name or ARN of the Kinesis stream to put events into".into(),
-        })?;
-        let listen = match get("KTK_LISTEN") {
-            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
-            Some(v) => v.trim().parse().map_err(|e| EnvError {
-                variable: "KTK_LISTEN",
-                problem: format!("{v:?} is not an address and port such as 0.0.0.0:8080 ({e})"),
-            })?,
-        };
-        let number = |name: &'static str| -> Result<Option<u64>, EnvError> {
-            let Some(v) = get(name) else { return Ok(None) };
-            match v.trim().parse::<u64>() {
-                Ok(0) => Err(EnvError { variable: name, problem: "is 0; give a positive whole number".into() }),
-                Ok(n) => Ok(Some(n)),
-                Err(_) => Err(EnvError { variable: name, problem: format!("{v:?} is not a positive whole number") }),
-            }
-        };
-        let size = |name: &'static str| -> Result<Option<usize>, EnvError> {
-            number(name)?
-                .map(|n| {
-                    usize::try_from(n).map_err(|_| EnvError { variable: name, problem: format!("{n} is too large") })
-                })
-                .transpose()
-        };
-
-        let mut collector = CollectorConfig::default();
-        if let Some(n) = size("KTK_MAX_BODY_BYTES")? {
-            collector = collector.with_max_body_bytes(n);
-        }
-        if let Some(n) = number("KTK_MAX_EVENT_AGE_SECS")? {
-            collector = collector.with_max_event_age(Duration::from_secs(n));
-        }
-        if let Some(n) = number("KTK_RETRY_AFTER_SECS")? {
-            collector = collector.with_retry_after(Duration::from_secs(n));
-        }
-        if let Some(n) = size("KTK_MAX_CONCURRENT_REQUESTS")? {
-            collector = collector.with_max_concurrent_requests(n);
-        }
-        if let Some(n) = number("KTK_DRAIN_TIMEOUT_SECS")? {
-            collector = collector.with_drain_timeout(Duration::from_secs(n));
-        }
-        if let Some(n) = number("KTK_FLUSH_TIMEOUT_SECS")? {
-            collector = collector.with_flush_timeout(Duration::from_secs(n));
-        }
-
-        let mut producer = ProducerConfig::new(stream);
-        if let Some(n) = number("KTK_RECORD_MAX_BUFFERED_MS")? {
-            producer = producer.with_record_max_buffered_time(Duration::from_millis(n));
-        }
-        if let Some(n) = size("KTK_MAX_OUTSTANDING_RECORDS")? {
-            producer = producer.with_max_outstanding_records(n);
-        }
-        producer.validate().map_err(|e| EnvError {
-            variable: match e.setting {
-                "stream" => "KTK_STREAM",
-                "max_outstanding_records" => "KTK_MAX_OUTSTANDING_RECORDS",
-                _ => "KTK_*",
-            },
-            problem: e.to_string(),
-        })?;
-
-        let log_format = match get("KTK_LOG_FORMAT").map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(EnvError {
-                    variable: "KTK_LOG_FORMAT",
-                    problem: format!("{other:?} is not `text` or `json`"),
-                });
-            }
-        };
-        Ok(Settings { listen, collector, producer, log_format })
+    /// Reads `args` (the first is the program name) and the `KTK_*` variables of the process
+    /// environment. The error is clap's: `--help` and `--version` come back as errors too (see
+    /// [`clap::Error::exit`]).
+    pub fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        Self::try_parse_with(Self::command(), args)
     }
+
+    /// The clap command behind [`Settings::parse`]: every flag with its variable, default, unit
+    /// and range. Variables set to an empty (or blank) value are left out, so they count as unset.
+    pub fn command() -> Command {
+        Flags::command().mut_args(|arg| {
+            let blank =
+                arg.get_env().and_then(std::env::var_os).is_some_and(|value| value.to_string_lossy().trim().is_empty());
+            if blank { arg.env(None) } else { arg }
+        })
+    }
+
+    fn try_parse_with<I, T>(mut command: Command, args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let flags = command
+            .try_get_matches_from_mut(&args)
+            .and_then(|matches| Flags::from_arg_matches(&matches))
+            .map_err(|e| name_the_variable(e, &command, &args))?;
+        flags.into_settings()
+    }
+}
+
+impl Flags {
+    /// The typed, validated settings; an error names the flag and its variable.
+    fn into_settings(self) -> Result<Settings, clap::Error> {
+        let stream = self.stream.ok_or_else(|| {
+            clap::Error::raw(
+                ErrorKind::MissingRequiredArgument,
+                "--stream (KTK_STREAM) is not set; give the name or ARN of the Kinesis stream to put events into\n",
+            )
+        })?;
+        let collector = CollectorConfig::default()
+            .with_max_body_bytes(self.max_body_bytes)
+            .with_max_event_age(Duration::from_secs(self.max_event_age_secs))
+            .with_retry_after(Duration::from_secs(self.retry_after_secs))
+            .with_max_concurrent_requests(self.max_concurrent_requests)
+            .with_drain_timeout(Duration::from_secs(self.drain_timeout_secs))
+            .with_flush_timeout(Duration::from_secs(self.flush_timeout_secs));
+        let producer = ProducerConfig::new(stream)
+            .with_record_max_buffered_time(Duration::from_millis(self.record_max_buffered_ms))
+            .with_max_outstanding_records(self.max_outstanding_records);
+        producer.validate().map_err(|e| {
+            let flag = match e.setting {
+                "stream" => "--stream (KTK_STREAM)",
+                "record_max_buffered_time" => "--record-max-buffered-ms (KTK_RECORD_MAX_BUFFERED_MS)",
+                "max_outstanding_records" => "--max-outstanding-records (KTK_MAX_OUTSTANDING_RECORDS)",
+                // A setting the collector does not expose keeps its default, which is valid.
+                _ => "a producer default",
+            };
+            clap::Error::raw(ErrorKind::ValueValidation, format!("{flag}: {e}\n"))
+        })?;
+        Ok(Settings { listen: self.listen, collector, producer, log_format: self.log_format })
+    }
+}
+
+/// clap names the flag of a bad value (`'--listen <ADDR:PORT>'`) even when the value came from
+/// the environment; then this names the variable instead (`'KTK_LISTEN'`).
+fn name_the_variable(mut error: clap::Error, command: &Command, args: &[OsString]) -> clap::Error {
+    let Some(ContextValue::String(invalid)) = error.get(ContextKind::InvalidArg) else { return error };
+    let Some(long) = invalid.strip_prefix("--").and_then(|s| s.split([' ', '=']).next()) else { return error };
+    let Some(arg) = command.get_arguments().find(|arg| arg.get_long() == Some(long)) else { return error };
+    let Some(variable) = Arg::get_env(arg).map(|v| v.to_string_lossy().into_owned()) else { return error };
+    let flag = format!("--{long}");
+    let on_command_line = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .any(|a| a == flag || a.strip_prefix(flag.as_str()).is_some_and(|rest| rest.starts_with('=')));
+    if !on_command_line {
+        error.insert(ContextKind::InvalidArg, ContextValue::String(variable));
+    }
+    error
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
-    fn settings(vars: &[(&str, &str)]) -> Result<Settings, EnvError> {
-        let vars: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        Settings::from_vars(|name| vars.get(name).cloned())
+    /// Parses `flags` after a program name, with every variable ignored, so a `KTK_*` variable in
+    /// the environment of the test run changes nothing (`tests/collector_bin.rs` covers them).
+    fn settings(flags: &[&str]) -> Result<Settings, clap::Error> {
+        let command = Settings::command().mut_args(|arg| arg.env(None));
+        Settings::try_parse_with(command, std::iter::once("collector").chain(flags.iter().copied()))
     }
 
     #[test]
     fn only_the_stream_is_required() {
-        let s = settings(&[("KTK_STREAM", "events")]).expect("valid");
+        let s = settings(&["--stream", "events"]).expect("valid");
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert_eq!(s.collector, CollectorConfig::default());
         assert_eq!(s.producer, ProducerConfig::new("events"));
@@ -234,24 +331,30 @@ mod tests {
         assert_eq!(s.collector.retry_after_secs(), 1);
 
         let missing = settings(&[]).expect_err("no stream");
-        assert_eq!(missing.variable, "KTK_STREAM");
-        assert!(missing.to_string().contains("KTK_STREAM"));
+        assert_eq!(missing.kind(), ErrorKind::MissingRequiredArgument);
+        assert_eq!(missing.exit_code(), 2);
+        assert!(missing.to_string().contains("--stream (KTK_STREAM)"), "{missing}");
+
+        let empty = settings(&["--stream", ""]).expect_err("empty stream");
+        assert_eq!(empty.exit_code(), 2);
+        assert!(empty.to_string().contains("--stream (KTK_STREAM)"), "{empty}");
+        assert_eq!(empty.to_string().trim_end().lines().count(), 1, "{empty}");
     }
 
     #[test]
-    fn every_variable_is_read() {
+    fn every_flag_is_read() {
         let s = settings(&[
-            ("KTK_STREAM", "arn:aws:kinesis:us-east-1:123456789012:stream/events"),
-            ("KTK_LISTEN", "0.0.0.0:9000"),
-            ("KTK_MAX_BODY_BYTES", "2048"),
-            ("KTK_MAX_EVENT_AGE_SECS", "3600"),
-            ("KTK_RETRY_AFTER_SECS", "5"),
-            ("KTK_MAX_CONCURRENT_REQUESTS", "8"),
-            ("KTK_DRAIN_TIMEOUT_SECS", "2"),
-            ("KTK_FLUSH_TIMEOUT_SECS", "3"),
-            ("KTK_RECORD_MAX_BUFFERED_MS", "250"),
-            ("KTK_MAX_OUTSTANDING_RECORDS", "1000"),
-            ("KTK_LOG_FORMAT", "JSON"),
+            "--stream=arn:aws:kinesis:us-east-1:123456789012:stream/events",
+            "--listen=0.0.0.0:9000",
+            "--max-body-bytes=2048",
+            "--max-event-age-secs=3600",
+            "--retry-after-secs=5",
+            "--max-concurrent-requests=8",
+            "--drain-timeout-secs=2",
+            "--flush-timeout-secs=3",
+            "--record-max-buffered-ms=250",
+            "--max-outstanding-records=1000",
+            "--log-format=JSON",
         ])
         .expect("valid");
         assert_eq!(s.listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
@@ -265,27 +368,72 @@ mod tests {
                 .with_drain_timeout(Duration::from_secs(2))
                 .with_flush_timeout(Duration::from_secs(3))
         );
+        assert_eq!(s.producer.stream(), "arn:aws:kinesis:us-east-1:123456789012:stream/events");
         assert_eq!(s.producer.record_max_buffered_time, Duration::from_millis(250));
         assert_eq!(s.producer.max_outstanding_records, 1000);
         assert_eq!(s.log_format, LogFormat::Json);
     }
 
     #[test]
-    fn bad_values_name_their_variable() {
+    fn every_flag_has_its_variable() {
+        let command = Settings::command();
+        let variables: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long().map(|long| (long, arg.get_env())))
+            .filter(|(long, _)| !matches!(*long, "help" | "version"))
+            .map(|(long, env)| {
+                let env = env.map(|v| v.to_string_lossy().into_owned());
+                assert_eq!(env.as_deref(), Some(format!("KTK_{}", long.replace('-', "_").to_uppercase()).as_str()));
+                long.to_owned()
+            })
+            .collect();
+        assert_eq!(variables.len(), 11, "{variables:?}");
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
         let cases = [
-            ("KTK_LISTEN", "localhost"),
-            ("KTK_MAX_BODY_BYTES", "1MB"),
-            ("KTK_MAX_EVENT_AGE_SECS", "-1"),
-            ("KTK_RETRY_AFTER_SECS", "0"),
-            ("KTK_RECORD_MAX_BUFFERED_MS", "soon"),
-            ("KTK_MAX_OUTSTANDING_RECORDS", "0"),
-            ("KTK_LOG_FORMAT", "xml"),
+            ("--listen", "localhost"),
+            ("--max-body-bytes", "1MB"),
+            ("--max-body-bytes", "0"),
+            ("--max-body-bytes", "67108865"),
+            ("--max-event-age-secs", "-1"),
+            ("--max-event-age-secs", "31536001"),
+            ("--retry-after-secs", "0"),
+            ("--max-concurrent-requests", "0"),
+            ("--drain-timeout-secs", "0"),
+            ("--flush-timeout-secs", "86401"),
+            ("--record-max-buffered-ms", "soon"),
+            ("--record-max-buffered-ms", "18446744073709551615"),
+            ("--max-outstanding-records", "0"),
+            ("--log-format", "xml"),
         ];
-        for (variable, value) in cases {
-            let error = settings(&[("KTK_STREAM", "events"), (variable, value)]).expect_err(variable);
-            assert_eq!(error.variable, variable);
-            assert!(error.to_string().starts_with(&format!("environment variable {variable}: ")), "{error}");
+        for (flag, value) in cases {
+            let error = settings(&["--stream", "events", &format!("{flag}={value}")]).expect_err(flag);
+            assert!(matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation), "{flag}: {error}");
+            assert_eq!(error.exit_code(), 2, "{flag}");
+            let message = error.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            assert!(first.contains(&format!("'{flag} <")) && first.contains(value), "{flag}: {message}");
         }
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_names_the_variable() {
+        // clap reports the flag; the value came from KTK_LISTEN, so the error says that instead.
+        let mut command = Settings::command().mut_args(|arg| arg.env(None));
+        let mut bad_address = || {
+            command
+                .try_get_matches_from_mut(["collector", "--stream", "events", "--listen", "localhost"])
+                .expect_err("bad address")
+        };
+        let (from_env, from_flag) = (bad_address(), bad_address());
+        let named = Flags::command();
+        let renamed = name_the_variable(from_env, &named, &[OsString::from("collector")]);
+        assert!(renamed.to_string().contains("'KTK_LISTEN'"), "{renamed}");
+        let args = [OsString::from("collector"), OsString::from("--listen=localhost")];
+        let kept = name_the_variable(from_flag, &named, &args);
+        assert!(kept.to_string().contains("'--listen <ADDR:PORT>'"), "{kept}");
     }
 
     #[test]

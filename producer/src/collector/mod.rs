@@ -9,7 +9,8 @@
 //!   resolves, then drain connections and flush the producer);
 //! - `routes.rs`: the HTTP routes, body decoding and the response;
 //! - `validate.rs`: the per-event contract ([`RejectCode`] lists every reason);
-//! - `config.rs`: [`CollectorConfig`], and [`Settings`], what the binary reads from the environment.
+//! - `config.rs`: [`CollectorConfig`], and [`Settings`], what the binary reads from its flags and
+//!   environment.
 //!
 //! # `POST /v1/events`
 //! The body is an `events.v1.EventBatch`, as binary protobuf (`Content-Type:
@@ -92,7 +93,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, oneshot};
 use tracing::{info, warn};
 
-pub use config::{CollectorConfig, EnvError, LogFormat, Settings};
+pub use config::{CollectorConfig, LogFormat, Settings};
 pub use validate::{MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, RejectCode, Rejection};
 
 use crate::producer::{Producer, ProducerStats};

@@ -1,0 +1,68 @@
+//! The `collector` binary's command line: `--help` lists every setting with its variable, and a
+//! bad value in the environment exits 2 naming the variable. Neither needs AWS: both stop before
+//! the producer starts.
+
+use std::process::{Command, Output};
+
+/// Every variable the collector reads (see `ktk_producer::collector::Settings`).
+const VARIABLES: [&str; 11] = [
+    "KTK_STREAM",
+    "KTK_LISTEN",
+    "KTK_MAX_BODY_BYTES",
+    "KTK_MAX_EVENT_AGE_SECS",
+    "KTK_RETRY_AFTER_SECS",
+    "KTK_MAX_CONCURRENT_REQUESTS",
+    "KTK_DRAIN_TIMEOUT_SECS",
+    "KTK_FLUSH_TIMEOUT_SECS",
+    "KTK_RECORD_MAX_BUFFERED_MS",
+    "KTK_MAX_OUTSTANDING_RECORDS",
+    "KTK_LOG_FORMAT",
+];
+
+/// Runs the collector with `args`, `vars` and none of the caller's `KTK_*` variables.
+fn collector(args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_collector"));
+    for variable in VARIABLES {
+        command.env_remove(variable);
+    }
+    command.args(args).envs(vars.iter().copied()).output().expect("the collector binary runs")
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default_and_unit() {
+    let out = collector(&["--help"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for variable in VARIABLES {
+        assert!(help.contains(&format!("[env: {variable}")), "{variable} missing from:\n{help}");
+    }
+    for shown in ["[default: 1048576]", "[default: 100]", "[default: 127.0.0.1:8080]", "<MS>", "<BYTES>", "<SECS>"] {
+        assert!(help.contains(shown), "{shown} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn a_bad_variable_exits_2_and_names_it() {
+    for (variable, value) in [
+        ("KTK_RECORD_MAX_BUFFERED_MS", "soon"),
+        ("KTK_MAX_OUTSTANDING_RECORDS", "0"),
+        ("KTK_LISTEN", "localhost"),
+        ("KTK_LOG_FORMAT", "xml"),
+    ] {
+        let out = collector(&[], &[("KTK_STREAM", "events"), (variable, value)]);
+        assert_eq!(out.status.code(), Some(2), "{variable}={value}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(first.contains(variable) && first.contains(value), "{variable}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn a_missing_stream_exits_2_and_names_it() {
+    // An empty variable counts as unset.
+    let out = collector(&[], &[("KTK_STREAM", " ")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KTK_STREAM") && stderr.contains("--stream"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}

@@ -60,7 +60,7 @@ fi
 # Building first: if it fails, nothing was started.
 step "building ktk, collector and consumer (release)"
 cargo build --release --locked --manifest-path "$root/Cargo.toml" \
-  -p ktk-cli --bin ktk -p ktk-producer --bin collector -p ktk-consumer --bin consumer
+  -p ktk-cli --bin ktk -p ktk-producer --bin collector -p ktk-ecs --bin consumer
 
 step "services: LocalStack, PostgreSQL"
 "$root/localstack/up.sh"

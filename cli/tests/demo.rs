@@ -42,7 +42,7 @@ fn sibling_binaries() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut build = std::process::Command::new(cargo);
     build
-        .args(["build", "-p", "ktk-producer", "--bin", "collector", "-p", "ktk-consumer", "--bin", "consumer"])
+        .args(["build", "-p", "ktk-producer", "--bin", "collector", "-p", "ktk-ecs", "--bin", "consumer"])
         .env("CARGO_TARGET_DIR", target)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if profile == "release" {
@@ -54,7 +54,7 @@ fn sibling_binaries() {
     assert!(
         still.is_empty(),
         "{still:?} missing after the build: build them into {} (cargo build -p ktk-producer --bin collector \
-         -p ktk-consumer --bin consumer)",
+         -p ktk-ecs --bin consumer)",
         dir.display()
     );
 }

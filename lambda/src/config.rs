@@ -114,7 +114,7 @@ mod tests {
             ("--deadline-margin-ms", "1s"),
             ("--store-max-connections", "0"),
         ] {
-            let error = settings(&["--s3-bucket", "b", flag, value]).expect_err("bad");
+            let error = settings(&["--s3-bucket", "b", &format!("{flag}={value}")]).expect_err("bad");
             assert!(error.to_string().contains(flag), "{flag}: {error}");
         }
     }

@@ -588,12 +588,18 @@ impl ShardPipeline {
                 });
             }
             Err(reason) => pending.batch.dead_letters.push(DeadLetter {
+                // A record with the KPL magic reached here only because it was not a valid
+                // aggregate (the reader delivered it whole, as a plain record): say so.
+                reason: if record.data.starts_with(&ktk_proto::aggregation::MAGIC) {
+                    format!("not a valid KPL aggregate, read as a plain record: {reason}")
+                } else {
+                    reason
+                },
                 shard_id: self.shard_id.clone(),
                 sequence_number: record.sequence_number,
                 sub_sequence_number: record.sub_sequence_number,
                 partition_key: record.partition_key,
                 data: record.data,
-                reason,
                 arrival: record.arrival,
             }),
         }

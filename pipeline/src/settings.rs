@@ -298,7 +298,7 @@ mod tests {
             ("--batch-window-ms", "18446744073709551615"),
             ("--dedup-window", "-1"),
         ] {
-            let error = parse(&["--s3-bucket", "b", flag, value]).expect_err("bad");
+            let error = parse(&["--s3-bucket", "b", &format!("{flag}={value}")]).expect_err("bad");
             let line = one_line(&Both::command(), &error);
             assert!(line.contains(flag) && line.contains("KTK_"), "{flag} {value}: {line}");
         }

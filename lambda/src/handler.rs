@@ -131,26 +131,16 @@ impl HandlerConfig {
     }
 }
 
-/// What one invocation did. The delivery counts mean what `ktk_pipeline::PipelineStats` says, on
-/// Lambda as on ECS.
+/// What one invocation did. The delivery counts are `ktk_pipeline::PipelineStats`, the same as on
+/// ECS.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InvocationReport {
     /// Kinesis records in the event.
     pub records: u64,
     /// User records they held (after deaggregation).
     pub user_records: u64,
-    /// Events delivered, duplicates excluded.
-    pub events_delivered: u64,
-    /// Duplicates dropped in memory (within a batch, or known to the shard's dedup window).
-    pub duplicates_in_memory: u64,
-    /// Events every sink already had.
-    pub duplicates_in_sinks: u64,
-    /// Dead letters delivered.
-    pub dead_letters: u64,
-    /// Batches every sink acknowledged.
-    pub batches: u64,
-    /// Failed sink writes (retried or not).
-    pub sink_errors: u64,
+    /// What the pipeline delivered and counted in this invocation.
+    pub delivery: PipelineStats,
     /// Kinesis records with the KPL magic that were not valid aggregates (delivered as plain
     /// records, so as dead letters unless they happen to hold an event).
     pub suspicious_records: u64,
@@ -165,15 +155,6 @@ impl InvocationReport {
         let mut response = KinesisEventResponse::default();
         response.set_failures(self.failures.iter().cloned());
         response
-    }
-
-    fn add(&mut self, stats: &PipelineStats) {
-        self.events_delivered += stats.events_delivered;
-        self.duplicates_in_memory += stats.duplicates_in_memory;
-        self.duplicates_in_sinks += stats.duplicates_in_sinks;
-        self.dead_letters += stats.dead_letters;
-        self.batches += stats.batches;
-        self.sink_errors += stats.sink_errors;
     }
 }
 
@@ -305,7 +286,7 @@ impl KinesisHandler {
                 start
             }
         };
-        report.add(&shard.stats().since(&before));
+        report.delivery.add(&shard.stats().since(&before));
         self.put_shard(&stream, shard);
         failed
     }
@@ -371,20 +352,20 @@ impl KinesisHandler {
                 request_id,
                 records = report.records,
                 user_records = report.user_records,
-                delivered = report.events_delivered,
-                duplicates = report.duplicates_in_memory + report.duplicates_in_sinks,
-                dead_letters = report.dead_letters,
-                batches = report.batches,
+                delivered = report.delivery.events_delivered,
+                duplicates = report.delivery.duplicates(),
+                dead_letters = report.delivery.dead_letters,
+                batches = report.delivery.batches,
                 "batch delivered"
             );
         } else {
             warn!(
                 request_id,
                 records = report.records,
-                delivered = report.events_delivered,
-                dead_letters = report.dead_letters,
-                batches = report.batches,
-                sink_errors = report.sink_errors,
+                delivered = report.delivery.events_delivered,
+                dead_letters = report.delivery.dead_letters,
+                batches = report.delivery.batches,
+                sink_errors = report.delivery.sink_errors,
                 failures = ?report.failures,
                 "batch partly delivered; the mapping retries from the first failure"
             );

@@ -112,7 +112,10 @@ async fn a_plain_record_from_the_fixture_is_delivered() {
         handler(HandlerConfig::default(), &[&s3, &store]).handle(fixture("plain_record.json"), in_a_minute()).await;
     assert_eq!(failures(&report), Vec::<Option<String>>::new());
     assert_eq!(serde_json::to_value(report.response()).expect("json"), json!({ "batchItemFailures": [] }));
-    assert_eq!((report.records, report.user_records, report.events_delivered, report.batches), (1, 1, 1, 1));
+    assert_eq!(
+        (report.records, report.user_records, report.delivery.events_delivered, report.delivery.batches),
+        (1, 1, 1, 1)
+    );
     for sink in [&s3, &store] {
         let batches = sink.batches();
         assert_eq!(batches.len(), 1);
@@ -137,7 +140,7 @@ async fn a_kpl_aggregate_is_deaggregated_with_sub_sequence_numbers() {
     let event = kinesis_event(&[plain("p-0"), aggregate(&["a-0", "a-1", "a-2"]), plain("p-2")]);
     let report = handler(HandlerConfig::default(), &[&s3]).handle(event, in_a_minute()).await;
     assert!(report.failures.is_empty());
-    assert_eq!((report.records, report.user_records, report.events_delivered), (3, 5, 5));
+    assert_eq!((report.records, report.user_records, report.delivery.events_delivered), (3, 5, 5));
     let batches = s3.batches();
     assert_eq!(batches.len(), 1);
     let positions: Vec<_> = batches[0]
@@ -173,7 +176,7 @@ async fn poison_records_go_to_the_dead_letters_and_are_not_failures() {
 
     let report = handler(HandlerConfig::default(), &[&s3]).handle(event, in_a_minute()).await;
     assert_eq!(failures(&report), Vec::<Option<String>>::new(), "a poison record is never reported");
-    assert_eq!((report.events_delivered, report.dead_letters, report.suspicious_records), (2, 4, 1));
+    assert_eq!((report.delivery.events_delivered, report.delivery.dead_letters, report.suspicious_records), (2, 4, 1));
     let batches = s3.batches();
     assert_eq!(batches.len(), 1);
     assert_eq!(s3.event_ids(), vec![vec!["good-0".to_owned(), "good-4".to_owned()]]);
@@ -212,7 +215,7 @@ async fn a_sink_failure_in_the_middle_reports_the_first_record_of_the_first_unwr
     assert_eq!(store.event_ids(), vec![vec!["e-0", "e-1"]]);
     assert_eq!(s3.event_ids(), vec![vec!["e-0", "e-1"], vec!["e-2", "e-3"]]);
     assert_eq!(store.attempts.load(Ordering::Relaxed), 1 + 3, "one write of batch 1, three of batch 2");
-    assert_eq!((report.batches, report.events_delivered, report.sink_errors), (1, 2, 3));
+    assert_eq!((report.delivery.batches, report.delivery.events_delivered, report.delivery.sink_errors), (1, 2, 3));
     assert!(started.elapsed() < Duration::from_secs(10), "retried with a short backoff: {:?}", started.elapsed());
 
     // The mapping retries from record 2. The store works again: everything from there is
@@ -223,7 +226,7 @@ async fn a_sink_failure_in_the_middle_reports_the_first_record_of_the_first_unwr
     assert!(report.failures.is_empty(), "{report:?}");
     assert_eq!(store.event_ids(), vec![vec!["e-0", "e-1"], vec!["e-2", "e-3"], vec!["e-4", "e-5"]]);
     assert_eq!(s3.event_ids()[2..], [vec!["e-2", "e-3"], vec!["e-4", "e-5"]]);
-    assert_eq!((report.events_delivered, report.duplicates_in_sinks), (4, 0));
+    assert_eq!((report.delivery.events_delivered, report.delivery.duplicates_in_sinks), (4, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -232,7 +235,7 @@ async fn a_transient_sink_failure_is_retried_within_the_invocation() {
     let data: Vec<_> = ["e-0", "e-1"].iter().map(|id| plain(id)).collect();
     let report = handler(HandlerConfig::default(), &[&store]).handle(kinesis_event(&data), in_a_minute()).await;
     assert!(report.failures.is_empty());
-    assert_eq!((report.sink_errors, report.events_delivered), (2, 2));
+    assert_eq!((report.delivery.sink_errors, report.delivery.events_delivered), (2, 2));
     assert_eq!(store.attempts.load(Ordering::Relaxed), 3);
 }
 
@@ -275,7 +278,7 @@ async fn duplicates_are_dropped_within_an_invocation_and_across_warm_invocations
     let handler = handler(HandlerConfig::default(), &[&store]);
     let data = vec![plain("e-0"), plain("e-1"), plain("e-0"), aggregate(&["e-1", "e-2"])];
     let report = handler.handle(kinesis_event(&data), in_a_minute()).await;
-    assert_eq!((report.events_delivered, report.duplicates_in_memory), (3, 2));
+    assert_eq!((report.delivery.events_delivered, report.delivery.duplicates_in_memory), (3, 2));
     assert_eq!(store.event_ids(), vec![vec!["e-0", "e-1", "e-2"]]);
     let batch = &store.batches()[0];
     assert_eq!(batch.last, (sequence(3), 1), "a batch spans its duplicates too");
@@ -285,7 +288,10 @@ async fn duplicates_are_dropped_within_an_invocation_and_across_warm_invocations
     // S3 objects are the same bytes whoever writes them), and no real-time store gets them.
     let report = handler.handle(kinesis_event(&data), in_a_minute()).await;
     assert!(report.failures.is_empty());
-    assert_eq!((report.events_delivered, report.duplicates_in_memory, report.batches), (0, 5, 1));
+    assert_eq!(
+        (report.delivery.events_delivered, report.delivery.duplicates_in_memory, report.delivery.batches),
+        (0, 5, 1)
+    );
     assert_eq!(store.batches().len(), 2);
     assert_eq!(store.batches()[1], store.batches()[0], "the same batch, rebuilt");
 }
@@ -300,7 +306,7 @@ async fn batches_are_cut_between_kinesis_records_never_inside_an_aggregate() {
     // The aggregate would take the first batch past 2 records: it starts the next one, and, being
     // larger than the limit alone, is a batch of its own.
     assert_eq!(store.event_ids(), vec![vec!["e-0"], vec!["a-0", "a-1", "a-2"], vec!["e-4", "e-5"]]);
-    assert_eq!(report.batches, 3);
+    assert_eq!(report.delivery.batches, 3);
 }
 
 #[tokio::test(start_paused = true)]

@@ -219,7 +219,8 @@ impl PipelineStats {
         self.duplicates_in_memory + self.duplicates_in_sinks
     }
 
-    fn add(&mut self, other: &PipelineStats) {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &PipelineStats) {
         self.events_delivered += other.events_delivered;
         self.duplicates_in_memory += other.duplicates_in_memory;
         self.duplicates_in_sinks += other.duplicates_in_sinks;

@@ -67,13 +67,13 @@ struct Destination {
 }
 
 impl Destination {
-    async fn new(aws: &aws_config::SdkConfig, bucket: &str, runtime: &str) -> Destination {
+    async fn new(aws: &aws_config::SdkConfig, bucket: &str, runtime: &str, failures: u32) -> Destination {
         let prefix = format!("parity/{runtime}");
         let table = unique_table(&format!("parity_{runtime}"));
         let s3 = Arc::new(S3Sink::new(aws, S3SinkConfig::new(bucket, &prefix).with_path_style(true)));
         let store = PostgresSink::connect(&database_url(), &table).await.expect("PostgreSQL");
         store.migrate().await.expect("migrate");
-        let store = Arc::new(Flaky { inner: store, failures: AtomicU32::new(2) });
+        let store = Arc::new(Flaky { inner: store, failures: AtomicU32::new(failures) });
         Destination { prefix, table, s3, store }
     }
 
@@ -146,6 +146,14 @@ async fn mapping_batch(client: &aws_sdk_kinesis::Client, stream: &str) -> (serde
     (serde_json::json!({ "Records": records }), count)
 }
 
+/// The mapping's batch from the record with sequence number `first` on: what a mapping sends again
+/// after a partial batch response that names it.
+fn from_record(batch: &serde_json::Value, first: &str) -> serde_json::Value {
+    let records = batch["Records"].as_array().cloned().unwrap_or_default();
+    let start = records.iter().position(|r| r["kinesis"]["sequenceNumber"] == first).expect("the named record");
+    serde_json::json!({ "Records": records[start..] })
+}
+
 /// Every object under `prefix`, by key relative to it.
 async fn objects(client: &ktk_pipeline::s3::Client, bucket: &str, prefix: &str) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -167,8 +175,21 @@ async fn rows(pool: &sqlx::PgPool, table: &str, key: &str) -> Vec<String> {
     rows.iter().map(|row| row.get::<String, _>("row")).collect()
 }
 
+/// The store refuses its first two writes: both runtimes retry them within the batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecs_and_lambda_deliver_the_same_stream_to_the_same_objects_rows_and_counts() {
+    deliver_both_ways(2).await;
+}
+
+/// The store refuses its first seven writes, more than one Lambda invocation tries (five): the
+/// Lambda gives up, names the first record, and the mapping invokes it again from there, while the
+/// ECS worker keeps retrying. Both end in the same place, with the same counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_down_longer_than_an_invocation_retries_ends_the_same_on_ecs_and_lambda() {
+    deliver_both_ways(7).await;
+}
+
+async fn deliver_both_ways(store_failures: u32) {
     let aws = aws_config().await;
     let client = kinesis().await;
     let stream = unique_name("ktk-parity");
@@ -202,7 +223,7 @@ async fn ecs_and_lambda_deliver_the_same_stream_to_the_same_objects_rows_and_cou
     let pool = sqlx::PgPool::connect(&database_url()).await.expect("PostgreSQL");
 
     // The ECS path: a worker, its processors driving the pipeline, checkpoints in DynamoDB.
-    let ecs = Destination::new(&aws, &bucket, "ecs").await;
+    let ecs = Destination::new(&aws, &bucket, "ecs", store_failures).await;
     let pipeline = Pipeline::new(pipeline_config(), ecs.sinks()).expect("pipeline");
     let factory = {
         let (pipeline, stream) = (pipeline.clone(), stream.clone());
@@ -222,16 +243,27 @@ async fn ecs_and_lambda_deliver_the_same_stream_to_the_same_objects_rows_and_cou
     running.await.expect("task").expect("worker");
     let ecs_stats = pipeline.stats();
 
-    // The Lambda path: the same records as one mapping batch.
-    let lambda = Destination::new(&aws, &bucket, "lambda").await;
+    // The Lambda path: the same records as one mapping batch; retried from the reported record,
+    // as a mapping with ReportBatchItemFailures does, until nothing is reported.
+    let lambda = Destination::new(&aws, &bucket, "lambda", store_failures).await;
     let config = HandlerConfig::default().with_pipeline(pipeline_config());
     let handler = KinesisHandler::new(config, lambda.sinks()).expect("handler");
     let (json, kinesis_records) = mapping_batch(&client, &stream).await;
-    let event = ktk_lambda::parse_event(json).expect("a KinesisEvent");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let report = handler.handle(event, deadline).await;
-    assert!(report.failures.is_empty(), "{report:?}");
-    assert_eq!((report.records, report.user_records), (kinesis_records as u64, user_records));
+    let mut batch = json;
+    let mut invocations = 0;
+    loop {
+        invocations += 1;
+        let event = ktk_lambda::parse_event(batch.clone()).expect("a KinesisEvent");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let report = handler.handle(event, deadline).await;
+        if invocations == 1 {
+            assert_eq!((report.records, report.user_records), (kinesis_records as u64, user_records));
+        }
+        let Some(failed) = report.failures.first() else { break };
+        assert!(invocations < 5, "the mapping retried {invocations} times: {report:?}");
+        batch = from_record(&batch, failed);
+    }
+    assert_eq!(invocations, if store_failures > 5 { 2 } else { 1 }, "invocations");
     let lambda_stats = handler.stats();
 
     println!("ECS {ecs_stats:?}\nLambda {lambda_stats:?}");
@@ -239,7 +271,7 @@ async fn ecs_and_lambda_deliver_the_same_stream_to_the_same_objects_rows_and_cou
     assert_eq!(lambda_stats, ecs_stats);
     assert_eq!(ecs_stats.events_delivered, 60);
     assert_eq!(ecs_stats.duplicates_in_memory, 2, "event 7 within burst 1, event 3 again in burst 2");
-    assert_eq!((ecs_stats.dead_letters, ecs_stats.sink_errors), (3, 2));
+    assert_eq!((ecs_stats.dead_letters, ecs_stats.sink_errors), (3, u64::from(store_failures)));
     assert!(ecs_stats.batches >= 2, "two arrival windows: {ecs_stats:?}");
 
     // The S3 objects: the same keys, the same bytes.

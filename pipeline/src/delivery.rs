@@ -479,7 +479,7 @@ impl ShardPipeline {
         let (failures, result) = {
             let batch = &pending.batch;
             let ack = &*ack;
-            let (config, shard) = (&self.config, &self.shard_id);
+            let (config, shard) = ((&*self.config, &*self.counters), &self.shard_id);
             let writes =
                 self.sinks.iter().enumerate().filter(|(_, s)| s.timing() == SinkTiming::Batch).map(
                     |(i, sink)| async move { (i, write_until_done(sink.as_ref(), batch, ack, config, shard).await) },
@@ -530,12 +530,9 @@ impl ShardPipeline {
         Ok(())
     }
 
+    /// Adds failed writes to this shard's counts (the pipeline's counted each as it happened).
     fn count_errors(&mut self, errors: u64) {
-        if errors > 0 {
-            let errors = PipelineStats { sink_errors: errors, ..PipelineStats::default() };
-            self.stats.add(&errors);
-            self.counters.add(&errors);
-        }
+        self.stats.sink_errors += errors;
     }
 
     /// Whether a Kinesis record of `records` user records and `bytes` bytes in arrival window
@@ -625,7 +622,7 @@ impl ShardPipeline {
             first: pending.batch.first.clone(),
             last: pending.batch.last.clone(),
         };
-        let (config, shard) = (&self.config, &self.shard_id);
+        let (config, shard) = ((&*self.config, &*self.counters), &self.shard_id);
         let writes =
             self.sinks.iter().enumerate().filter(|(_, s)| s.timing() == SinkTiming::Immediate).map(|(i, sink)| {
                 let piece = &piece;
@@ -656,12 +653,13 @@ impl ShardPipeline {
 }
 
 /// Writes `batch` to one sink, retrying while the runtime allows; the outcome and the number of
-/// failed attempts.
+/// failed attempts. Each failure is counted in the pipeline's counters at once, so `/health` shows
+/// a sink that keeps failing while the shard waits on it.
 async fn write_until_done<A: Acknowledge>(
     sink: &dyn Sink,
     batch: &Batch,
     ack: &A,
-    config: &PipelineConfig,
+    (config, counters): (&PipelineConfig, &Counters),
     shard: &str,
 ) -> (Result<SinkReport, DeliveryError>, u64) {
     let mut backoff = Backoff::new(config.retry_min, config.retry_max);
@@ -682,6 +680,7 @@ async fn write_until_done<A: Acknowledge>(
             Err(e) => e,
         };
         errors += 1;
+        counters.sink_errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("SinkErrors", "stream" => batch.stream.clone(), "sink" => sink.name().to_owned())
             .increment(1);
         let pause = backoff.next_delay();
@@ -695,5 +694,228 @@ async fn write_until_done<A: Acknowledge>(
             error!(%shard, sink = sink.name(), error = %error, "sink write failed and needs an operator; the shard waits and retries");
         }
         tokio::time::sleep(pause).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::UNIX_EPOCH;
+
+    use futures::future::BoxFuture;
+    use ktk_proto::events::v1::Event;
+    use prost::Message as _;
+
+    use super::*;
+
+    /// Keeps what it is given; idempotent on event ids; refuses its first `fail` writes.
+    #[derive(Debug, Default)]
+    struct MemorySink {
+        timing: SinkTiming,
+        fail: Mutex<u32>,
+        batches: Mutex<Vec<Batch>>,
+        stored: Mutex<HashSet<String>>,
+    }
+
+    impl MemorySink {
+        fn new(timing: SinkTiming) -> Arc<Self> {
+            Arc::new(MemorySink { timing, ..MemorySink::default() })
+        }
+
+        fn event_ids(&self) -> Vec<Vec<String>> {
+            let batches = self.batches.lock().expect("lock");
+            batches.iter().map(|b| b.events.iter().map(|e| e.event.event_id.clone()).collect()).collect()
+        }
+    }
+
+    impl Sink for MemorySink {
+        fn name(&self) -> &str {
+            if self.timing == SinkTiming::Batch { "batch" } else { "immediate" }
+        }
+
+        fn timing(&self) -> SinkTiming {
+            self.timing
+        }
+
+        fn write<'a>(&'a self, batch: &'a Batch) -> BoxFuture<'a, Result<SinkReport, SinkError>> {
+            Box::pin(async move {
+                {
+                    let mut fail = self.fail.lock().expect("lock");
+                    if *fail > 0 {
+                        *fail -= 1;
+                        return Err(SinkError::unavailable(self.name(), "refused on purpose"));
+                    }
+                }
+                let mut stored = self.stored.lock().expect("lock");
+                let duplicates =
+                    batch.events.iter().filter(|e| !stored.insert(e.event.event_id.clone())).count() as u64;
+                self.batches.lock().expect("lock").push(batch.clone());
+                Ok(SinkReport { written: batch.events.len() as u64 - duplicates, duplicates })
+            })
+        }
+    }
+
+    /// Records acknowledged batch ends; gives up after `attempts` failed writes.
+    #[derive(Debug, Default)]
+    struct Recorder {
+        attempts: u32,
+        ends: Vec<BatchEnd>,
+    }
+
+    impl Acknowledge for Recorder {
+        fn may_retry(&self, attempt: u32, _error: &SinkError, _pause: Duration) -> Result<(), String> {
+            if attempt >= self.attempts { Err(format!("{attempt} attempts")) } else { Ok(()) }
+        }
+
+        async fn batch_delivered(&mut self, end: &BatchEnd) -> Result<(), DeliveryError> {
+            self.ends.push(end.clone());
+            Ok(())
+        }
+    }
+
+    fn recorder() -> Recorder {
+        Recorder { attempts: 100, ends: Vec::new() }
+    }
+
+    fn data(id: &str) -> Bytes {
+        Bytes::from(Event { event_id: id.into(), user_id: "u".into(), ..Event::default() }.encode_to_vec())
+    }
+
+    /// User record `sub` of Kinesis record `seq`, arriving `at_ms` after the epoch.
+    fn user(seq: u64, sub: u64, id: &str, at_ms: u64) -> UserRecord {
+        UserRecord {
+            sequence_number: format!("{seq:05}"),
+            sub_sequence_number: sub,
+            partition_key: "k".into(),
+            data: data(id),
+            arrival: Some(UNIX_EPOCH + Duration::from_millis(at_ms)),
+        }
+    }
+
+    fn pipeline(config: PipelineConfig, sinks: &[&Arc<MemorySink>]) -> Pipeline {
+        let sinks = sinks.iter().map(|s| Arc::clone(s) as Arc<dyn Sink>).collect();
+        Pipeline::new(config.with_retry_backoff(Duration::from_millis(1), Duration::from_millis(1)), sinks)
+            .expect("valid")
+    }
+
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let sink = MemorySink::new(SinkTiming::Batch) as Arc<dyn Sink>;
+        for config in [
+            PipelineConfig::default().with_max_batch_records(0),
+            PipelineConfig::default().with_max_batch_bytes(0),
+            PipelineConfig::default().with_batch_window(Duration::ZERO, Duration::ZERO),
+        ] {
+            assert!(matches!(Pipeline::new(config, vec![Arc::clone(&sink)]), Err(ConfigError::TooSmall { .. })));
+        }
+        assert!(matches!(Pipeline::new(PipelineConfig::default(), Vec::new()), Err(ConfigError::NoSink)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_cut_on_windows_and_limits_between_kinesis_records_only() {
+        let sink = MemorySink::new(SinkTiming::Batch);
+        let config = PipelineConfig::default()
+            .with_max_batch_records(3)
+            .with_batch_window(Duration::from_secs(1), Duration::ZERO);
+        let mut shard = pipeline(config, &[&sink]).shard("s", "shard-0");
+        let mut ack = recorder();
+        let records = vec![
+            user(1, 0, "a", 100),
+            // An aggregate of three: 1 + 3 > 3, so it starts the next batch.
+            user(2, 0, "b", 200),
+            user(2, 1, "c", 200),
+            user(2, 2, "d", 200),
+            // Another arrival window.
+            user(3, 0, "e", 1_100),
+            user(4, 0, "f", 1_200),
+        ];
+        shard.process(records, &mut ack).await.expect("delivered");
+        assert_eq!(sink.event_ids(), vec![vec!["a"], vec!["b", "c", "d"]]);
+        assert_eq!(shard.pending_start(), Some("00003"));
+        assert!(!shard.window_closed(UNIX_EPOCH + Duration::from_millis(1_999)));
+        shard.flush_if_window_closed(UNIX_EPOCH + Duration::from_millis(2_000), &mut ack).await.expect("flushed");
+        assert_eq!(sink.event_ids().last(), Some(&vec!["e".to_owned(), "f".to_owned()]));
+        let ends: Vec<_> = ack.ends.iter().map(|e| (e.sequence_number.as_str(), e.sub_sequence_number)).collect();
+        assert_eq!(ends, [("00001", 0), ("00002", 2), ("00004", 0)]);
+        assert_eq!(shard.stats().batches, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_hits_stay_in_the_batch_but_skip_the_stores_and_are_counted_once() {
+        let (s3, store) = (MemorySink::new(SinkTiming::Batch), MemorySink::new(SinkTiming::Immediate));
+        let p = pipeline(PipelineConfig::default(), &[&s3, &store]);
+        let mut shard = p.shard("s", "shard-0");
+        let mut ack = recorder();
+        shard.process(vec![user(1, 0, "a", 0), user(2, 0, "b", 0), user(3, 0, "a", 0)], &mut ack).await.expect("ok");
+        shard.flush(&mut ack).await.expect("ok");
+        // "a" again and "c" new, in the next batch: "a" is a window hit.
+        shard.process(vec![user(4, 0, "a", 0), user(5, 0, "c", 0)], &mut ack).await.expect("ok");
+        shard.flush(&mut ack).await.expect("ok");
+        assert_eq!(s3.event_ids(), vec![vec!["a", "b"], vec!["a", "c"]], "batches do not depend on the window");
+        assert_eq!(store.event_ids(), vec![vec!["a", "b"], vec!["c"]], "the stores do not get it again");
+        let stats = p.stats();
+        assert_eq!((stats.events_delivered, stats.duplicates_in_memory, stats.duplicates_in_sinks), (3, 2, 0));
+        assert_eq!(stats, shard.stats());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sink_duplicate_is_an_event_every_sink_already_had() {
+        let (s3, store) = (MemorySink::new(SinkTiming::Batch), MemorySink::new(SinkTiming::Immediate));
+        store.stored.lock().expect("lock").extend(["a".to_owned(), "b".to_owned()]);
+        s3.stored.lock().expect("lock").insert("a".to_owned());
+        let p = pipeline(PipelineConfig::default().with_dedup_window(0), &[&s3, &store]);
+        let mut shard = p.shard("s", "shard-0");
+        shard
+            .process(vec![user(1, 0, "a", 0), user(2, 0, "b", 0), user(3, 0, "c", 0)], &mut recorder())
+            .await
+            .expect("ok");
+        shard.flush(&mut recorder()).await.expect("ok");
+        let stats = shard.stats();
+        // "a" was everywhere; "b" only in the store: delivered now that S3 has it too.
+        assert_eq!((stats.events_delivered, stats.duplicates_in_sinks), (2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_that_gives_up_keeps_the_batch_pending_until_it_is_abandoned() {
+        let sink = MemorySink::new(SinkTiming::Batch);
+        *sink.fail.lock().expect("lock") = 5;
+        let p = pipeline(PipelineConfig::default(), &[&sink]);
+        let mut shard = p.shard("s", "shard-0");
+        let mut ack = Recorder { attempts: 3, ends: Vec::new() };
+        shard.process(vec![user(7, 0, "a", 0), user(8, 0, "b", 0)], &mut ack).await.expect("nothing to write yet");
+        let error = shard.flush(&mut ack).await.expect_err("gives up");
+        assert!(matches!(error, DeliveryError::SinkGaveUp { .. }), "{error}");
+        assert!(ack.ends.is_empty(), "nothing acknowledged");
+        assert_eq!(shard.pending_start(), Some("00007"), "read again from the batch's first record");
+        assert_eq!(shard.stats().sink_errors, 3);
+        shard.abandon();
+        assert_eq!(shard.pending_start(), None);
+        // Read again: the same batch, delivered once the sink works.
+        let mut ack = recorder();
+        shard.process(vec![user(7, 0, "a", 0), user(8, 0, "b", 0)], &mut ack).await.expect("ok");
+        shard.flush(&mut ack).await.expect("delivered");
+        assert_eq!(sink.event_ids(), vec![vec!["a", "b"]]);
+        assert_eq!((shard.stats().events_delivered, shard.stats().sink_errors), (2, 5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn poison_records_become_dead_letters_with_their_reason() {
+        let sink = MemorySink::new(SinkTiming::Batch);
+        let p = pipeline(PipelineConfig::default(), &[&sink]);
+        let mut shard = p.shard("s", "shard-0");
+        let mut magic = ktk_proto::aggregation::MAGIC.to_vec();
+        magic.extend_from_slice(b"junk");
+        let mut broken = user(2, 0, "x", 0);
+        broken.data = Bytes::from(magic);
+        let mut garbage = user(3, 0, "x", 0);
+        garbage.data = Bytes::from_static(&[0xff, 0x00]);
+        shard.process(vec![user(1, 0, "a", 0), broken, garbage], &mut recorder()).await.expect("ok");
+        shard.flush(&mut recorder()).await.expect("ok");
+        let batches = sink.batches.lock().expect("lock").clone();
+        let reasons: Vec<&str> = batches[0].dead_letters.iter().map(|d| d.reason.as_str()).collect();
+        assert_eq!(reasons.len(), 2);
+        assert!(reasons[0].starts_with("not a valid KPL aggregate"), "{reasons:?}");
+        assert!(!reasons[1].contains("KPL"), "{reasons:?}");
+        assert_eq!(shard.stats().dead_letters, 2);
     }
 }

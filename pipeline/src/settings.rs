@@ -232,13 +232,23 @@ pub fn one_line(command: &clap::Command, error: &clap::Error) -> String {
     };
     let mut names = Vec::new();
     for text in &mentioned {
-        for flag in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')).filter(|w| w.starts_with("--")) {
-            let long = flag.trim_start_matches("--");
-            let env = command.get_arguments().find(|a| a.get_long() == Some(long)).and_then(|a| a.get_env());
-            names.push(match env {
-                Some(env) => format!("{flag} / {}", env.to_string_lossy()),
-                None => flag.to_owned(),
-            });
+        // A group's members come as one text, `<--a <A>|--b <B>>`: any one of them will do.
+        let alternatives: Vec<String> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| w.starts_with("--"))
+            .map(|flag| {
+                let long = flag.trim_start_matches("--");
+                let env = command.get_arguments().find(|a| a.get_long() == Some(long)).and_then(|a| a.get_env());
+                match env {
+                    Some(env) => format!("{flag} / {}", env.to_string_lossy()),
+                    None => flag.to_owned(),
+                }
+            })
+            .collect();
+        match alternatives.len() {
+            0 => {}
+            1 => names.extend(alternatives),
+            _ => names.push(format!("one of {}", alternatives.join(", "))),
         }
     }
     let what = if error.kind() == ErrorKind::MissingRequiredArgument { "missing required settings" } else { what };

@@ -1,0 +1,56 @@
+//! `bootstrap --help` lists every setting with its variable; a bad setting outside Lambda (no
+//! Runtime API to report to) still exits 2 with one line naming the flag and the variable.
+
+use std::process::Command;
+
+fn bootstrap(vars: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bootstrap"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KTK_") || name.starts_with("AWS_LAMBDA_") {
+            command.env_remove(name);
+        }
+    }
+    // An address where nothing listens: reporting the init error fails fast.
+    command.env("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9").envs(vars.iter().copied()).args(args);
+    let output = command.output().expect("run bootstrap");
+    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn help_lists_every_setting_with_its_variable() {
+    let (code, help) = bootstrap(&[], &["--help"]);
+    assert_eq!(code, 0, "{help}");
+    for variable in [
+        "KTK_S3_BUCKET",
+        "KTK_S3_PREFIX",
+        "KTK_S3_FORMAT",
+        "KTK_S3_PATH_STYLE",
+        "KTK_POSTGRES_URL",
+        "KTK_MYSQL_URL",
+        "KTK_STORE_TABLE",
+        "KTK_BATCH_MAX_RECORDS",
+        "KTK_BATCH_MAX_BYTES",
+        "KTK_BATCH_WINDOW_MS",
+        "KTK_BATCH_GRACE_MS",
+        "KTK_DEDUP_WINDOW",
+        "KTK_STREAM",
+        "KTK_SINK_MAX_ATTEMPTS",
+        "KTK_DEADLINE_MARGIN_MS",
+        "KTK_STORE_MAX_CONNECTIONS",
+    ] {
+        assert!(help.contains(&format!("env: {variable}")), "{variable} missing from --help:\n{help}");
+    }
+}
+
+#[test]
+fn a_bad_setting_exits_2_naming_it() {
+    let (code, text) = bootstrap(&[("KTK_S3_BUCKET", "b"), ("KTK_BATCH_MAX_RECORDS", "0")], &[]);
+    assert_eq!(code, 2, "{text}");
+    let line = text.lines().find(|l| l.starts_with("bootstrap:")).unwrap_or_default();
+    assert!(line.contains("--batch-max-records / KTK_BATCH_MAX_RECORDS"), "{text}");
+    let (code, text) = bootstrap(&[], &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("KTK_S3_BUCKET") && text.contains("KTK_POSTGRES_URL"), "{text}");
+}

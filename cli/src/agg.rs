@@ -88,12 +88,18 @@ pub fn encode(
 ) -> io::Result<Summary> {
     let mut summary = Summary::default();
     let mut aggregator = Aggregator::new(options.config);
-    for (index, line) in input.lines().enumerate() {
-        let line = line?;
-        let number = index + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for item in numbered_lines(input) {
+        let (number, line) = item?;
+        let line = match line {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => line,
+            Err(reason) => {
+                summary.lines += 1;
+                summary.bad_lines += 1;
+                writeln!(err, "line {number}: {reason}")?;
+                continue;
+            }
+        };
         summary.lines += 1;
         let record = match parse_user_record(line.as_bytes()) {
             Ok(record) => record,
@@ -137,12 +143,18 @@ pub fn decode(input: impl BufRead, out: &mut impl Write, err: &mut impl Write) -
     let deaggregator = Deaggregator::new();
     let mut records = Vec::new();
     let mut out_of_range = Vec::new();
-    for (index, line) in input.lines().enumerate() {
-        let line = line?;
-        let number = index + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for item in numbered_lines(input) {
+        let (number, line) = item?;
+        let line = match line {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => line,
+            Err(reason) => {
+                summary.lines += 1;
+                summary.bad_lines += 1;
+                writeln!(err, "line {number}: {reason}")?;
+                continue;
+            }
+        };
         summary.lines += 1;
         let parsed = serde_json::from_str::<KinesisRecordIn>(&line)
             .map_err(|e| format!("not a Kinesis record object: {e}"))
@@ -182,6 +194,21 @@ pub fn decode(input: impl BufRead, out: &mut impl Write, err: &mut impl Write) -
     }
     out.flush()?;
     Ok(summary)
+}
+
+/// The input's lines, numbered from 1, each as text or, when it is not UTF-8, why not: a bad line
+/// is reported on its own and the lines after it are still read.
+fn numbered_lines(input: impl BufRead) -> impl Iterator<Item = io::Result<(usize, Result<String, String>)>> {
+    input.split(b'\n').enumerate().map(|(index, line)| {
+        line.map(|mut bytes| {
+            if bytes.last() == Some(&b'\r') {
+                bytes.pop();
+            }
+            let text = String::from_utf8(bytes)
+                .map_err(|e| format!("not UTF-8 (an invalid byte at offset {})", e.utf8_error().valid_up_to()));
+            (index + 1, text)
+        })
+    })
 }
 
 /// One `ktk agg encode` input line (also `ktk produce`'s), keys checked.
@@ -338,5 +365,25 @@ mod tests {
         assert!(users[1].get("sequence_number").is_none());
         assert!(err.contains("line 2: warning: ") && err.contains("digest"), "{err}");
         assert!(err.contains("line 3: "), "{err}");
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_reported_with_its_number_and_the_rest_is_read() {
+        let good = r#"{"partition_key": "p", "data": "aGVsbG8="}"#;
+        let mut input = format!("{good}\n").into_bytes();
+        input.extend_from_slice(b"{\"partition_key\": \"\xff\xfe\"}\r\n");
+        input.extend_from_slice(format!("{good}\r\n{good}").as_bytes());
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let summary = decode(input.as_slice(), &mut out, &mut err).expect("io");
+        assert_eq!(summary, Summary { lines: 4, bad_lines: 1, records_out: 3 });
+        let err = String::from_utf8(err).expect("utf8");
+        assert!(err.contains("line 2: not UTF-8 (an invalid byte at offset 19)"), "{err}");
+        assert_eq!(lines(&out).len(), 3);
+
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let options = EncodeOptions::new(51_200, 1024 * 1024).expect("options");
+        let summary = encode(&b"\xc3\n"[..], &mut out, &mut err, &options).expect("io");
+        assert_eq!((summary.lines, summary.bad_lines), (1, 1));
+        assert!(String::from_utf8(err).expect("utf8").contains("line 1: not UTF-8"));
     }
 }

@@ -25,8 +25,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::lease::{ExtendedSequenceNumber, LeaseTable, SequenceNumber};
-use crate::lease_renewer::HeldLease;
+use crate::lease::{ExtendedSequenceNumber, HeldLease, LeaseTable, SequenceNumber};
 use crate::retrieval::ConsumerRecord;
 
 /// What a processor's method may fail with: anything; the worker logs it and retries.

@@ -1,0 +1,1 @@
+//! Unit tests of the worker against in-process fakes, in paused time.

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
-use ktk_consumer::fanout::{
+use ktk_consumer::retrieval::{
     FanOutConfig, FanOutReader, Reader, RegistrationError, StreamConsumer, deregister_consumer, register_consumer,
 };
 use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, ShardReader, StartingPosition};

@@ -306,11 +306,8 @@ impl ItemStore for DynamoDbItems {
             let mut expressions = Expressions::default();
             let lease_key = expressions.name(attr::LEASE_KEY);
             let all = expressions.conditions(&conditions);
-            let condition = if all.is_empty() {
-                String::new()
-            } else {
-                format!("attribute_not_exists({lease_key}) OR ({all})")
-            };
+            let condition =
+                if all.is_empty() { String::new() } else { format!("attribute_not_exists({lease_key}) OR ({all})") };
             let mut request = self.client.delete_item().table_name(&self.name).set_key(Some(serializer::key(key)));
             if !condition.is_empty() {
                 request = request

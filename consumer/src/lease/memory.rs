@@ -28,14 +28,6 @@ impl MemoryItems {
     pub(crate) fn lease(&self, key: &str) -> Option<Lease> {
         self.items().get(key).and_then(|item| serializer::from_item(item).ok())
     }
-
-    /// Every lease, by key.
-    pub(crate) fn leases(&self) -> BTreeMap<String, Lease> {
-        self.items()
-            .iter()
-            .filter_map(|(key, item)| serializer::from_item(item).ok().map(|lease| (key.clone(), lease)))
-            .collect()
-    }
 }
 
 fn key_of(item: &Item) -> String {

@@ -131,7 +131,6 @@ impl LeaseTable {
         &self.name
     }
 
-
     /// Makes sure the table exists with the lease table's key (`leaseKey`, S, hash), creating it
     /// with on-demand billing if it is missing, and waits until it is ACTIVE. A table of that name
     /// with another key is [`Error::TableKeySchema`]; missing permissions are
@@ -366,7 +365,10 @@ impl LeaseTable {
         const OP: &str = "delete";
         self.count_write();
         let conditions = vec![
-            Condition::Equals(attr::CHECKPOINT.to_owned(), AttributeValue::S(lease.checkpoint.sequence.as_str().to_owned())),
+            Condition::Equals(
+                attr::CHECKPOINT.to_owned(),
+                AttributeValue::S(lease.checkpoint.sequence.as_str().to_owned()),
+            ),
             Condition::Equals(attr::CHECKPOINT_SUB_SEQUENCE.to_owned(), number(lease.checkpoint.sub_sequence)),
         ];
         let result = self.store.delete_item(&lease.lease_key, conditions).await;
@@ -432,18 +434,18 @@ impl LeaseTable {
             }
             Err(Failure::Error(error)) => Err(CurrentOrError::Error(error)),
             Err(Failure::Condition(item)) => {
-                    let current = self.current(lease, item).await.map_err(CurrentOrError::Error)?;
-                    match current {
-                        Some(now) if applied(&now) => {
-                            tracing::info!(
-                                table = %self.name, shard = %lease.lease_key, operation,
-                                "condition failed on a retry of a write that had been applied; the write stands"
-                            );
-                            Ok(now)
-                        }
-                        current => Err(CurrentOrError::Current(current)),
+                let current = self.current(lease, item).await.map_err(CurrentOrError::Error)?;
+                match current {
+                    Some(now) if applied(&now) => {
+                        tracing::info!(
+                            table = %self.name, shard = %lease.lease_key, operation,
+                            "condition failed on a retry of a write that had been applied; the write stands"
+                        );
+                        Ok(now)
                     }
+                    current => Err(CurrentOrError::Current(current)),
                 }
+            }
         }
     }
 
@@ -463,7 +465,6 @@ impl LeaseTable {
             source,
         })
     }
-
 }
 
 /// A failed conditional update: the lease as it is now, or another error.

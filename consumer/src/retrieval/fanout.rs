@@ -28,10 +28,10 @@ use aws_sdk_kinesis::types::{StartingPosition as SdkStartingPosition, SubscribeT
 use ktk_proto::keys::HashKeyRange;
 use tokio::time::Instant;
 
-use crate::retrieval::polling::{IteratorStart, RecordConverter};
-use crate::retrieval::{ReadResult, RetrievalError, StartingPosition};
 #[cfg(doc)]
 use crate::retrieval::ShardReader;
+use crate::retrieval::polling::{IteratorStart, RecordConverter};
+use crate::retrieval::{ReadResult, RetrievalError, StartingPosition};
 
 /// How long a subscription lasts before the service ends it
 /// ([SubscribeToShard](https://docs.aws.amazon.com/kinesis/latest/APIReference/API_SubscribeToShard.html)).

@@ -48,4 +48,3 @@ impl From<FanOutReader> for Reader {
         Reader::FanOut(reader)
     }
 }
-

@@ -221,9 +221,13 @@ impl<F: ProcessorFactory> Worker<F> {
             shard_ended: Arc::clone(&shard_ended),
         });
 
-        // Renewals run on their own so a slow scan or sync never delays them.
+        // Renewals run on their own so a slow scan or sync never delays them. The task lives in a
+        // JoinSet so that it stops with this future if the future is dropped instead of shut down:
+        // a renewal task that outlived its worker would keep the leases alive with nobody
+        // processing them.
         let renewals_stop = CancellationToken::new();
-        let renewals = tokio::spawn(renew_loop(
+        let mut renewals = JoinSet::new();
+        renewals.spawn(renew_loop(
             Arc::clone(&renewer),
             config.renew_interval(),
             renewals_stop.clone(),
@@ -307,7 +311,7 @@ impl<F: ProcessorFactory> Worker<F> {
         state.report.leases_released += released.len() as u64;
         state.report.leases_released += state.release_incoming(deadline).await;
         renewals_stop.cancel();
-        match renewals.await {
+        match renewals.join_next().await.unwrap_or(Ok((0, 0))) {
             Ok((renewed, skipped)) => {
                 state.report.renewals = renewed;
                 state.report.renewals_skipped = skipped;

@@ -35,5 +35,5 @@ pub(crate) mod taker;
 
 pub use model::{ExtendedSequenceNumber, Lease, SequenceNumber};
 pub use renewer::{HeldLease, LeaseRenewer, RenewReport};
-pub use shard_sync::{InitialPosition, ShardSyncer, SyncReport, parents_done, plan_new_leases};
+pub use shard_sync::{InitialPosition, ShardSyncer, SyncReport, parents_done};
 pub use table::{DEFAULT_TABLE_WAIT, LeaseListing, LeaseTable, SkippedItem, TableCalls, TableSetup};

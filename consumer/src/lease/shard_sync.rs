@@ -56,7 +56,11 @@ pub struct SyncReport {
 
 /// The leases to create for `shards`, given the leases that exist. Pure, so the rules are tested
 /// without a stream.
-pub fn plan_new_leases(shards: &[Shard], existing: &BTreeMap<String, Lease>, initial: InitialPosition) -> Vec<Lease> {
+pub(crate) fn plan_new_leases(
+    shards: &[Shard],
+    existing: &BTreeMap<String, Lease>,
+    initial: InitialPosition,
+) -> Vec<Lease> {
     let listed: BTreeMap<&str, &Shard> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
     // Shards that have or will have a lease; grows until nothing changes (children after parents).
     let mut leased: BTreeSet<&str> = existing.keys().map(String::as_str).collect();

@@ -562,4 +562,47 @@ mod tests {
             ExtendedSequenceNumber { sequence: crate::lease::SequenceNumber::Number("0123".into()), sub_sequence: 0 };
         assert!(matches!(check_forward(&lease, &bad, "checkpoint"), Err(Error::InvalidRequest { .. })));
     }
+
+    fn memory_table() -> LeaseTable {
+        LeaseTable::with_store(Arc::new(crate::lease::memory::MemoryItems::default()), "app")
+    }
+
+    #[tokio::test]
+    async fn two_workers_racing_for_a_lease_one_gets_it_the_other_is_told_it_changed() {
+        let table = memory_table();
+        let lease = Lease::new("s0", ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(table.create_if_absent(&lease).await.expect("create"));
+        assert!(!table.create_if_absent(&lease).await.expect("create again"), "an existing lease stays");
+        let first = table.take(&lease, "w1").await.expect("w1 takes it");
+        let second = table.take(&lease, "w2").await;
+        match second {
+            Err(Error::LeaseChanged { current: Some(current), .. }) => {
+                assert_eq!(current.owner.as_deref(), Some("w1"));
+                assert_eq!(current.counter, first.counter);
+            }
+            other => panic!("expected LeaseChanged, got {other:?}"),
+        }
+        // Once another worker has it, the former owner's renewal is a loss, not a retryable failure,
+        // and its checkpoints are refused.
+        let renewed = table.renew(&first).await.expect("renew");
+        table.take(&renewed, "w2").await.expect("w2 steals it");
+        let stale = table.renew(&renewed).await;
+        assert!(matches!(&stale, Err(e @ Error::LeaseLost { .. }) if !e.is_retryable()), "{stale:?}");
+        let refused = table.checkpoint(&renewed, ExtendedSequenceNumber::at("100", 0).expect("valid")).await;
+        assert!(matches!(refused, Err(Error::LeaseLost { .. })), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_deleted_only_if_its_checkpoint_did_not_move() {
+        let table = memory_table();
+        let lease = Lease::new("s0", ExtendedSequenceNumber::TRIM_HORIZON);
+        table.create_if_absent(&lease).await.expect("create");
+        let taken = table.take(&lease, "w1").await.expect("take");
+        table.checkpoint(&taken, ExtendedSequenceNumber::at("100", 0).expect("valid")).await.expect("checkpoint");
+        assert!(matches!(table.delete(&lease).await, Err(Error::LeaseChanged { .. })));
+        let now = table.get("s0").await.expect("get").expect("lease");
+        table.delete(&now).await.expect("delete");
+        assert!(table.get("s0").await.expect("get").is_none());
+        table.delete(&now).await.expect("deleting a lease that is gone succeeds");
+    }
 }

@@ -320,3 +320,27 @@ async fn a_failed_batch_is_retried_from_its_checkpoint_and_checkpoints_never_go_
     assert!(matches!(backwards, Err(Error::CheckpointBackwards { .. })), "{backwards:?}");
     w1.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_gracefully_stopped_workers_leases_are_taken_by_another_within_a_second() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let first = h.kinesis.put("s0", 3);
+    let w1 = h.start("w1", CheckpointWhen::AtShutdown, None);
+    wait(3).await;
+    // Started once all of w1's leases are taken: its share is 0 until w1 leaves.
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    wait(1).await;
+    let report = w1.stop().await;
+    assert_eq!(report.leases_released, 1);
+    let second = h.kinesis.put("s0", 2);
+    let stopped = tokio::time::Instant::now();
+    while h.lease("s0").owner.as_deref() != Some("w2") {
+        assert!(stopped.elapsed() < Duration::from_secs(2), "not taken within the discovery interval");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait(3).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &first));
+    assert_eq!(h.log.processed_by("w2"), pairs("s0", &second), "from w1's shutdown checkpoint");
+    w2.stop().await;
+}

@@ -1,5 +1,5 @@
 //! [`WorkerConfig`]: how a worker runs, with every timing defaulted to the KCL's (see the table
-//! in the [worker module](super)).
+//! on [`Worker`](crate::Worker)).
 
 use std::time::{Duration, SystemTime};
 
@@ -9,7 +9,7 @@ use crate::retrieval::GET_RECORDS_MAX_RECORDS;
 
 const EPSILON: Duration = Duration::from_millis(25);
 
-/// How a worker runs. Every timing defaults to the KCL's (see the module's table).
+/// How a worker runs. Every timing defaults to the KCL's (see the table on [`Worker`](crate::Worker)).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub(crate) stream: String,

@@ -2,24 +2,8 @@
 //! step with the stream's shards, takes its share of leases, renews them, and runs one task per
 //! lease that reads the shard and feeds the application's [`RecordProcessor`](crate::RecordProcessor).
 //!
-//! # Loops and their timings
-//! | loop | default | KCL setting it matches |
-//! | --- | --- | --- |
-//! | renew held leases | failover time / 3 − 25 ms (3,308 ms); skipped for a lease checkpointed in the last half interval | `leaseRenewalIntervalMillis` (derived the same way; the KCL always renews) |
-//! | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
-//! | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
-//! | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
-//! | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
-//! | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
-//! | lease discovery (scan) | 1 s | none (ktk's own) |
-//!
-//! Lease discovery is where ktk departs from the KCL: every second the worker scans the table
-//! (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases
-//! at once, so a gracefully released lease is picked up within about a second, and a crashed
-//! worker's leases within the failover time plus a second, not a whole taking interval later.
-//! Balancing steals only happen on the taking interval, as many as the worker is short of its
-//! share (bounded by `max_leases_to_steal_at_once`), and by hand-off: the owner finishes its batch
-//! and checkpoints before the thief starts, so moving a lease processes nothing twice.
+//! The loops and their timings are documented on [`Worker`], the part of this module applications
+//! see.
 
 mod config;
 mod shard_consumer;
@@ -68,6 +52,25 @@ pub struct WorkerReport {
 }
 
 /// A worker. Build it, then [`run`](Worker::run) it until its shutdown token is cancelled.
+///
+/// # Loops and their timings
+/// | loop | default | KCL setting it matches |
+/// | --- | --- | --- |
+/// | renew held leases | failover time / 3 − 25 ms (3,308 ms); skipped for a lease checkpointed in the last half interval | `leaseRenewalIntervalMillis` (derived the same way; the KCL always renews) |
+/// | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
+/// | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
+/// | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
+/// | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
+/// | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
+/// | lease discovery (scan) | 1 s | none (ktk's own) |
+///
+/// Lease discovery is where ktk departs from the KCL: every second the worker scans the table
+/// (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases
+/// at once, so a gracefully released lease is picked up within about a second, and a crashed
+/// worker's leases within the failover time plus a second, not a whole taking interval later.
+/// Balancing steals only happen on the taking interval, as many as the worker is short of its
+/// share (bounded by `max_leases_to_steal_at_once`), and by hand-off: the owner finishes its batch
+/// and checkpoints before the thief starts, so moving a lease processes nothing twice.
 #[derive(Debug)]
 pub struct Worker<F> {
     config: WorkerConfig,

@@ -24,7 +24,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ktk_backoff::Backoff;
 use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, RetrievalError, ShardReader, StartingPosition};
-use ktk_consumer::shard_sync::{Shard, SyncError, list_shards};
+use ktk_consumer::retrieval::{Shard, list_shards};
 use ktk_proto::events::v1::Event;
 use prost::Message as _;
 use serde::Serialize;
@@ -348,18 +348,18 @@ async fn list_with_retries(client: &aws_sdk_kinesis::Client, stream: &str) -> Re
                 tokio::time::sleep(backoff.next_delay()).await;
             }
             // The SDK's full error context is long; the two usual causes get a short message.
-            Err(SyncError::ListShards { message, .. }) if message.contains("ResourceNotFoundException") => {
+            Err(ktk_consumer::Error::ListShards { message, .. }) if message.contains("ResourceNotFoundException") => {
                 return Err(TailError::ListShards(format!(
                     "stream {stream:?} not found; check the stream name and the AWS region"
                 )));
             }
-            Err(SyncError::ListShards { message, .. }) if message.contains("AccessDenied") => {
+            Err(ktk_consumer::Error::ListShards { message, .. }) if message.contains("AccessDenied") => {
                 return Err(TailError::ListShards(format!(
                     "not allowed to list the shards of stream {stream:?}; grant kinesis:ListShards, \
                      GetShardIterator and GetRecords"
                 )));
             }
-            Err(SyncError::ListShards { message, .. }) => {
+            Err(ktk_consumer::Error::ListShards { message, .. }) => {
                 return Err(TailError::ListShards(format!("cannot list the shards of stream {stream:?}: {message}")));
             }
             Err(other) => return Err(TailError::ListShards(other.to_string())),

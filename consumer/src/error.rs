@@ -1,12 +1,18 @@
-//! The consumer's errors. Lost races on the lease table are their own variants, never confused
-//! with DynamoDB being unwell: [`Error::is_condition_failure`] says the table answered and the
-//! lease was not what the caller believed; [`Error::is_retryable`] says the same call may work
-//! if made again.
+//! The consumer's errors: one [`Error`] for the crate. Lost races on the lease table are their own
+//! variants, never confused with DynamoDB being unwell: [`Error::is_condition_failure`] says the
+//! table answered and the lease was not what the caller believed; [`Error::is_retryable`] says
+//! the same call may work if made again.
+//!
+//! Reading a shard and registering a fan-out consumer fail with typed sub-errors of their own
+//! ([`RetrievalError`], [`RegistrationError`]), returned as they are by the readers and
+//! registration calls (a caller of those matches on them), and wrapped by [`Error`] where they
+//! stop the worker. [`ItemError`] says why a table item is not a lease.
 
 use std::fmt;
 use std::time::Duration;
 
 use crate::lease::{ExtendedSequenceNumber, Lease};
+use crate::retrieval::{RegistrationError, RetrievalError};
 
 /// `Result` with the consumer's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -59,6 +65,15 @@ pub enum Error {
     /// failed for good.
     #[error("cannot consume stream {stream:?}: {message}")]
     Stream { stream: String, message: String },
+    /// Listing the stream's shards failed.
+    #[error("listing the shards of stream {stream:?} failed: {message}")]
+    ListShards { stream: String, message: String, retryable: bool },
+    /// Reading a shard failed.
+    #[error(transparent)]
+    Retrieval(#[from] RetrievalError),
+    /// Registering the enhanced fan-out consumer failed.
+    #[error(transparent)]
+    Registration(#[from] RegistrationError),
     /// The lease table is not there.
     #[error(
         "lease table {table:?} does not exist; create it with LeaseTable::ensure_table, or check the \
@@ -109,7 +124,9 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Throttled { .. } | Error::TableNotActive { .. } => true,
-            Error::Service { retryable, .. } => *retryable,
+            Error::Service { retryable, .. } | Error::ListShards { retryable, .. } => *retryable,
+            Error::Retrieval(error) => error.is_retryable(),
+            Error::Registration(error) => error.is_retryable(),
             _ => false,
         }
     }

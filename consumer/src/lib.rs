@@ -3,56 +3,50 @@
 //! over (and read back by the KCL).
 //!
 //! # Layout
-//! What exists so far:
-//! - [`lease`]: the lease table. [`Lease`](lease::Lease) and its checkpoint
-//!   ([`ExtendedSequenceNumber`](lease::ExtendedSequenceNumber)); the item serializer that matches
-//!   the KCL's `DynamoDBLeaseSerializer` attribute for attribute; [`LeaseTable`](lease::LeaseTable)
-//!   with `ensure_table`, `list`, `get`, `create_if_absent`, `renew`, `take`, `release`,
-//!   `checkpoint` and `delete`, every write conditional on the lease's counter and owners.
-//! - [`lease_renewer`]: renews the leases a worker holds and marks a lease lost the moment
-//!   another worker has it (or after a failover time without renewal), so its shard stops before
-//!   writing anything more; checkpoints go through the held lease; `release_all` hands leases over
-//!   on a graceful shutdown.
-//! - [`lease_taker`]: which leases a worker takes each cycle: unowned and expired first (expiry
-//!   on the local monotonic clock), then from workers above their fair share, several per cycle,
-//!   never from a worker at or below its share.
-//! - [`retrieval`]: [`ShardReader`](retrieval::ShardReader) reads one shard by polling
-//!   `GetRecords`, deaggregates, keeps to the shard's read quota, re-gets expired iterators from
-//!   the last delivered record, resumes exactly inside an aggregate, and reports the shard's end
-//!   with its children.
-//! - [`shard_sync`]: `ListShards` into leases (parents, hash ranges; children at `TRIM_HORIZON`
-//!   after their parents, roots at the initial position), [`parents_done`](shard_sync::parents_done)
-//!   gating, and cleanup of finished leases of shards past retention.
-//! - [`Error`] (`error.rs`): one error enum; lost races ([`Error::is_condition_failure`]) are
-//!   told apart from transient failures ([`Error::is_retryable`]).
-//!
-//! - [`processor`]: the application's [`RecordProcessor`] (made per shard by a
-//!   [`ProcessorFactory`]) and the [`Checkpointer`] (conditional on the lease, never backwards,
-//!   never past what was delivered).
-//! - [`worker`]: the [`Worker`] loop: shard sync, a table scan every second that takes unowned and
-//!   expired leases, balancing by hand-off (the owner finishes and checkpoints before the next one
-//!   starts), renewals (skipped when a checkpoint just moved the counter), one task per lease, and
+//! - [`worker`](Worker): the [`Worker`] loop and its [`WorkerConfig`]: shard sync, a table scan
+//!   every second that takes unowned and expired leases, balancing by hand-off (the owner finishes
+//!   and checkpoints before the next one starts), renewals, one shard consumer task per lease, and
 //!   a graceful shutdown that releases every lease at once. Timings default to the KCL's.
-//! - [`fanout`]: enhanced fan-out (`SubscribeToShard`) beside polling.
+//! - [`lease`]: the lease model and its KCL-compatible item layout, the [`LeaseTable`](lease::LeaseTable)
+//!   (every write conditional on the lease's counter and owners), the taker, the
+//!   [`LeaseRenewer`](lease::LeaseRenewer) and the [`ShardSyncer`](lease::ShardSyncer) (leases for
+//!   new shards, children gated on their parents).
+//! - [`retrieval`]: reading one shard, by polling ([`ShardReader`](retrieval::ShardReader)) or
+//!   enhanced fan-out ([`FanOutReader`](retrieval::FanOutReader), [`register_consumer`](retrieval::register_consumer)),
+//!   either behind [`Reader`](retrieval::Reader); deaggregation and exact resumption inside an
+//!   aggregate.
+//! - `processor`: the application's [`RecordProcessor`] (made per shard by a [`ProcessorFactory`])
+//!   and the [`Checkpointer`] (conditional on the lease, never backwards, never past what was
+//!   delivered).
+//! - `error`: the crate's one [`Error`], with [`Error::is_retryable`] and
+//!   [`Error::is_condition_failure`] (a lost race on the lease table).
 //!
+//! # How a record flows
+//! A reader takes a batch of records from its shard (after the lease's checkpoint) and hands it to
+//! the worker's shard consumer for that lease; the shard consumer gives the batch to the
+//! application's [`RecordProcessor`]; the processor checkpoints through the [`Checkpointer`] once
+//! the batch is durable, which writes the position to the lease table, conditional on this worker
+//! still holding the lease. At the shard's end the processor checkpoints `SHARD_END` and the
+//! shard's children start.
+//!
+//! The AWS calls go through narrow seams (the Kinesis reads and the lease table's item
+//! operations), so the worker's timing logic is unit-tested in process with fakes and paused time.
 //! See `docs/consumer.md` for the design and the measurements.
 #![deny(unsafe_code)]
 
-pub mod error;
-pub mod fanout;
+mod error;
 pub mod lease;
-pub mod lease_renewer;
-pub mod lease_taker;
-pub mod processor;
+mod processor;
 pub mod retrieval;
-mod shard_consumer;
-pub mod shard_sync;
-pub mod worker;
+mod worker;
+
+#[cfg(test)]
+mod tests;
 
 pub use error::{Error, ItemError, Result};
+pub use lease::InitialPosition;
 pub use processor::{
     Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, ProcessorFactory, RecordProcessor,
 };
-pub use retrieval::ConsumerRecord;
-pub use shard_sync::InitialPosition;
+pub use retrieval::{ConsumerRecord, RegistrationError, RetrievalError};
 pub use worker::{Worker, WorkerConfig, WorkerReport};

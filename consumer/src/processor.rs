@@ -1,32 +1,14 @@
 //! The application's side of the consumer: a [`RecordProcessor`] per shard, made by a
 //! [`ProcessorFactory`], and the [`Checkpointer`] it records its progress with.
 //!
-//! The life of a processor, for one lease of one shard on one worker:
-//! 1. [`initialize`](RecordProcessor::initialize), with the shard and the checkpoint it starts
-//!    after (again, with `restarts` counted, after a failed batch: see below);
-//! 2. [`process_records`](RecordProcessor::process_records) for each batch, in shard order, never
-//!    two at once;
-//! 3. one ending:
-//!    - [`shard_ended`](RecordProcessor::shard_ended): the shard was read to its end (after a split
-//!      or merge); the processor must checkpoint, which records `SHARD_END` and lets the shard's
-//!      children start;
-//!    - [`shutdown_requested`](RecordProcessor::shutdown_requested): the worker is shutting down, or
-//!      another worker asked for the lease to balance the load; the processor may checkpoint (what
-//!      it checkpoints is where the next owner starts), then the lease is handed over at once;
-//!    - [`lease_lost`](RecordProcessor::lease_lost): another worker has the lease now; nothing more
-//!      may be written for the shard (checkpoints are refused).
-//!
-//! A batch whose processing fails is not skipped: the worker backs off, re-reads the shard from the
-//! last checkpoint, calls `initialize` again (with `restarts` one higher), and delivers the records
-//! again. A processor that keeps state between batches should reset it in `initialize`.
+//! The life of a processor is documented on [`RecordProcessor`].
 
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::lease::{ExtendedSequenceNumber, LeaseTable, SequenceNumber};
-use crate::lease_renewer::HeldLease;
+use crate::lease::{ExtendedSequenceNumber, HeldLease, LeaseTable, SequenceNumber};
 use crate::retrieval::ConsumerRecord;
 
 /// What a processor's method may fail with: anything; the worker logs it and retries.
@@ -55,6 +37,25 @@ pub struct ProcessRecordsInput {
 
 /// The application's code for one shard. Methods return futures that are `Send`, so a processor
 /// written with `async fn` works as long as what it holds across `.await`s is `Send`.
+///
+/// The life of a processor, for one lease of one shard on one worker:
+/// 1. [`initialize`](RecordProcessor::initialize), with the shard and the checkpoint it starts
+///    after (again, with `restarts` counted, after a failed batch: see below);
+/// 2. [`process_records`](RecordProcessor::process_records) for each batch, in shard order, never
+///    two at once;
+/// 3. one ending:
+///    - [`shard_ended`](RecordProcessor::shard_ended): the shard was read to its end (after a split
+///      or merge); the processor must checkpoint, which records `SHARD_END` and lets the shard's
+///      children start;
+///    - [`shutdown_requested`](RecordProcessor::shutdown_requested): the worker is shutting down, or
+///      another worker asked for the lease to balance the load; the processor may checkpoint (what
+///      it checkpoints is where the next owner starts), then the lease is handed over at once;
+///    - [`lease_lost`](RecordProcessor::lease_lost): another worker has the lease now; nothing more
+///      may be written for the shard (checkpoints are refused).
+///
+/// A batch whose processing fails is not skipped: the worker backs off, re-reads the shard from the
+/// last checkpoint, calls `initialize` again (with `restarts` one higher), and delivers the records
+/// again. A processor that keeps state between batches should reset it in `initialize`.
 pub trait RecordProcessor: Send + 'static {
     /// Called before the first batch, and again after a failed batch before the records after the
     /// checkpoint are delivered again.

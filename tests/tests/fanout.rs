@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
-use ktk_consumer::fanout::{
+use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, ShardReader, StartingPosition};
+use ktk_consumer::retrieval::{
     FanOutConfig, FanOutReader, Reader, RegistrationError, StreamConsumer, deregister_consumer, register_consumer,
 };
-use ktk_consumer::retrieval::{ConsumerRecord, ReaderConfig, ShardReader, StartingPosition};
 use ktk_proto::aggregation::{Aggregator, UserRecord};
 use ktk_proto::keys::HashKeyRange;
 use ktk_tests::{create_stream, delete_stream, index_in, kinesis, numbered_data, unique_name, wait_stream_active};

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use ktk_consumer::lease::LeaseRenewer;
 use ktk_consumer::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
-use ktk_consumer::lease_renewer::LeaseRenewer;
 use ktk_tests::{aws_config, dynamodb, unique_name};
 
 async fn table_with_lease(shard: &str) -> (LeaseTable, Lease) {

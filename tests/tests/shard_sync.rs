@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use ktk_consumer::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
-use ktk_consumer::shard_sync::{InitialPosition, ShardSyncer, parents_done};
+use ktk_consumer::lease::{InitialPosition, ShardSyncer, parents_done};
 use ktk_tests::{aws_config, create_stream, delete_stream, dynamodb, kinesis, unique_name, wait_stream_active};
 
 async fn leases(table: &LeaseTable) -> BTreeMap<String, Lease> {

@@ -39,7 +39,7 @@ use crate::lease::model::{ExtendedSequenceNumber, Lease, SequenceNumber};
 pub type Item = HashMap<String, AttributeValue>;
 
 /// The attribute names of a lease item (`DynamoDBLeaseSerializer`'s constants).
-pub mod attr {
+pub(crate) mod attr {
     pub const LEASE_KEY: &str = "leaseKey";
     pub const LEASE_OWNER: &str = "leaseOwner";
     pub const LEASE_COUNTER: &str = "leaseCounter";
@@ -62,7 +62,7 @@ pub mod attr {
 }
 
 /// The `entityType` of a lease (`EntityType.LEASE`).
-pub const LEASE_ENTITY_TYPE: &str = "LEASE";
+pub(crate) const LEASE_ENTITY_TYPE: &str = "LEASE";
 
 /// The key of the item for `lease_key`.
 pub fn key(lease_key: &str) -> Item {

@@ -1,40 +1,30 @@
-//! [`LeaseTable`]: the lease table in DynamoDB, written the way the KCL writes it
-//! (`DynamoDBLeaseRefresher` and `DynamoDBLeaseSerializer` of amazon-kinesis-client 3.0.3).
+//! [`LeaseTable`]: the lease table, written the way the KCL writes it (`DynamoDBLeaseRefresher`
+//! and `DynamoDBLeaseSerializer` of amazon-kinesis-client 3.0.3).
 //!
-//! Every write to an existing lease is one conditional `UpdateItem` of named attributes, so
+//! Every write to an existing lease is one conditional update of named attributes, so
 //! attributes ktk does not know (newer KCL fields, tags added by operators) stay as they are.
-//! Each write increments `leaseCounter` and returns the lease as the table now holds it.
+//! Each write increments `leaseCounter` and returns the lease as the table now holds it. The
+//! table decides each write and its condition here; the item operations themselves go through
+//! an `ItemStore` (DynamoDB in production, an in-memory store in unit tests).
 //!
-//! Retries: the client keeps the SDK's standard retries (throttling, timeouts, 5xx); a failed
-//! condition is a 400 the SDK never retries, and this module never retries it either. A retried
-//! write can meet its own earlier success, though (the first attempt applied, its answer was
+//! A retried write can meet its own earlier success (the first attempt applied, its answer was
 //! lost); so when a condition fails, the item is read back, and if it already shows exactly the
 //! write that was attempted, the write counts as done (the KCL's "spurious renewal failure" check,
-//! made for every owner write).
+//! made for every owner write). A failed condition itself is never retried.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::config::http::HttpResponse;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::operation::create_table::CreateTableError;
-use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
-use aws_sdk_dynamodb::operation::describe_table::DescribeTableError;
-use aws_sdk_dynamodb::operation::get_item::GetItemError;
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
-use aws_sdk_dynamodb::operation::scan::ScanError;
-use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::primitives::Blob;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableDescription, TableStatus,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 
 use crate::error::{Error, ItemError, Result};
+use crate::lease::dynamodb::DynamoDbItems;
+use crate::lease::item_store::{Condition, Failure, ItemStore, Update};
 use crate::lease::model::{ExtendedSequenceNumber, Lease};
 use crate::lease::serializer::{self, Item, attr, number, string_set};
 
@@ -44,7 +34,7 @@ pub const DEFAULT_TABLE_WAIT: Duration = Duration::from_secs(120);
 /// The lease table of one application (by default, as in the KCL, named after the application).
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
-    client: Client,
+    store: Arc<dyn ItemStore>,
     name: String,
     table_wait: Duration,
     calls: Arc<CallCounts>,
@@ -102,7 +92,14 @@ impl LeaseTable {
 
     /// The lease table `name`, through the given client.
     pub fn from_client(client: Client, name: impl Into<String>) -> Self {
-        LeaseTable { client, name: name.into(), table_wait: DEFAULT_TABLE_WAIT, calls: Arc::default() }
+        let name = name.into();
+        LeaseTable::with_store(Arc::new(DynamoDbItems::new(client, name.clone())), name)
+    }
+
+    /// The lease table `name`, whose items live in `store` (DynamoDB, or an in-memory store in
+    /// unit tests).
+    pub(crate) fn with_store(store: Arc<dyn ItemStore>, name: impl Into<String>) -> Self {
+        LeaseTable { store, name: name.into(), table_wait: DEFAULT_TABLE_WAIT, calls: Arc::default() }
     }
 
     /// The item calls made through this table and its clones so far.
@@ -139,39 +136,17 @@ impl LeaseTable {
     /// with another key is [`Error::TableKeySchema`]; missing permissions are
     /// [`Error::AccessDenied`].
     pub async fn ensure_table(&self) -> Result<TableSetup> {
-        let started = Instant::now();
-        let setup = match self.describe().await? {
-            Some(table) => {
-                self.check_key_schema(&table)?;
-                if usable(&table) {
-                    return Ok(TableSetup::Existed);
-                }
-                // Being created by another worker: wait for it below.
-                TableSetup::Existed
-            }
-            None => self.create_table().await?,
-        };
-        self.wait_until_active(started).await?;
-        Ok(setup)
+        self.store.ensure_table(self.table_wait).await
     }
 
-    /// Every lease, read with a consistent scan (all pages). Items that are not leases are
     /// skipped and listed in [`LeaseListing::skipped`].
     pub async fn list(&self) -> Result<LeaseListing> {
         let mut listing = LeaseListing::default();
         let mut start: Option<Item> = None;
         loop {
             self.count_read();
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.name)
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| self.fail("Scan", e, scan_kind).into_error())?;
-            for item in page.items() {
+            let page = self.store.scan(start.take()).await?;
+            for item in &page.items {
                 match serializer::from_item(item) {
                     Ok(lease) => listing.leases.push(lease),
                     Err(reason) => {
@@ -188,9 +163,9 @@ impl LeaseTable {
                     }
                 }
             }
-            match page.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok(listing),
+            match page.last_key {
+                Some(key) => start = Some(key),
+                None => return Ok(listing),
             }
         }
     }
@@ -198,18 +173,9 @@ impl LeaseTable {
     /// The lease of one shard (consistent read), or `None` if there is none.
     pub async fn get(&self, shard_id: &str) -> Result<Option<Lease>> {
         self.count_read();
-        let output = self
-            .client
-            .get_item()
-            .table_name(&self.name)
-            .set_key(Some(serializer::key(shard_id)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.fail("GetItem", e, get_kind).into_error())?;
-        match output.item {
-            Some(item) if !item.is_empty() => self.parse(shard_id, &item).map(Some),
-            _ => Ok(None),
+        match self.store.get_item(shard_id).await? {
+            Some(item) => self.parse(shard_id, &item).map(Some),
+            None => Ok(None),
         }
     }
 
@@ -218,25 +184,11 @@ impl LeaseTable {
     pub async fn create_if_absent(&self, lease: &Lease) -> Result<bool> {
         check_new_lease(lease)?;
         self.count_write();
-        let result = self
-            .client
-            .put_item()
-            .table_name(&self.name)
-            .set_item(Some(serializer::to_item(lease)))
-            .condition_expression("attribute_not_exists(#leaseKey)")
-            .expression_attribute_names("#leaseKey", attr::LEASE_KEY)
-            .send()
-            .await;
-        match result {
-            Ok(_) => {
-                tracing::debug!(table = %self.name, shard = %lease.lease_key, "created lease");
-                Ok(true)
-            }
-            Err(e) => match self.fail("PutItem", e, put_kind) {
-                Failure::Condition(_) => Ok(false),
-                other => Err(other.into_error()),
-            },
+        let created = self.store.put_if_absent(serializer::to_item(lease)).await?;
+        if created {
+            tracing::debug!(table = %self.name, shard = %lease.lease_key, "created lease");
         }
+        Ok(created)
     }
 
     /// Renews a lease the caller holds: increments `leaseCounter` if the counter and the owners
@@ -412,37 +364,24 @@ impl LeaseTable {
     pub async fn delete(&self, lease: &Lease) -> Result<()> {
         const OP: &str = "delete";
         self.count_write();
-        let result = self
-            .client
-            .delete_item()
-            .table_name(&self.name)
-            .set_key(Some(serializer::key(&lease.lease_key)))
-            .condition_expression(
-                "attribute_not_exists(#leaseKey) OR (#checkpoint = :checkpoint AND #subSequence = :subSequence)",
-            )
-            .expression_attribute_names("#leaseKey", attr::LEASE_KEY)
-            .expression_attribute_names("#checkpoint", attr::CHECKPOINT)
-            .expression_attribute_names("#subSequence", attr::CHECKPOINT_SUB_SEQUENCE)
-            .expression_attribute_values(
-                ":checkpoint",
+        let conditions = vec![
+            Condition::Equals(
+                attr::CHECKPOINT.to_owned(),
                 AttributeValue::S(lease.checkpoint.sequence.as_str().to_owned()),
-            )
-            .expression_attribute_values(":subSequence", number(lease.checkpoint.sub_sequence))
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
+            ),
+            Condition::Equals(attr::CHECKPOINT_SUB_SEQUENCE.to_owned(), number(lease.checkpoint.sub_sequence)),
+        ];
+        let result = self.store.delete_item(&lease.lease_key, conditions).await;
         match result {
             Ok(_) => {
                 tracing::info!(table = %self.name, shard = %lease.lease_key, "deleted lease");
                 Ok(())
             }
-            Err(e) => match self.fail("DeleteItem", e, delete_kind) {
-                Failure::Condition(item) => {
-                    let current = self.current(lease, item).await?;
-                    Err(changed(lease, OP, CurrentOrError::Current(current)))
-                }
-                other => Err(other.into_error()),
-            },
+            Err(Failure::Condition(item)) => {
+                let current = self.current(lease, item).await?;
+                Err(changed(lease, OP, CurrentOrError::Current(current)))
+            }
+            Err(Failure::Error(error)) => Err(error),
         }
     }
 
@@ -486,43 +425,27 @@ impl LeaseTable {
         update: Update,
         applied: impl Fn(&Lease) -> bool,
     ) -> std::result::Result<Lease, CurrentOrError> {
-        let (expression, condition, names, values) = update.build();
         self.count_write();
-        let result = self
-            .client
-            .update_item()
-            .table_name(&self.name)
-            .set_key(Some(serializer::key(&lease.lease_key)))
-            .update_expression(expression)
-            .condition_expression(condition)
-            .set_expression_attribute_names(Some(names))
-            .set_expression_attribute_values(Some(values))
-            .return_values(ReturnValue::AllNew)
-            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
-            .send()
-            .await;
+        let result = self.store.update_item(&lease.lease_key, update).await;
         match result {
-            Ok(output) => {
-                let item = output.attributes.unwrap_or_default();
+            Ok(item) => {
                 tracing::debug!(table = %self.name, shard = %lease.lease_key, operation, "lease written");
                 self.parse(&lease.lease_key, &item).map_err(CurrentOrError::Error)
             }
-            Err(e) => match self.fail("UpdateItem", e, update_kind) {
-                Failure::Condition(item) => {
-                    let current = self.current(lease, item).await.map_err(CurrentOrError::Error)?;
-                    match current {
-                        Some(now) if applied(&now) => {
-                            tracing::info!(
-                                table = %self.name, shard = %lease.lease_key, operation,
-                                "condition failed on a retry of a write that had been applied; the write stands"
-                            );
-                            Ok(now)
-                        }
-                        current => Err(CurrentOrError::Current(current)),
+            Err(Failure::Error(error)) => Err(CurrentOrError::Error(error)),
+            Err(Failure::Condition(item)) => {
+                let current = self.current(lease, item).await.map_err(CurrentOrError::Error)?;
+                match current {
+                    Some(now) if applied(&now) => {
+                        tracing::info!(
+                            table = %self.name, shard = %lease.lease_key, operation,
+                            "condition failed on a retry of a write that had been applied; the write stands"
+                        );
+                        Ok(now)
                     }
+                    current => Err(CurrentOrError::Current(current)),
                 }
-                other => Err(CurrentOrError::Error(other.into_error())),
-            },
+            }
         }
     }
 
@@ -541,312 +464,6 @@ impl LeaseTable {
             key: key.to_owned(),
             source,
         })
-    }
-
-    async fn describe(&self) -> Result<Option<TableDescription>> {
-        match self.client.describe_table().table_name(&self.name).send().await {
-            Ok(output) => Ok(output.table),
-            Err(e) => match self.fail("DescribeTable", e, describe_kind) {
-                Failure::Error(Error::TableNotFound { .. }) => Ok(None),
-                other => Err(other.into_error()),
-            },
-        }
-    }
-
-    async fn create_table(&self) -> Result<TableSetup> {
-        let key = KeySchemaElement::builder().attribute_name(attr::LEASE_KEY).key_type(KeyType::Hash).build();
-        let definition = AttributeDefinition::builder()
-            .attribute_name(attr::LEASE_KEY)
-            .attribute_type(ScalarAttributeType::S)
-            .build();
-        let (key, definition) = match (key, definition) {
-            (Ok(key), Ok(definition)) => (key, definition),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(Error::Service {
-                    table: self.name.clone(),
-                    action: "CreateTable",
-                    code: "InvalidRequest".into(),
-                    message: e.to_string(),
-                    retryable: false,
-                });
-            }
-        };
-        let result = self
-            .client
-            .create_table()
-            .table_name(&self.name)
-            .key_schema(key)
-            .attribute_definitions(definition)
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await;
-        match result {
-            Ok(_) => {
-                tracing::info!(table = %self.name, "created lease table (on-demand billing, key leaseKey)");
-                Ok(TableSetup::Created)
-            }
-            Err(e) => match self.fail("CreateTable", e, create_kind) {
-                // Another worker is creating it right now.
-                Failure::InUse => Ok(TableSetup::Existed),
-                other => Err(other.into_error()),
-            },
-        }
-    }
-
-    async fn wait_until_active(&self, started: Instant) -> Result<()> {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let status = match self.describe().await? {
-                Some(table) => {
-                    self.check_key_schema(&table)?;
-                    if usable(&table) {
-                        return Ok(());
-                    }
-                    let status = table.table_status.clone();
-                    if status != Some(TableStatus::Creating) {
-                        // Deleting, archived, unreadable keys...: waiting will not help.
-                        return Err(self.not_active(status, started));
-                    }
-                    status
-                }
-                // Just created, not yet visible: keep waiting.
-                None => None,
-            };
-            if started.elapsed() >= self.table_wait {
-                return Err(self.not_active(status, started));
-            }
-            tokio::time::sleep(pause.min(self.table_wait.saturating_sub(started.elapsed()))).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    fn not_active(&self, status: Option<TableStatus>, started: Instant) -> Error {
-        Error::TableNotActive {
-            table: self.name.clone(),
-            status: status.map_or_else(|| "not yet visible".to_owned(), |s| s.as_str().to_owned()),
-            waited: started.elapsed(),
-        }
-    }
-
-    fn check_key_schema(&self, table: &TableDescription) -> Result<()> {
-        let keys = table.key_schema();
-        let lease_key_is_string = table
-            .attribute_definitions()
-            .iter()
-            .any(|d| d.attribute_name() == attr::LEASE_KEY && d.attribute_type() == &ScalarAttributeType::S);
-        let right = keys.len() == 1
-            && keys[0].attribute_name() == attr::LEASE_KEY
-            && keys[0].key_type() == &KeyType::Hash
-            && lease_key_is_string;
-        if right {
-            return Ok(());
-        }
-        let type_of = |name: &str| {
-            table
-                .attribute_definitions()
-                .iter()
-                .find(|d| d.attribute_name() == name)
-                .map_or("?", |d| d.attribute_type().as_str())
-        };
-        let found = keys
-            .iter()
-            .map(|k| format!("{} ({}, {})", k.attribute_name(), type_of(k.attribute_name()), k.key_type().as_str()))
-            .collect::<Vec<_>>()
-            .join(" + ");
-        Err(Error::TableKeySchema { table: self.name.clone(), found })
-    }
-
-    /// What a failed call means, decided once from the SDK's typed error (`kind_of`), with the
-    /// error codes DynamoDB does not model (access denied, validation...) read from the code.
-    fn fail<E>(&self, action: &'static str, error: SdkError<E, HttpResponse>, kind_of: fn(&E) -> Kind) -> Failure
-    where
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
-        let (kind, code) = match &error {
-            SdkError::ServiceError(service) => {
-                let kind = match kind_of(service.err()) {
-                    Kind::Unmodeled => kind_for_code(service.err().code(), service.raw().status().is_server_error()),
-                    kind => kind,
-                };
-                (kind, service.err().code().unwrap_or("ServiceError").to_owned())
-            }
-            SdkError::TimeoutError(_) => (Kind::Transient, "RequestTimeout".to_owned()),
-            SdkError::DispatchFailure(_) => (Kind::Transient, "ConnectionError".to_owned()),
-            SdkError::ResponseError(_) => (Kind::Transient, "ResponseError".to_owned()),
-            // A request that could not even be built: a bug, not a condition of the service.
-            _ => (Kind::Rejected, "ConstructionFailure".to_owned()),
-        };
-        let table = self.name.clone();
-        let message = || match &error {
-            SdkError::ServiceError(service) => service.err().message().unwrap_or("no message").to_owned(),
-            _ => DisplayErrorContext(&error).to_string(),
-        };
-        match kind {
-            Kind::Condition(item) => Failure::Condition(item),
-            Kind::InUse => Failure::InUse,
-            Kind::NotFound => Failure::Error(Error::TableNotFound { table }),
-            Kind::AccessDenied => Failure::Error(Error::AccessDenied { table, action, message: message() }),
-            Kind::Throttled => Failure::Error(Error::Throttled { table, action, message: message() }),
-            Kind::Transient | Kind::Unmodeled => {
-                Failure::Error(Error::Service { table, action, code, message: message(), retryable: true })
-            }
-            Kind::Rejected => {
-                Failure::Error(Error::Service { table, action, code, message: message(), retryable: false })
-            }
-        }
-    }
-}
-
-/// A table that takes reads and writes.
-fn usable(table: &TableDescription) -> bool {
-    matches!(table.table_status(), Some(TableStatus::Active | TableStatus::Updating))
-}
-
-/// What a failed DynamoDB call means for the lease table.
-enum Kind {
-    /// The condition of a conditional write was false (with the item, when DynamoDB returned it).
-    Condition(Option<Item>),
-    /// The table does not exist.
-    NotFound,
-    /// `CreateTable` of a table that is already there or being created.
-    InUse,
-    AccessDenied,
-    Throttled,
-    /// May work if made again: server errors, timeouts, connection failures, write conflicts.
-    Transient,
-    /// Will fail again the same way: a bad request.
-    Rejected,
-    /// A code the SDK does not model; decided by [`kind_for_code`].
-    Unmodeled,
-}
-
-/// Codes DynamoDB returns without a modeled error type
-/// ([common errors](https://docs.aws.amazon.com/amazondynamodb/latest/developerguide/Programming.Errors.html)).
-fn kind_for_code(code: Option<&str>, server_error: bool) -> Kind {
-    match code {
-        Some("AccessDeniedException") => Kind::AccessDenied,
-        Some("ThrottlingException" | "Throttling" | "LimitExceededException" | "RequestLimitExceeded") => {
-            Kind::Throttled
-        }
-        Some(
-            "ValidationException"
-            | "SerializationException"
-            | "UnrecognizedClientException"
-            | "InvalidSignatureException"
-            | "MissingAuthenticationTokenException"
-            | "IncompleteSignatureException",
-        ) => Kind::Rejected,
-        // Refreshed credentials may work next time.
-        Some("ExpiredTokenException") => Kind::Transient,
-        _ if server_error => Kind::Transient,
-        _ => Kind::Rejected,
-    }
-}
-
-fn update_kind(error: &UpdateItemError) -> Kind {
-    match error {
-        UpdateItemError::ConditionalCheckFailedException(e) => Kind::Condition(e.item.clone()),
-        UpdateItemError::ResourceNotFoundException(_) => Kind::NotFound,
-        UpdateItemError::ProvisionedThroughputExceededException(_)
-        | UpdateItemError::RequestLimitExceeded(_)
-        | UpdateItemError::ThrottlingException(_) => Kind::Throttled,
-        UpdateItemError::InternalServerError(_)
-        | UpdateItemError::TransactionConflictException(_)
-        | UpdateItemError::ReplicatedWriteConflictException(_) => Kind::Transient,
-        UpdateItemError::ItemCollectionSizeLimitExceededException(_) => Kind::Rejected,
-        _ => Kind::Unmodeled,
-    }
-}
-
-fn put_kind(error: &PutItemError) -> Kind {
-    match error {
-        PutItemError::ConditionalCheckFailedException(e) => Kind::Condition(e.item.clone()),
-        PutItemError::ResourceNotFoundException(_) => Kind::NotFound,
-        PutItemError::ProvisionedThroughputExceededException(_)
-        | PutItemError::RequestLimitExceeded(_)
-        | PutItemError::ThrottlingException(_) => Kind::Throttled,
-        PutItemError::InternalServerError(_)
-        | PutItemError::TransactionConflictException(_)
-        | PutItemError::ReplicatedWriteConflictException(_) => Kind::Transient,
-        PutItemError::ItemCollectionSizeLimitExceededException(_) => Kind::Rejected,
-        _ => Kind::Unmodeled,
-    }
-}
-
-fn delete_kind(error: &DeleteItemError) -> Kind {
-    match error {
-        DeleteItemError::ConditionalCheckFailedException(e) => Kind::Condition(e.item.clone()),
-        DeleteItemError::ResourceNotFoundException(_) => Kind::NotFound,
-        DeleteItemError::ProvisionedThroughputExceededException(_)
-        | DeleteItemError::RequestLimitExceeded(_)
-        | DeleteItemError::ThrottlingException(_) => Kind::Throttled,
-        DeleteItemError::InternalServerError(_)
-        | DeleteItemError::TransactionConflictException(_)
-        | DeleteItemError::ReplicatedWriteConflictException(_) => Kind::Transient,
-        DeleteItemError::ItemCollectionSizeLimitExceededException(_) => Kind::Rejected,
-        _ => Kind::Unmodeled,
-    }
-}
-
-fn get_kind(error: &GetItemError) -> Kind {
-    match error {
-        GetItemError::ResourceNotFoundException(_) => Kind::NotFound,
-        GetItemError::ProvisionedThroughputExceededException(_)
-        | GetItemError::RequestLimitExceeded(_)
-        | GetItemError::ThrottlingException(_) => Kind::Throttled,
-        GetItemError::InternalServerError(_) => Kind::Transient,
-        _ => Kind::Unmodeled,
-    }
-}
-
-fn scan_kind(error: &ScanError) -> Kind {
-    match error {
-        ScanError::ResourceNotFoundException(_) => Kind::NotFound,
-        ScanError::ProvisionedThroughputExceededException(_)
-        | ScanError::RequestLimitExceeded(_)
-        | ScanError::ThrottlingException(_) => Kind::Throttled,
-        ScanError::InternalServerError(_) => Kind::Transient,
-        _ => Kind::Unmodeled,
-    }
-}
-
-fn describe_kind(error: &DescribeTableError) -> Kind {
-    match error {
-        DescribeTableError::ResourceNotFoundException(_) => Kind::NotFound,
-        DescribeTableError::InternalServerError(_) => Kind::Transient,
-        _ => Kind::Unmodeled,
-    }
-}
-
-fn create_kind(error: &CreateTableError) -> Kind {
-    match error {
-        CreateTableError::ResourceInUseException(_) => Kind::InUse,
-        CreateTableError::LimitExceededException(_) => Kind::Throttled,
-        CreateTableError::InternalServerError(_) => Kind::Transient,
-        _ => Kind::Unmodeled,
-    }
-}
-
-/// A failed call, classified.
-enum Failure {
-    Condition(Option<Item>),
-    InUse,
-    Error(Error),
-}
-
-impl Failure {
-    /// For calls where a failed condition or "in use" cannot happen (no condition, no create).
-    fn into_error(self) -> Error {
-        match self {
-            Failure::Error(error) => error,
-            Failure::Condition(_) | Failure::InUse => Error::Service {
-                table: String::new(),
-                action: "DynamoDB",
-                code: "Unexpected".into(),
-                message: "a condition failed on a call that has none".into(),
-                retryable: false,
-            },
-        }
     }
 }
 
@@ -929,115 +546,9 @@ fn check_new_lease(lease: &Lease) -> Result<()> {
     Ok(())
 }
 
-/// An `UpdateItem` of named attributes: SET, REMOVE and ADD clauses and a condition, with
-/// every name and value passed as a placeholder.
-#[derive(Default)]
-struct Update {
-    set: Vec<String>,
-    remove: Vec<String>,
-    add: Vec<String>,
-    conditions: Vec<String>,
-    names: HashMap<String, String>,
-    values: HashMap<String, AttributeValue>,
-}
-
-impl Update {
-    fn name(&mut self, attribute: &str) -> String {
-        let placeholder = format!("#{attribute}");
-        self.names.insert(placeholder.clone(), attribute.to_owned());
-        placeholder
-    }
-
-    fn value(&mut self, value: AttributeValue) -> String {
-        let placeholder = format!(":v{}", self.values.len());
-        self.values.insert(placeholder.clone(), value);
-        placeholder
-    }
-
-    fn set(&mut self, attribute: &str, value: AttributeValue) {
-        let (name, value) = (self.name(attribute), self.value(value));
-        self.set.push(format!("{name} = {value}"));
-    }
-
-    fn remove(&mut self, attribute: &str) {
-        let name = self.name(attribute);
-        self.remove.push(name);
-    }
-
-    fn add(&mut self, attribute: &str, value: AttributeValue) {
-        let (name, value) = (self.name(attribute), self.value(value));
-        self.add.push(format!("{name} {value}"));
-    }
-
-    fn expect_equal_or_absent(&mut self, attribute: &str, value: Option<&str>) {
-        let name = self.name(attribute);
-        let condition = match value {
-            Some(value) => format!("{name} = {}", self.value(AttributeValue::S(value.to_owned()))),
-            None => format!("attribute_not_exists({name})"),
-        };
-        self.conditions.push(condition);
-    }
-
-    fn expect_counter(&mut self, counter: u64) {
-        let (name, value) = (self.name(attr::LEASE_COUNTER), self.value(number(counter)));
-        self.conditions.push(format!("{name} = {value}"));
-    }
-
-    /// `leaseOwner` and `checkpointOwner` as in `lease` (absent where it has none): the KCL's
-    /// `getDynamoLeaseOwnerExpectation`.
-    fn expect_owners(&mut self, lease: &Lease) {
-        self.expect_equal_or_absent(attr::LEASE_OWNER, lease.owner.as_deref());
-        self.expect_equal_or_absent(attr::CHECKPOINT_OWNER, lease.checkpoint_owner.as_deref());
-    }
-
-    fn expect_exists(&mut self) {
-        let name = self.name(attr::LEASE_KEY);
-        self.conditions.push(format!("attribute_exists({name})"));
-    }
-
-    /// (update expression, condition expression, names, values)
-    fn build(self) -> (String, String, HashMap<String, String>, HashMap<String, AttributeValue>) {
-        let mut clauses = Vec::new();
-        for (keyword, parts) in [("SET", &self.set), ("REMOVE", &self.remove), ("ADD", &self.add)] {
-            if !parts.is_empty() {
-                clauses.push(format!("{keyword} {}", parts.join(", ")));
-            }
-        }
-        (clauses.join(" "), self.conditions.join(" AND "), self.names, self.values)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn update_expressions_name_every_attribute() {
-        let mut lease = Lease::new("shardId-000000000001", ExtendedSequenceNumber::LATEST);
-        lease.owner = Some("w1".into());
-        lease.counter = 7;
-        let mut update = Update::default();
-        update.set(attr::LEASE_COUNTER, number(8));
-        update.remove(attr::CHECKPOINT_OWNER);
-        update.add(attr::OWNER_SWITCHES, number(1));
-        update.expect_counter(7);
-        update.expect_owners(&lease);
-        let (expression, condition, names, values) = update.build();
-        assert_eq!(expression, "SET #leaseCounter = :v0 REMOVE #checkpointOwner ADD #ownerSwitchesSinceCheckpoint :v1");
-        assert_eq!(condition, "#leaseCounter = :v2 AND #leaseOwner = :v3 AND attribute_not_exists(#checkpointOwner)");
-        assert_eq!(names.len(), 4);
-        assert_eq!(values[":v2"], AttributeValue::N("7".into()));
-        assert_eq!(values[":v3"], AttributeValue::S("w1".into()));
-    }
-
-    #[test]
-    fn access_denied_and_validation_are_not_retryable() {
-        assert!(matches!(kind_for_code(Some("AccessDeniedException"), false), Kind::AccessDenied));
-        assert!(matches!(kind_for_code(Some("ValidationException"), false), Kind::Rejected));
-        assert!(matches!(kind_for_code(Some("ThrottlingException"), false), Kind::Throttled));
-        assert!(matches!(kind_for_code(Some("Whatever"), true), Kind::Transient));
-        assert!(matches!(kind_for_code(None, false), Kind::Rejected));
-    }
 
     #[test]
     fn checkpoints_only_move_forward() {
@@ -1050,5 +561,48 @@ mod tests {
         let bad =
             ExtendedSequenceNumber { sequence: crate::lease::SequenceNumber::Number("0123".into()), sub_sequence: 0 };
         assert!(matches!(check_forward(&lease, &bad, "checkpoint"), Err(Error::InvalidRequest { .. })));
+    }
+
+    fn memory_table() -> LeaseTable {
+        LeaseTable::with_store(Arc::new(crate::lease::memory::MemoryItems::default()), "app")
+    }
+
+    #[tokio::test]
+    async fn two_workers_racing_for_a_lease_one_gets_it_the_other_is_told_it_changed() {
+        let table = memory_table();
+        let lease = Lease::new("s0", ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(table.create_if_absent(&lease).await.expect("create"));
+        assert!(!table.create_if_absent(&lease).await.expect("create again"), "an existing lease stays");
+        let first = table.take(&lease, "w1").await.expect("w1 takes it");
+        let second = table.take(&lease, "w2").await;
+        match second {
+            Err(Error::LeaseChanged { current: Some(current), .. }) => {
+                assert_eq!(current.owner.as_deref(), Some("w1"));
+                assert_eq!(current.counter, first.counter);
+            }
+            other => panic!("expected LeaseChanged, got {other:?}"),
+        }
+        // Once another worker has it, the former owner's renewal is a loss, not a retryable failure,
+        // and its checkpoints are refused.
+        let renewed = table.renew(&first).await.expect("renew");
+        table.take(&renewed, "w2").await.expect("w2 steals it");
+        let stale = table.renew(&renewed).await;
+        assert!(matches!(&stale, Err(e @ Error::LeaseLost { .. }) if !e.is_retryable()), "{stale:?}");
+        let refused = table.checkpoint(&renewed, ExtendedSequenceNumber::at("100", 0).expect("valid")).await;
+        assert!(matches!(refused, Err(Error::LeaseLost { .. })), "{refused:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_deleted_only_if_its_checkpoint_did_not_move() {
+        let table = memory_table();
+        let lease = Lease::new("s0", ExtendedSequenceNumber::TRIM_HORIZON);
+        table.create_if_absent(&lease).await.expect("create");
+        let taken = table.take(&lease, "w1").await.expect("take");
+        table.checkpoint(&taken, ExtendedSequenceNumber::at("100", 0).expect("valid")).await.expect("checkpoint");
+        assert!(matches!(table.delete(&lease).await, Err(Error::LeaseChanged { .. })));
+        let now = table.get("s0").await.expect("get").expect("lease");
+        table.delete(&now).await.expect("delete");
+        assert!(table.get("s0").await.expect("get").is_none());
+        table.delete(&now).await.expect("deleting a lease that is gone succeeds");
     }
 }

@@ -12,13 +12,12 @@
 //!
 //! The conversion from Kinesis records to [`ConsumerRecord`]s (deaggregation, the optional
 //! shard-range filter, skipping what was delivered already) lives in one place here and is shared
-//! with the enhanced fan-out reader ([`crate::fanout`]).
+//! with the enhanced fan-out reader ([`FanOutReader`](crate::retrieval::FanOutReader)).
 
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_kinesis::operation::get_records::GetRecordsError;
-use aws_sdk_kinesis::operation::get_shard_iterator::GetShardIteratorError;
+use std::sync::Arc;
+
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 use bytes::Bytes;
@@ -26,6 +25,8 @@ use bytestring::ByteString;
 use ktk_proto::aggregation::{DeaggregatedRecord, Deaggregator, RecordFormat};
 use ktk_proto::keys::HashKeyRange;
 use tokio::time::Instant;
+
+use crate::retrieval::kinesis::{GetRecordsFailure, KinesisReads, RecordsPage};
 
 /// Most records one `GetRecords` call returns
 /// ([GetRecords](https://docs.aws.amazon.com/kinesis/latest/APIReference/API_GetRecords.html)).
@@ -146,7 +147,7 @@ impl ReaderConfig {
 /// Reads one shard, in order.
 #[derive(Debug)]
 pub struct ShardReader {
-    client: aws_sdk_kinesis::Client,
+    client: Arc<dyn KinesisReads>,
     stream: String,
     shard_id: String,
     config: ReaderConfig,
@@ -161,6 +162,18 @@ pub struct ShardReader {
 impl ShardReader {
     pub fn new(
         client: aws_sdk_kinesis::Client,
+        stream: impl Into<String>,
+        shard_id: impl Into<String>,
+        range: HashKeyRange,
+        start: StartingPosition,
+        config: ReaderConfig,
+    ) -> Self {
+        ShardReader::with_api(Arc::new(client), stream, shard_id, range, start, config)
+    }
+
+    /// A reader that reads through `client` (the SDK client, or a fake in tests).
+    pub(crate) fn with_api(
+        client: Arc<dyn KinesisReads>,
         stream: impl Into<String>,
         shard_id: impl Into<String>,
         range: HashKeyRange,
@@ -206,17 +219,14 @@ impl ShardReader {
                 tokio::time::sleep_until(last + self.config.min_interval).await;
             }
             self.last_call = Some(Instant::now());
-            let response =
-                self.client.get_records().shard_iterator(&iterator).limit(self.config.max_records).send().await;
+            let response = self.client.get_records(&self.shard_id, &iterator, self.config.max_records).await;
             match response {
-                Ok(output) => return Ok(self.take_output(output)),
-                Err(SdkError::ServiceError(e)) if matches!(e.err(), GetRecordsError::ExpiredIteratorException(_)) => {
-                    continue;
-                }
-                Err(error) => {
+                Ok(page) => return Ok(self.take_page(page)),
+                Err(GetRecordsFailure::ExpiredIterator) => continue,
+                Err(GetRecordsFailure::Failed(error)) => {
                     // Keep the iterator for the next read unless the error says it is unusable.
                     self.iterator = Some(iterator);
-                    return Err(self.get_records_error(error));
+                    return Err(error);
                 }
             }
         }
@@ -228,20 +238,20 @@ impl ShardReader {
         })
     }
 
-    fn take_output(&mut self, output: aws_sdk_kinesis::operation::get_records::GetRecordsOutput) -> ReadResult {
-        let mut result = ReadResult { millis_behind_latest: output.millis_behind_latest(), ..ReadResult::default() };
-        self.records.convert(output.records(), &mut result);
+    fn take_page(&mut self, page: RecordsPage) -> ReadResult {
+        let mut result = ReadResult { millis_behind_latest: page.millis_behind_latest, ..ReadResult::default() };
+        self.records.convert(&page.records, &mut result);
         if let Some(last) = result.records.last() {
             self.resume = StartingPosition::After {
                 sequence_number: last.sequence_number.clone(),
                 sub_sequence_number: last.sub_sequence_number,
             };
         }
-        match output.next_shard_iterator() {
-            Some(next) => self.iterator = Some(next.to_owned()),
+        match page.next_iterator {
+            Some(next) => self.iterator = Some(next),
             None => {
                 self.ended = true;
-                result.shard_end = Some(output.child_shards().iter().map(|c| c.shard_id().to_owned()).collect());
+                result.shard_end = Some(page.child_shards);
             }
         }
         result
@@ -251,20 +261,11 @@ impl ShardReader {
         let start = self.resume.iterator_start();
         // Asking for the record itself again (AT_SEQUENCE_NUMBER), then skipping what was
         // delivered of it, is exact even inside an aggregate.
-        if let Some((sequence_number, sub_sequence_number)) = start.skip_through {
-            self.records.skip_through(sequence_number, sub_sequence_number);
+        if let Some((sequence_number, sub_sequence_number)) = &start.skip_through {
+            self.records.skip_through(sequence_number.clone(), *sub_sequence_number);
         }
-        let request = self
-            .client
-            .get_shard_iterator()
-            .stream_name(&self.stream)
-            .shard_id(&self.shard_id)
-            .shard_iterator_type(start.kind)
-            .set_starting_sequence_number(start.sequence_number)
-            .set_timestamp(start.timestamp);
-        let output = request.send().await.map_err(|e| self.get_iterator_error(e))?;
-        match output.shard_iterator() {
-            Some(iterator) => Ok(iterator.to_owned()),
+        match self.client.get_shard_iterator(&self.stream, &self.shard_id, &start).await? {
+            Some(iterator) => Ok(iterator),
             // No iterator for a closed shard whose records are all past retention: nothing to read.
             None => {
                 self.ended = true;
@@ -275,47 +276,6 @@ impl ShardReader {
                     retryable: false,
                 })
             }
-        }
-    }
-
-    fn get_records_error(&self, error: SdkError<GetRecordsError>) -> RetrievalError {
-        let shard = self.shard_id.clone();
-        let message = DisplayErrorContext(&error).to_string();
-        match &error {
-            SdkError::ServiceError(e) => match e.err() {
-                GetRecordsError::ProvisionedThroughputExceededException(_)
-                | GetRecordsError::KmsThrottlingException(_) => RetrievalError::Throttled { shard },
-                GetRecordsError::ResourceNotFoundException(_) => RetrievalError::NotFound { shard, message },
-                GetRecordsError::AccessDeniedException(_) | GetRecordsError::KmsAccessDeniedException(_) => {
-                    RetrievalError::AccessDenied { shard, message }
-                }
-                other => RetrievalError::Other {
-                    shard,
-                    code: other.code().unwrap_or("ServiceError").to_owned(),
-                    message,
-                    retryable: !matches!(other, GetRecordsError::InvalidArgumentException(_)),
-                },
-            },
-            _ => RetrievalError::Other { shard, code: "TransportError".into(), message, retryable: true },
-        }
-    }
-
-    fn get_iterator_error(&self, error: SdkError<GetShardIteratorError>) -> RetrievalError {
-        let shard = self.shard_id.clone();
-        let message = DisplayErrorContext(&error).to_string();
-        match &error {
-            SdkError::ServiceError(e) => match e.err() {
-                GetShardIteratorError::ProvisionedThroughputExceededException(_) => RetrievalError::Throttled { shard },
-                GetShardIteratorError::ResourceNotFoundException(_) => RetrievalError::NotFound { shard, message },
-                GetShardIteratorError::AccessDeniedException(_) => RetrievalError::AccessDenied { shard, message },
-                other => RetrievalError::Other {
-                    shard,
-                    code: other.code().unwrap_or("ServiceError").to_owned(),
-                    message,
-                    retryable: !matches!(other, GetShardIteratorError::InvalidArgumentException(_)),
-                },
-            },
-            _ => RetrievalError::Other { shard, code: "TransportError".into(), message, retryable: true },
         }
     }
 }

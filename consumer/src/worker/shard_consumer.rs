@@ -11,23 +11,24 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::fanout::{FanOutConfig, FanOutReader, Reader};
-use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable, SequenceNumber};
-use crate::lease_renewer::{HeldLease, LeaseRenewer};
+use crate::lease::{ExtendedSequenceNumber, HeldLease, Lease, LeaseRenewer, LeaseTable, SequenceNumber};
 use crate::processor::{Checkpointer, InitializeInput, ProcessRecordsInput, RecordProcessor};
-use crate::retrieval::{ReadResult, ReaderConfig, RetrievalError, ShardReader, StartingPosition};
+use crate::retrieval::kinesis::KinesisReads;
+use crate::retrieval::{
+    FanOutConfig, FanOutReader, ReadResult, Reader, ReaderConfig, RetrievalError, ShardReader, StartingPosition,
+};
 use ktk_backoff::Backoff;
 
 /// What every shard task of a worker shares.
 #[derive(Debug)]
 pub(crate) struct ShardContext {
     pub(crate) stream: String,
-    pub(crate) kinesis: aws_sdk_kinesis::Client,
+    pub(crate) kinesis: Arc<dyn KinesisReads>,
     pub(crate) table: LeaseTable,
     pub(crate) renewer: Arc<LeaseRenewer>,
     pub(crate) reader: ReaderConfig,
-    /// Enhanced fan-out: the consumer ARN and how to subscribe (polling when `None`).
-    pub(crate) fan_out: Option<(String, FanOutConfig)>,
+    /// Enhanced fan-out: the client, the consumer ARN and how to subscribe (polling when `None`).
+    pub(crate) fan_out: Option<(aws_sdk_kinesis::Client, String, FanOutConfig)>,
     pub(crate) initial_timestamp: Option<SystemTime>,
     pub(crate) parent_poll_interval: Duration,
     pub(crate) idle_time_between_reads: Duration,
@@ -183,16 +184,16 @@ fn reader(ctx: &ShardContext, lease: &Lease) -> Reader {
     let range = lease.hash_key_range.unwrap_or(HashKeyRange::FULL);
     let start = starting_position(ctx, &lease.checkpoint);
     match &ctx.fan_out {
-        Some((consumer_arn, config)) => Reader::from(FanOutReader::new(
-            ctx.kinesis.clone(),
+        Some((client, consumer_arn, config)) => Reader::from(FanOutReader::new(
+            client.clone(),
             consumer_arn.clone(),
             lease.lease_key.clone(),
             range,
             start,
             config.clone(),
         )),
-        None => Reader::from(ShardReader::new(
-            ctx.kinesis.clone(),
+        None => Reader::from(ShardReader::with_api(
+            Arc::clone(&ctx.kinesis),
             ctx.stream.clone(),
             lease.lease_key.clone(),
             range,

@@ -1,29 +1,16 @@
 //! The worker: one per process (an ECS task), many per application. It keeps the lease table in
 //! step with the stream's shards, takes its share of leases, renews them, and runs one task per
-//! lease that reads the shard and feeds the application's [`RecordProcessor`](crate::processor).
+//! lease that reads the shard and feeds the application's [`RecordProcessor`](crate::RecordProcessor).
 //!
-//! # Loops and their timings
-//! | loop | default | KCL setting it matches |
-//! | --- | --- | --- |
-//! | renew held leases | failover time / 3 − 25 ms (3,308 ms); skipped for a lease checkpointed in the last half interval | `leaseRenewalIntervalMillis` (derived the same way; the KCL always renews) |
-//! | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
-//! | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
-//! | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
-//! | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
-//! | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
-//! | lease discovery (scan) | 1 s | none (ktk's own) |
-//!
-//! Lease discovery is where ktk departs from the KCL: every second the worker scans the table
-//! (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases
-//! at once, so a gracefully released lease is picked up within about a second, and a crashed
-//! worker's leases within the failover time plus a second, not a whole taking interval later.
-//! Balancing steals only happen on the taking interval, as many as the worker is short of its
-//! share (bounded by `max_leases_to_steal_at_once`), and by hand-off: the owner finishes its batch
-//! and checkpoints before the thief starts, so moving a lease processes nothing twice.
+//! The loops and their timings are documented on [`Worker`], the part of this module applications
+//! see.
+
+mod config;
+mod shard_consumer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use aws_config::SdkConfig;
 use tokio::sync::Notify;
@@ -32,270 +19,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use config::WorkerConfig;
+
 use crate::error::{Error, Result};
-use crate::lease::{Lease, LeaseTable, TableCalls};
-use crate::lease_renewer::LeaseRenewer;
-use crate::lease_taker::{LeaseTaker, TakerConfig};
+use crate::lease::taker::{LeaseTaker, TakerConfig};
+use crate::lease::{Lease, LeaseRenewer, LeaseTable, ShardSyncer, TableCalls};
 use crate::processor::ProcessorFactory;
-use crate::retrieval::{GET_RECORDS_MAX_RECORDS, ReaderConfig};
-use crate::shard_consumer::{self, Ending, ShardContext};
-use crate::shard_sync::{InitialPosition, ShardSyncer, SyncError};
+use crate::retrieval::kinesis::KinesisReads;
+use crate::retrieval::{FanOutConfig, ReaderConfig, register_consumer};
 use ktk_backoff::Backoff;
-
-const EPSILON: Duration = Duration::from_millis(25);
-
-/// How a worker runs. Every timing defaults to the KCL's (see the module's table).
-#[derive(Debug, Clone)]
-pub struct WorkerConfig {
-    stream: String,
-    table_name: String,
-    worker_id: String,
-    initial_position: InitialPosition,
-    initial_timestamp: Option<SystemTime>,
-    failover_time: Duration,
-    renew_interval: Option<Duration>,
-    taking_interval: Option<Duration>,
-    discovery_interval: Duration,
-    shard_sync_interval: Duration,
-    parent_poll_interval: Duration,
-    idle_time_between_reads: Duration,
-    empty_batches: bool,
-    max_records: i32,
-    max_leases_per_worker: usize,
-    max_leases_to_steal_at_once: usize,
-    shard_range_filter: bool,
-    /// Enhanced fan-out as this registered consumer name, instead of polling.
-    fan_out: Option<String>,
-    shutdown_timeout: Duration,
-    retry_min: Duration,
-    retry_max: Duration,
-}
-
-impl WorkerConfig {
-    /// A worker of application `application` (which names the lease table, as in the KCL) on
-    /// `stream`, with a random worker id, starting new shards at `TRIM_HORIZON`.
-    pub fn new(stream: impl Into<String>, application: impl Into<String>) -> Self {
-        WorkerConfig {
-            stream: stream.into(),
-            table_name: application.into(),
-            worker_id: uuid::Uuid::new_v4().to_string(),
-            initial_position: InitialPosition::TrimHorizon,
-            initial_timestamp: None,
-            failover_time: Duration::from_secs(10),
-            renew_interval: None,
-            taking_interval: None,
-            discovery_interval: Duration::from_secs(1),
-            shard_sync_interval: Duration::from_secs(60),
-            parent_poll_interval: Duration::from_secs(10),
-            idle_time_between_reads: Duration::from_millis(1500),
-            empty_batches: false,
-            max_records: GET_RECORDS_MAX_RECORDS,
-            max_leases_per_worker: usize::MAX,
-            max_leases_to_steal_at_once: 10,
-            shard_range_filter: false,
-            fan_out: None,
-            shutdown_timeout: Duration::from_secs(20),
-            retry_min: Duration::from_millis(100),
-            retry_max: Duration::from_secs(10),
-        }
-    }
-
-    /// This worker's id in the lease table's `leaseOwner` (default: a random UUID, as the KCL).
-    /// Must be unique among the application's live workers.
-    pub fn with_worker_id(mut self, id: impl Into<String>) -> Self {
-        self.worker_id = id.into();
-        self
-    }
-
-    /// Where shards with no checkpoint and no processed parent start (KCL
-    /// `initialPositionInStream`, default `TRIM_HORIZON`; the KCL's default is `LATEST`, which loses
-    /// whatever was put before the first start).
-    pub fn with_initial_position(mut self, position: InitialPosition) -> Self {
-        self.initial_position = position;
-        self
-    }
-
-    /// Starts new shards at the first record that arrived at or after `time` (`AT_TIMESTAMP`).
-    pub fn with_initial_timestamp(mut self, time: SystemTime) -> Self {
-        self.initial_position = InitialPosition::AtTimestamp;
-        self.initial_timestamp = Some(time);
-        self
-    }
-
-    /// A lease whose counter has not moved for this long is expired and may be taken (KCL
-    /// `failoverTimeMillis`, default 10 s).
-    pub fn with_failover_time(mut self, time: Duration) -> Self {
-        self.failover_time = time;
-        self
-    }
-
-    /// How often held leases are renewed (default failover time / 3 − 25 ms, as the KCL).
-    pub fn with_renew_interval(mut self, interval: Duration) -> Self {
-        self.renew_interval = Some(interval);
-        self
-    }
-
-    /// How often the worker steals leases to reach its share (default (failover time + 25 ms) × 2,
-    /// the KCL's `takerIntervalMillis`).
-    pub fn with_taking_interval(mut self, interval: Duration) -> Self {
-        self.taking_interval = Some(interval);
-        self
-    }
-
-    /// How often the table is scanned for unowned and expired leases (default 1 s).
-    pub fn with_discovery_interval(mut self, interval: Duration) -> Self {
-        self.discovery_interval = interval;
-        self
-    }
-
-    /// How often shards are listed to create leases for new ones (KCL `shardSyncIntervalMillis`,
-    /// default 60 s).
-    pub fn with_shard_sync_interval(mut self, interval: Duration) -> Self {
-        self.shard_sync_interval = interval;
-        self
-    }
-
-    /// How often a child shard checks whether its parents ended (KCL
-    /// `parentShardPollIntervalMillis`, default 10 s; parents that end on this worker wake their
-    /// children at once).
-    pub fn with_parent_poll_interval(mut self, interval: Duration) -> Self {
-        self.parent_poll_interval = interval;
-        self
-    }
-
-    /// Pause after a read that found the shard caught up (KCL `idleTimeBetweenReadsInMillis`,
-    /// default 1,500 ms). Reads of a shard that is behind follow each other as fast as its read
-    /// quota allows (5 a second).
-    pub fn with_idle_time_between_reads(mut self, time: Duration) -> Self {
-        self.idle_time_between_reads = time;
-        self
-    }
-
-    /// Calls the processor after reads that returned no records too, with an empty batch (KCL
-    /// `callProcessRecordsEvenForEmptyRecordList`, default off): processors that flush on time
-    /// (the delivery pipeline) need a call when the shard is quiet.
-    pub fn with_empty_batches(mut self, empty: bool) -> Self {
-        self.empty_batches = empty;
-        self
-    }
-
-    /// Records per `GetRecords` call (KCL `maxRecords`, default 10,000).
-    pub fn with_max_records(mut self, records: i32) -> Self {
-        self.max_records = records;
-        self
-    }
-
-    /// At most this many leases on this worker (KCL `maxLeasesForWorker`, default unlimited).
-    pub fn with_max_leases_per_worker(mut self, leases: usize) -> Self {
-        self.max_leases_per_worker = leases;
-        self
-    }
-
-    /// At most this many leases stolen in one taking cycle (KCL `maxLeasesToStealAtOnce`, whose
-    /// default of 1 makes a new worker take minutes to get its share; default here 10).
-    pub fn with_max_leases_to_steal_at_once(mut self, leases: usize) -> Self {
-        self.max_leases_to_steal_at_once = leases;
-        self
-    }
-
-    /// Set aside (and count) user records whose hash key is outside their shard's range, as the
-    /// KCL does (default off: such records exist only in that shard, and dropping them loses them).
-    pub fn with_shard_range_filter(mut self, filter: bool) -> Self {
-        self.shard_range_filter = filter;
-        self
-    }
-
-    /// Reads with enhanced fan-out (`SubscribeToShard`, records pushed as they arrive, with a read
-    /// throughput of its own per shard) as the stream consumer `consumer_name`, registered at start
-    /// if missing (KCL `RetrievalConfig` with fan-out). Default: polling `GetRecords`.
-    pub fn with_enhanced_fan_out(mut self, consumer_name: impl Into<String>) -> Self {
-        self.fan_out = Some(consumer_name.into());
-        self
-    }
-
-    /// How long a graceful shutdown waits for shard tasks to finish their batch and checkpoint
-    /// before releasing every lease anyway (default 20 s, inside ECS's 30 s stop timeout).
-    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.shutdown_timeout = timeout;
-        self
-    }
-
-    /// Backoff for failed reads, processor errors and lease table calls (default 100 ms doubling
-    /// to 10 s).
-    pub fn with_retry_backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.retry_min = min;
-        self.retry_max = max;
-        self
-    }
-
-    pub fn stream(&self) -> &str {
-        &self.stream
-    }
-
-    pub fn table_name(&self) -> &str {
-        &self.table_name
-    }
-
-    pub fn worker_id(&self) -> &str {
-        &self.worker_id
-    }
-
-    /// The renew interval in effect.
-    pub fn renew_interval(&self) -> Duration {
-        self.renew_interval.unwrap_or_else(|| (self.failover_time / 3).saturating_sub(EPSILON))
-    }
-
-    /// The taking interval in effect.
-    pub fn taking_interval(&self) -> Duration {
-        self.taking_interval.unwrap_or((self.failover_time + EPSILON) * 2)
-    }
-
-    /// Checks the settings together; the error names the setting.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |setting, problem: &str| Err(Error::Config { setting, problem: problem.to_owned() });
-        if self.stream.is_empty() {
-            return bad("stream", "the stream name is empty");
-        }
-        if self.table_name.is_empty() {
-            return bad("application (lease table name)", "the name is empty");
-        }
-        if self.worker_id.is_empty() {
-            return bad("worker_id", "the worker id is empty");
-        }
-        if self.failover_time < Duration::from_millis(100) {
-            return bad("failover_time", "must be at least 100 ms");
-        }
-        let renew = self.renew_interval();
-        if renew.is_zero() || renew >= self.failover_time {
-            return bad(
-                "renew_interval",
-                "must be more than zero and less than the failover time (a third of it is usual)",
-            );
-        }
-        if self.taking_interval().is_zero() || self.discovery_interval.is_zero() || self.shard_sync_interval.is_zero() {
-            return bad("taking/discovery/shard sync interval", "must be more than zero");
-        }
-        if self.parent_poll_interval.is_zero() {
-            return bad("parent_poll_interval", "must be more than zero");
-        }
-        if !(1..=GET_RECORDS_MAX_RECORDS).contains(&self.max_records) {
-            return bad("max_records", "must be 1 to 10,000");
-        }
-        if self.max_leases_per_worker == 0 {
-            return bad("max_leases_per_worker", "must be at least 1");
-        }
-        if self.initial_position == InitialPosition::AtTimestamp && self.initial_timestamp.is_none() {
-            return bad("initial_timestamp", "AT_TIMESTAMP needs a timestamp (with_initial_timestamp)");
-        }
-        if self.fan_out.as_ref().is_some_and(|name| name.is_empty() || name.len() > 128) {
-            return bad("enhanced_fan_out", "the consumer name must be 1 to 128 characters");
-        }
-        if self.retry_min.is_zero() || self.retry_max < self.retry_min {
-            return bad("retry_backoff", "the minimum must be more than zero and at most the maximum");
-        }
-        Ok(())
-    }
-}
+use shard_consumer::{Ending, ShardContext};
 
 /// What a worker did, returned when it stops.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -319,10 +52,32 @@ pub struct WorkerReport {
 }
 
 /// A worker. Build it, then [`run`](Worker::run) it until its shutdown token is cancelled.
+///
+/// # Loops and their timings
+/// | loop | default | KCL setting it matches |
+/// | --- | --- | --- |
+/// | renew held leases | failover time / 3 − 25 ms (3,308 ms); skipped for a lease checkpointed in the last half interval | `leaseRenewalIntervalMillis` (derived the same way; the KCL always renews) |
+/// | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
+/// | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
+/// | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
+/// | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
+/// | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
+/// | lease discovery (scan) | 1 s | none (ktk's own) |
+///
+/// Lease discovery is where ktk departs from the KCL: every second the worker scans the table
+/// (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases
+/// at once, so a gracefully released lease is picked up within about a second, and a crashed
+/// worker's leases within the failover time plus a second, not a whole taking interval later.
+/// Balancing steals only happen on the taking interval, as many as the worker is short of its
+/// share (bounded by `max_leases_to_steal_at_once`), and by hand-off: the owner finishes its batch
+/// and checkpoints before the thief starts, so moving a lease processes nothing twice.
 #[derive(Debug)]
 pub struct Worker<F> {
     config: WorkerConfig,
-    kinesis: aws_sdk_kinesis::Client,
+    /// `ListShards`, `GetShardIterator` and `GetRecords`.
+    kinesis: Arc<dyn KinesisReads>,
+    /// Enhanced fan-out registration and subscriptions (`None` in unit tests, which poll).
+    fan_out_client: Option<aws_sdk_kinesis::Client>,
     table: LeaseTable,
     factory: Arc<F>,
 }
@@ -350,7 +105,25 @@ impl<F: ProcessorFactory> Worker<F> {
         factory: F,
     ) -> Result<Self> {
         config.validate()?;
-        Ok(Worker { config, kinesis, table, factory: Arc::new(factory) })
+        Ok(Worker {
+            config,
+            kinesis: Arc::new(kinesis.clone()),
+            fan_out_client: Some(kinesis),
+            table,
+            factory: Arc::new(factory),
+        })
+    }
+
+    /// A worker that reads through `kinesis` (a fake, in unit tests) and polls.
+    #[cfg(test)]
+    pub(crate) fn with_api(
+        config: WorkerConfig,
+        kinesis: Arc<dyn KinesisReads>,
+        table: LeaseTable,
+        factory: F,
+    ) -> Result<Self> {
+        config.validate()?;
+        Ok(Worker { config, kinesis, fan_out_client: None, table, factory: Arc::new(factory) })
     }
 
     pub fn config(&self) -> &WorkerConfig {
@@ -367,8 +140,12 @@ impl<F: ProcessorFactory> Worker<F> {
         let worker = config.worker_id.clone();
         info!(stream = %config.stream, table = %config.table_name, worker, "worker starting");
         self.table.ensure_table().await?;
-        let syncer =
-            ShardSyncer::new(self.kinesis.clone(), config.stream.clone(), self.table.clone(), config.initial_position);
+        let syncer = ShardSyncer::with_api(
+            Arc::clone(&self.kinesis),
+            config.stream.clone(),
+            self.table.clone(),
+            config.initial_position,
+        );
         let mut backoff = Backoff::new(config.retry_min, config.retry_max);
         // The first sync must work (it says whether the stream is there at all).
         loop {
@@ -381,15 +158,23 @@ impl<F: ProcessorFactory> Worker<F> {
                         () = tokio::time::sleep(backoff.next_delay()) => {}
                     }
                 }
-                Err(SyncError::Lease(error)) => return Err(error),
-                Err(error) => return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() }),
+                Err(error @ Error::ListShards { .. }) => {
+                    return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() });
+                }
+                Err(error) => return Err(error),
             }
         }
 
         let fan_out = match &config.fan_out {
             None => None,
             Some(name) => loop {
-                match crate::fanout::register_consumer(&self.kinesis, &config.stream, name).await {
+                let Some(client) = &self.fan_out_client else {
+                    return Err(Error::Config {
+                        setting: "enhanced_fan_out",
+                        problem: "this worker has no Kinesis client for fan-out".into(),
+                    });
+                };
+                match register_consumer(client, &config.stream, name).await {
                     Ok(consumer) => {
                         info!(stream = %config.stream, consumer = %consumer.consumer_arn, "reading with enhanced fan-out");
                         break Some(consumer.consumer_arn);
@@ -402,7 +187,7 @@ impl<F: ProcessorFactory> Worker<F> {
                         }
                     }
                     Err(error) => {
-                        return Err(Error::Stream { stream: config.stream.clone(), message: error.to_string() });
+                        return Err(Error::Registration(error));
                     }
                 }
             },
@@ -415,15 +200,20 @@ impl<F: ProcessorFactory> Worker<F> {
         let shard_ended = Arc::new(Notify::new());
         let ctx = Arc::new(ShardContext {
             stream: config.stream.clone(),
-            kinesis: self.kinesis.clone(),
+            kinesis: Arc::clone(&self.kinesis),
             table: self.table.clone(),
             renewer: Arc::clone(&renewer),
             reader: ReaderConfig::default()
                 .with_max_records(config.max_records)
                 .with_shard_range_filter(config.shard_range_filter),
-            fan_out: fan_out.map(|arn| {
-                (arn, crate::fanout::FanOutConfig::default().with_shard_range_filter(config.shard_range_filter))
-            }),
+            fan_out: match (fan_out, &self.fan_out_client) {
+                (Some(arn), Some(client)) => Some((
+                    client.clone(),
+                    arn,
+                    FanOutConfig::default().with_shard_range_filter(config.shard_range_filter),
+                )),
+                _ => None,
+            },
             initial_timestamp: config.initial_timestamp,
             parent_poll_interval: config.parent_poll_interval,
             idle_time_between_reads: config.idle_time_between_reads,
@@ -434,9 +224,13 @@ impl<F: ProcessorFactory> Worker<F> {
             shard_ended: Arc::clone(&shard_ended),
         });
 
-        // Renewals run on their own so a slow scan or sync never delays them.
+        // Renewals run on their own so a slow scan or sync never delays them. The task lives in a
+        // JoinSet so that it stops with this future if the future is dropped instead of shut down:
+        // a renewal task that outlived its worker would keep the leases alive with nobody
+        // processing them.
         let renewals_stop = CancellationToken::new();
-        let renewals = tokio::spawn(renew_loop(
+        let mut renewals = JoinSet::new();
+        renewals.spawn(renew_loop(
             Arc::clone(&renewer),
             config.renew_interval(),
             renewals_stop.clone(),
@@ -520,7 +314,7 @@ impl<F: ProcessorFactory> Worker<F> {
         state.report.leases_released += released.len() as u64;
         state.report.leases_released += state.release_incoming(deadline).await;
         renewals_stop.cancel();
-        match renewals.await {
+        match renewals.join_next().await.unwrap_or(Ok((0, 0))) {
             Ok((renewed, skipped)) => {
                 state.report.renewals = renewed;
                 state.report.renewals_skipped = skipped;

@@ -14,12 +14,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
-use aws_sdk_kinesis::operation::list_shards::ListShardsError;
-use ktk_proto::keys::HashKeyRange;
+use std::sync::Arc;
+
 use tracing::{debug, info};
 
+use crate::error::Result;
 use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
+use crate::retrieval::Shard;
+use crate::retrieval::kinesis::KinesisReads;
 
 /// Where a shard with no processed ancestor starts (KCL `initialPositionInStream`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,17 +42,6 @@ impl InitialPosition {
     }
 }
 
-/// A shard as `ListShards` describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Shard {
-    pub shard_id: String,
-    /// `ParentShardId` and `AdjacentParentShardId` (a merge has two parents).
-    pub parents: BTreeSet<String>,
-    pub range: HashKeyRange,
-    /// Closed shards have an ending sequence number and take no new records.
-    pub open: bool,
-}
-
 /// What a sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SyncReport {
@@ -63,76 +54,13 @@ pub struct SyncReport {
     pub orphaned: Vec<String>,
 }
 
-/// Why a sync failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SyncError {
-    #[error("listing the shards of stream {stream:?} failed: {message}")]
-    ListShards { stream: String, message: String, retryable: bool },
-    #[error(transparent)]
-    Lease(#[from] crate::Error),
-}
-
-impl SyncError {
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            SyncError::ListShards { retryable, .. } => *retryable,
-            SyncError::Lease(e) => e.is_retryable(),
-        }
-    }
-}
-
-/// Every shard of `stream`, all pages.
-pub async fn list_shards(client: &aws_sdk_kinesis::Client, stream: &str) -> Result<Vec<Shard>, SyncError> {
-    let list_error = |e: SdkError<ListShardsError>| {
-        let retryable = !matches!(
-            &e,
-            SdkError::ServiceError(s) if matches!(
-                s.err(),
-                ListShardsError::ResourceNotFoundException(_)
-                    | ListShardsError::AccessDeniedException(_)
-                    | ListShardsError::InvalidArgumentException(_)
-            )
-        );
-        SyncError::ListShards { stream: stream.to_owned(), message: DisplayErrorContext(&e).to_string(), retryable }
-    };
-    let mut shards = Vec::new();
-    let mut next_token: Option<String> = None;
-    loop {
-        let request = match &next_token {
-            Some(token) => client.list_shards().next_token(token),
-            None => client.list_shards().stream_name(stream),
-        };
-        let page = request.send().await.map_err(list_error)?;
-        for shard in page.shards() {
-            // A shard skipped here would never get a lease and never be read: refuse instead.
-            let bad_range = |problem: String| SyncError::ListShards {
-                stream: stream.to_owned(),
-                message: format!("shard {} {problem}", shard.shard_id()),
-                retryable: true,
-            };
-            let range = shard.hash_key_range().ok_or_else(|| bad_range("has no hash key range".into()))?;
-            let range = HashKeyRange::parse(range.starting_hash_key(), range.ending_hash_key())
-                .map_err(|e| bad_range(format!("has an invalid hash key range: {e}")))?;
-            let parents =
-                shard.parent_shard_id().into_iter().chain(shard.adjacent_parent_shard_id()).map(str::to_owned);
-            shards.push(Shard {
-                shard_id: shard.shard_id().to_owned(),
-                parents: parents.collect(),
-                range,
-                open: shard.sequence_number_range().is_none_or(|r| r.ending_sequence_number().is_none()),
-            });
-        }
-        next_token = page.next_token().map(str::to_owned);
-        if next_token.is_none() {
-            return Ok(shards);
-        }
-    }
-}
-
 /// The leases to create for `shards`, given the leases that exist. Pure, so the rules are tested
 /// without a stream.
-pub fn plan_new_leases(shards: &[Shard], existing: &BTreeMap<String, Lease>, initial: InitialPosition) -> Vec<Lease> {
+pub(crate) fn plan_new_leases(
+    shards: &[Shard],
+    existing: &BTreeMap<String, Lease>,
+    initial: InitialPosition,
+) -> Vec<Lease> {
     let listed: BTreeMap<&str, &Shard> = shards.iter().map(|s| (s.shard_id.as_str(), s)).collect();
     // Shards that have or will have a lease; grows until nothing changes (children after parents).
     let mut leased: BTreeSet<&str> = existing.keys().map(String::as_str).collect();
@@ -181,7 +109,7 @@ pub fn parents_done(lease: &Lease, leases: &BTreeMap<String, Lease>) -> bool {
 /// Keeps a stream's leases in step with its shards.
 #[derive(Debug, Clone)]
 pub struct ShardSyncer {
-    client: aws_sdk_kinesis::Client,
+    client: Arc<dyn KinesisReads>,
     stream: String,
     table: LeaseTable,
     initial: InitialPosition,
@@ -194,12 +122,22 @@ impl ShardSyncer {
         table: LeaseTable,
         initial: InitialPosition,
     ) -> Self {
+        ShardSyncer::with_api(Arc::new(client), stream, table, initial)
+    }
+
+    /// A syncer that lists shards through `client` (the SDK client, or a fake in tests).
+    pub(crate) fn with_api(
+        client: Arc<dyn KinesisReads>,
+        stream: impl Into<String>,
+        table: LeaseTable,
+        initial: InitialPosition,
+    ) -> Self {
         ShardSyncer { client, stream: stream.into(), table, initial }
     }
 
     /// One pass: create missing leases, delete finished leases of shards that left the stream.
-    pub async fn sync(&self) -> Result<SyncReport, SyncError> {
-        let shards = list_shards(&self.client, &self.stream).await?;
+    pub async fn sync(&self) -> Result<SyncReport> {
+        let shards = self.client.list_shards(&self.stream).await?;
         let listing = self.table.list().await?;
         let existing: BTreeMap<String, Lease> = listing.leases.into_iter().map(|l| (l.lease_key.clone(), l)).collect();
         let mut report = SyncReport { shards: shards.len(), ..SyncReport::default() };
@@ -229,6 +167,7 @@ impl ShardSyncer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ktk_proto::keys::HashKeyRange;
 
     fn shard(id: &str, parents: &[&str], open: bool) -> Shard {
         Shard {

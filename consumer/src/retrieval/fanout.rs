@@ -5,7 +5,7 @@
 //! to race with other workers) and gets its own 2 MiB/s per shard. A [`FanOutReader`] then holds
 //! one subscription to one shard at a time: each [`read`](FanOutReader::read) waits for the
 //! subscription's next event and returns its records, deaggregated by the same code as the
-//! polling [`ShardReader`] (`retrieval::RecordConverter`). Subscriptions last at most 5 minutes;
+//! polling [`ShardReader`] (`RecordConverter`). Subscriptions last at most 5 minutes;
 //! when one ends, fails or is dropped, the reader subscribes again from where the last returned
 //! event left off (its continuation sequence number, `AFTER_SEQUENCE_NUMBER`), so nothing is lost
 //! and nothing repeated. Before the first event, a resumed checkpoint inside an aggregate is
@@ -16,8 +16,6 @@
 //! the reader keeps its calls a second apart and backs off exponentially after failures. A closed
 //! shard read to its end sends a last event without a continuation sequence number, naming the
 //! child shards: [`ReadResult::shard_end`] is set, as with polling.
-//!
-//! [`Reader`] is either kind of reader behind one type, for the worker.
 
 use std::cmp::Ordering;
 use std::time::{Duration, SystemTime};
@@ -30,7 +28,10 @@ use aws_sdk_kinesis::types::{StartingPosition as SdkStartingPosition, SubscribeT
 use ktk_proto::keys::HashKeyRange;
 use tokio::time::Instant;
 
-use crate::retrieval::{IteratorStart, ReadResult, RecordConverter, RetrievalError, ShardReader, StartingPosition};
+#[cfg(doc)]
+use crate::retrieval::ShardReader;
+use crate::retrieval::polling::{IteratorStart, RecordConverter};
+use crate::retrieval::{ReadResult, RetrievalError, StartingPosition};
 
 /// How long a subscription lasts before the service ends it
 /// ([SubscribeToShard](https://docs.aws.amazon.com/kinesis/latest/APIReference/API_SubscribeToShard.html)).
@@ -649,52 +650,6 @@ where
     }
 }
 
-/// A shard reader of either kind, so the worker can be told which one to use.
-#[derive(Debug)]
-pub enum Reader {
-    /// `GetRecords` polling ([`ShardReader`]).
-    Polling(ShardReader),
-    /// Enhanced fan-out ([`FanOutReader`]).
-    FanOut(FanOutReader),
-}
-
-impl Reader {
-    /// The next records of the shard; see [`ShardReader::read`] and [`FanOutReader::read`].
-    pub async fn read(&mut self) -> Result<ReadResult, RetrievalError> {
-        match self {
-            Reader::Polling(reader) => reader.read().await,
-            Reader::FanOut(reader) => reader.read().await,
-        }
-    }
-
-    /// Whether the shard has been read to its end.
-    pub fn ended(&self) -> bool {
-        match self {
-            Reader::Polling(reader) => reader.ended(),
-            Reader::FanOut(reader) => reader.ended(),
-        }
-    }
-
-    pub fn shard_id(&self) -> &str {
-        match self {
-            Reader::Polling(reader) => reader.shard_id(),
-            Reader::FanOut(reader) => reader.shard_id(),
-        }
-    }
-}
-
-impl From<ShardReader> for Reader {
-    fn from(reader: ShardReader) -> Self {
-        Reader::Polling(reader)
-    }
-}
-
-impl From<FanOutReader> for Reader {
-    fn from(reader: FanOutReader) -> Self {
-        Reader::FanOut(reader)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use aws_sdk_kinesis::config::retry::RetryConfig;
@@ -708,6 +663,7 @@ mod tests {
     use ktk_proto::aggregation::{Aggregator, UserRecord};
 
     use super::*;
+    use crate::retrieval::Reader;
 
     /// A client that makes no call unless a test reads; then it finds nothing listening.
     fn offline_client() -> aws_sdk_kinesis::Client {

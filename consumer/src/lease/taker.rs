@@ -27,7 +27,7 @@ use crate::lease::Lease;
 
 /// Settings of the taker, defaulted as the KCL's `LeaseManagementConfig`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TakerConfig {
+pub(crate) struct TakerConfig {
     failover_time: Duration,
     max_leases_per_worker: usize,
     max_leases_to_steal_at_once: usize,
@@ -64,10 +64,6 @@ impl TakerConfig {
         self.max_leases_to_steal_at_once = leases;
         self
     }
-
-    pub fn failover_time(&self) -> Duration {
-        self.failover_time
-    }
 }
 
 /// What the taker remembers of each lease: its counter and when it last saw it change.
@@ -80,7 +76,7 @@ struct Seen {
 /// A worker's lease taker. Keep one per worker for its whole life: expiry is judged from what
 /// it observed across cycles.
 #[derive(Debug)]
-pub struct LeaseTaker {
+pub(crate) struct LeaseTaker {
     worker_id: String,
     config: TakerConfig,
     seen: HashMap<String, Seen>,
@@ -88,7 +84,7 @@ pub struct LeaseTaker {
 
 /// Leases to take this cycle, in the order to try them.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct TakePlan {
+pub(crate) struct TakePlan {
     /// Unowned or expired leases.
     pub available: Vec<Lease>,
     /// Leases of live workers above their share.
@@ -98,6 +94,7 @@ pub struct TakePlan {
 }
 
 impl TakePlan {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.available.is_empty() && self.steal.is_empty()
     }
@@ -106,10 +103,6 @@ impl TakePlan {
 impl LeaseTaker {
     pub fn new(worker_id: impl Into<String>, config: TakerConfig) -> Self {
         LeaseTaker { worker_id: worker_id.into(), config, seen: HashMap::new() }
-    }
-
-    pub fn worker_id(&self) -> &str {
-        &self.worker_id
     }
 
     /// Records the counters of `leases` as seen `now`, and forgets leases no longer listed.

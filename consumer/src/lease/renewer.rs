@@ -73,8 +73,6 @@ impl HeldLease {
         self.lost.cancelled().await;
     }
 
-    /// Checkpoints the shard at `to`, as the lease holder. Fails with
-    /// [`Error::LeaseLost`] (and marks the lease lost) if another worker has it now.
     /// Whether another worker asked for this lease: finish the batch, checkpoint, release.
     pub fn is_handoff_requested(&self) -> bool {
         self.handoff.is_cancelled()
@@ -105,6 +103,8 @@ impl HeldLease {
         }
     }
 
+    /// Checkpoints the shard at `to`, as the lease holder. Fails with
+    /// [`Error::LeaseLost`] (and marks the lease lost) if another worker has it now.
     pub async fn checkpoint(&self, table: &LeaseTable, to: ExtendedSequenceNumber) -> Result<()> {
         self.write(|lease| {
             let to = to.clone();
@@ -279,9 +279,6 @@ impl LeaseRenewer {
         report
     }
 
-    /// Gives every held lease back (graceful shutdown, after the last checkpoints), so other
-    /// workers take them at their next cycle instead of waiting for them to expire. Returns the
-    /// shards released.
     /// Releases one lease (after its shard's task checkpointed: a hand-off, or a graceful
     /// shutdown), so its next owner can start at once. Returns whether the table took the release.
     pub async fn release(&self, shard_id: &str) -> bool {
@@ -302,6 +299,9 @@ impl LeaseRenewer {
         }
     }
 
+    /// Gives every held lease back (graceful shutdown, after the last checkpoints), so other
+    /// workers take them at their next cycle instead of waiting for them to expire. Returns the
+    /// shards released.
     pub async fn release_all(&self) -> Vec<String> {
         let mut released = Vec::new();
         for held in self.held() {
@@ -319,5 +319,154 @@ impl LeaseRenewer {
             }
         }
         released
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::lease::TableSetup;
+    use crate::lease::item_store::{Condition, Failure, ItemStore, ScanPage, Update};
+    use crate::lease::memory::MemoryItems;
+    use crate::lease::serializer::Item;
+
+    /// A table whose every call fails as if DynamoDB could not be reached.
+    #[derive(Debug)]
+    struct Unreachable;
+
+    fn down() -> Error {
+        Error::Service {
+            table: "app".into(),
+            action: "UpdateItem",
+            code: "ConnectionError".into(),
+            message: "unreachable".into(),
+            retryable: true,
+        }
+    }
+
+    impl ItemStore for Unreachable {
+        fn ensure_table(&self, _wait: Duration) -> BoxFuture<'_, Result<TableSetup>> {
+            Box::pin(async { Err(down()) })
+        }
+        fn scan(&self, _start: Option<Item>) -> BoxFuture<'_, Result<ScanPage>> {
+            Box::pin(async { Err(down()) })
+        }
+        fn get_item<'a>(&'a self, _key: &'a str) -> BoxFuture<'a, Result<Option<Item>>> {
+            Box::pin(async { Err(down()) })
+        }
+        fn put_if_absent(&self, _item: Item) -> BoxFuture<'_, Result<bool>> {
+            Box::pin(async { Err(down()) })
+        }
+        fn update_item<'a>(
+            &'a self,
+            _key: &'a str,
+            _update: Update,
+        ) -> BoxFuture<'a, std::result::Result<Item, Failure>> {
+            Box::pin(async { Err(Failure::Error(down())) })
+        }
+        fn delete_item<'a>(
+            &'a self,
+            _key: &'a str,
+            _conditions: Vec<Condition>,
+        ) -> BoxFuture<'a, std::result::Result<(), Failure>> {
+            Box::pin(async { Err(Failure::Error(down())) })
+        }
+    }
+
+    async fn table_with_lease(owner: &str) -> (LeaseTable, Lease) {
+        let table = LeaseTable::with_store(Arc::new(MemoryItems::default()), "app");
+        let lease = Lease::new("s0", ExtendedSequenceNumber::TRIM_HORIZON);
+        assert!(table.create_if_absent(&lease).await.expect("create"));
+        let taken = table.take(&lease, owner).await.expect("take");
+        (table, taken)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_move_the_counter_and_a_checkpoint_in_between_is_conditional_on_it() {
+        let (table, taken) = table_with_lease("w1").await;
+        let renewer = LeaseRenewer::new(table.clone(), Duration::from_secs(10));
+        let held = renewer.add(taken.clone());
+        assert_eq!(renewer.renew_all().await.renewed, 1);
+        assert_eq!(held.snapshot().await.counter, taken.counter + 1);
+        let to = ExtendedSequenceNumber::at("100", 0).expect("valid");
+        held.checkpoint(&table, to.clone()).await.expect("checkpoint after a renewal");
+        assert_eq!(renewer.renew_all().await.renewed, 1, "a renewal after the checkpoint");
+        let now = table.get("s0").await.expect("get").expect("lease");
+        assert_eq!((now.counter, now.checkpoint), (taken.counter + 3, to));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_skipped_after_a_recent_checkpoint() {
+        let (table, taken) = table_with_lease("w1").await;
+        let renewer = LeaseRenewer::new(table.clone(), Duration::from_secs(10))
+            .with_renewal_skipped_after_writes_within(Duration::from_secs(1));
+        let held = renewer.add(taken);
+        held.checkpoint(&table, ExtendedSequenceNumber::at("100", 0).expect("valid")).await.expect("checkpoint");
+        assert_eq!(renewer.renew_all().await.skipped, 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(renewer.renew_all().await.renewed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_taken_by_another_worker_is_lost_at_the_next_renewal_and_refuses_checkpoints() {
+        let (table, taken) = table_with_lease("w1").await;
+        let renewer = LeaseRenewer::new(table.clone(), Duration::from_secs(10));
+        let held = renewer.add(taken.clone());
+        table.take(&taken, "w2").await.expect("w2 takes it");
+        let report = renewer.renew_all().await;
+        assert_eq!(report.lost, ["s0"]);
+        assert!(held.is_lost());
+        assert!(renewer.held().is_empty());
+        let refused = held.checkpoint(&table, ExtendedSequenceNumber::at("100", 0).expect("valid")).await;
+        assert!(refused.is_err());
+        let now = table.get("s0").await.expect("get").expect("lease");
+        assert_eq!((now.owner.as_deref(), now.checkpoint), (Some("w2"), ExtendedSequenceNumber::TRIM_HORIZON));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hand_off_request_is_not_a_loss_and_the_release_completes_it() {
+        let (table, taken) = table_with_lease("w1").await;
+        let renewer = LeaseRenewer::new(table.clone(), Duration::from_secs(10));
+        let held = renewer.add(taken.clone());
+        table.request_handoff(&taken, "w2").await.expect("w2 asks for it");
+        let report = renewer.renew_all().await;
+        assert_eq!((report.renewed, report.lost.len()), (1, 0), "{report:?}");
+        assert!(held.is_handoff_requested() && !held.is_lost());
+        let to = ExtendedSequenceNumber::at("100", 0).expect("valid");
+        held.checkpoint(&table, to.clone()).await.expect("the owner still checkpoints");
+        assert!(renewer.release("s0").await);
+        let now = table.get("s0").await.expect("get").expect("lease");
+        assert_eq!((now.owner.as_deref(), now.checkpoint_owner, now.checkpoint), (Some("w2"), None, to));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_not_renewed_for_the_failover_time_is_given_up() {
+        let (_, taken) = table_with_lease("w1").await;
+        let unreachable = LeaseTable::with_store(Arc::new(Unreachable), "app");
+        let renewer = LeaseRenewer::new(unreachable, Duration::from_secs(10));
+        let held = renewer.add(taken);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let first = renewer.renew_all().await;
+        assert_eq!((first.failed, first.lost.len()), (1, 0), "kept while inside the failover time");
+        assert!(!held.is_lost());
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let later = renewer.renew_all().await;
+        assert_eq!(later.lost, ["s0"]);
+        assert!(held.is_lost());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_all_gives_every_lease_back_and_stops_its_processing() {
+        let (table, taken) = table_with_lease("w1").await;
+        let renewer = LeaseRenewer::new(table.clone(), Duration::from_secs(10));
+        let held = renewer.add(taken);
+        assert_eq!(renewer.release_all().await, ["s0"]);
+        assert!(held.is_lost(), "the processing task is told to stop");
+        let now = table.get("s0").await.expect("get").expect("lease");
+        assert_eq!(now.owner, None);
+        // Another worker takes a released lease at once, with no failover wait.
+        table.take(&now, "w2").await.expect("take a released lease");
     }
 }

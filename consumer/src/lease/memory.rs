@@ -1,0 +1,96 @@
+//! An in-memory [`ItemStore`] for unit tests: the lease table's items in a map, with the same
+//! conditional writes DynamoDB applies (the conditions come from
+//! [`LeaseTable`](crate::lease::LeaseTable), as for the real table).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::error::Result;
+use crate::lease::item_store::{Condition, Failure, ItemStore, ScanPage, Update};
+use crate::lease::serializer::{self, Item, attr};
+use crate::lease::{Lease, TableSetup};
+
+/// The items of one lease table, by key.
+#[derive(Debug, Default)]
+pub(crate) struct MemoryItems {
+    items: Mutex<BTreeMap<String, Item>>,
+}
+
+impl MemoryItems {
+    fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Item>> {
+        self.items.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The lease under `key`, as the table holds it now.
+    pub(crate) fn lease(&self, key: &str) -> Option<Lease> {
+        self.items().get(key).and_then(|item| serializer::from_item(item).ok())
+    }
+}
+
+fn key_of(item: &Item) -> String {
+    match item.get(attr::LEASE_KEY) {
+        Some(aws_sdk_dynamodb::types::AttributeValue::S(key)) => key.clone(),
+        _ => String::new(),
+    }
+}
+
+impl ItemStore for MemoryItems {
+    fn ensure_table(&self, _wait: Duration) -> BoxFuture<'_, Result<TableSetup>> {
+        Box::pin(async { Ok(TableSetup::Existed) })
+    }
+
+    fn scan(&self, _start: Option<Item>) -> BoxFuture<'_, Result<ScanPage>> {
+        let items = self.items().values().cloned().collect();
+        Box::pin(async move { Ok(ScanPage { items, last_key: None }) })
+    }
+
+    fn get_item<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Item>>> {
+        let item = self.items().get(key).cloned();
+        Box::pin(async move { Ok(item) })
+    }
+
+    fn put_if_absent(&self, item: Item) -> BoxFuture<'_, Result<bool>> {
+        let mut items = self.items();
+        let key = key_of(&item);
+        let created = !items.contains_key(&key);
+        if created {
+            items.insert(key, item);
+        }
+        Box::pin(async move { Ok(created) })
+    }
+
+    fn update_item<'a>(&'a self, key: &'a str, update: Update) -> BoxFuture<'a, std::result::Result<Item, Failure>> {
+        let mut items = self.items();
+        let current = items.get(key);
+        let result = if update.conditions.iter().all(|c| c.holds(current)) {
+            let mut item = current.cloned().unwrap_or_else(|| serializer::key(key));
+            update.apply(&mut item);
+            items.insert(key.to_owned(), item.clone());
+            Ok(item)
+        } else {
+            Err(Failure::Condition(current.cloned()))
+        };
+        Box::pin(async move { result })
+    }
+
+    fn delete_item<'a>(
+        &'a self,
+        key: &'a str,
+        conditions: Vec<Condition>,
+    ) -> BoxFuture<'a, std::result::Result<(), Failure>> {
+        let mut items = self.items();
+        let current = items.get(key);
+        let result = match current {
+            None => Ok(()),
+            Some(_) if conditions.iter().all(|c| c.holds(current)) => {
+                items.remove(key);
+                Ok(())
+            }
+            Some(item) => Err(Failure::Condition(Some(item.clone()))),
+        };
+        Box::pin(async move { result })
+    }
+}

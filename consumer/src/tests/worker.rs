@@ -1,0 +1,346 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::fakes::{CheckpointWhen, Event, FakeKinesis, Log, Recorder};
+use crate::error::{Error, Result};
+use crate::lease::memory::MemoryItems;
+use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
+use crate::worker::{Worker, WorkerConfig, WorkerReport};
+
+const APP: &str = "app";
+
+/// A stream, a lease table and a log shared by the workers of a test.
+#[derive(Default)]
+struct Harness {
+    kinesis: Arc<FakeKinesis>,
+    items: Arc<MemoryItems>,
+    log: Log,
+}
+
+/// A worker running in a task of the test's runtime.
+struct Running {
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<WorkerReport>>,
+}
+
+impl Running {
+    /// Shuts the worker down gracefully and returns its report.
+    async fn stop(self) -> WorkerReport {
+        self.shutdown.cancel();
+        self.handle.await.expect("the worker task").expect("the worker stops cleanly")
+    }
+
+    /// Kills the worker without a shutdown: nothing is released (a crashed task).
+    async fn crash(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+impl Harness {
+    fn table(&self) -> LeaseTable {
+        LeaseTable::with_store(Arc::clone(&self.items) as _, APP)
+    }
+
+    fn lease(&self, shard: &str) -> Lease {
+        self.items.lease(shard).unwrap_or_else(|| panic!("a lease for {shard}"))
+    }
+
+    fn start(&self, worker: &str, when: CheckpointWhen, fail_batch: Option<usize>) -> Running {
+        self.start_with(worker, when, fail_batch, |config| config)
+    }
+
+    fn start_with(
+        &self,
+        worker: &str,
+        when: CheckpointWhen,
+        fail_batch: Option<usize>,
+        configure: impl FnOnce(WorkerConfig) -> WorkerConfig,
+    ) -> Running {
+        let config = configure(WorkerConfig::new("stream", APP).with_worker_id(worker));
+        let (log, name) = (self.log.clone(), worker.to_owned());
+        let factory = move |shard: &str| Recorder {
+            worker: name.clone(),
+            shard: shard.to_owned(),
+            log: log.clone(),
+            when,
+            fail_batch,
+            batches: 0,
+        };
+        let worker = Worker::with_api(config, Arc::clone(&self.kinesis) as _, self.table(), factory).expect("config");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(shutdown.clone()));
+        Running { shutdown, handle }
+    }
+}
+
+async fn wait(seconds: u64) {
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+}
+
+fn pairs(shard: &str, sequences: &[String]) -> Vec<(String, String)> {
+    sequences.iter().map(|s| (shard.to_owned(), s.clone())).collect()
+}
+
+fn at(sequence: &str) -> ExtendedSequenceNumber {
+    ExtendedSequenceNumber::at(sequence, 0).expect("a sequence number")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lone_worker_takes_every_unowned_lease_and_processes_each_record_once() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    h.kinesis.add_shard("s1", &[]);
+    let mut expected = pairs("s0", &h.kinesis.put("s0", 5));
+    expected.extend(pairs("s1", &h.kinesis.put("s1", 3)));
+    expected.sort();
+
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(5).await;
+    assert_eq!(h.log.processed(), expected, "every record once");
+    assert_eq!(h.lease("s0").owner.as_deref(), Some("w1"));
+    assert_eq!(h.lease("s0").checkpoint, at(&expected[4].1));
+    assert_eq!(h.lease("s1").checkpoint, at(&expected[7].1));
+
+    let report = w1.stop().await;
+    assert_eq!(report.leases_taken, 2);
+    assert_eq!(report.leases_released, 2);
+    assert_eq!(h.lease("s0").owner, None, "released at shutdown");
+    assert_eq!(h.lease("s1").owner, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_workers_leases_are_taken_over_after_the_failover_time_from_its_checkpoint() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let first = h.kinesis.put("s0", 4);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(3).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &first));
+    w1.crash().await;
+    assert_eq!(h.lease("s0").owner.as_deref(), Some("w1"), "a crash releases nothing");
+
+    let second = h.kinesis.put("s0", 2);
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    wait(8).await;
+    assert!(h.log.processed_by("w2").is_empty(), "before the failover time the lease is w1's");
+    assert_eq!(h.lease("s0").owner.as_deref(), Some("w1"));
+    wait(5).await;
+    assert_eq!(h.lease("s0").owner.as_deref(), Some("w2"), "expired after 10 s without a counter change");
+    assert_eq!(h.log.processed_by("w2"), pairs("s0", &second), "from w1's checkpoint, nothing twice");
+    let init = h.log.entries().into_iter().find(|e| e.worker == "w2").map(|e| e.event);
+    assert_eq!(init, Some(Event::Init { checkpoint: at(&first[3]), restarts: 0 }));
+    w2.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renewals_keep_a_held_lease_alive_and_other_workers_off_it() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(2).await;
+    let taken = h.lease("s0").counter;
+    wait(30).await;
+    let renewed = h.lease("s0").counter;
+    // One renewal every 3,308 ms (failover time / 3 - 25 ms): 9 in 30 s.
+    assert!(renewed >= taken + 8, "counter {taken} -> {renewed}");
+    // A second worker sees the counter move and never takes the lease as expired; the one lease
+    // is w1's share, so it does not steal it either.
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    wait(45).await;
+    assert_eq!(h.lease("s0").owner.as_deref(), Some("w1"));
+    let report = w2.stop().await;
+    assert_eq!(report.leases_taken, 0);
+    let report = w1.stop().await;
+    assert!(report.renewals >= 20, "{report:?}");
+    assert_eq!(report.leases_lost, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_stops_the_shard_calls_lease_lost_and_checkpoints_nothing_after() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let first = h.kinesis.put("s0", 3);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(3).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &first));
+
+    // Another worker takes the lease (a conditional write on the counter, as a taker does).
+    let table = h.table();
+    let stolen = table.take(&h.lease("s0"), "thief").await.expect("take");
+    let checkpoint_at_theft = stolen.checkpoint.clone();
+    h.kinesis.put("s0", 3);
+    // Less than the failover time: the thief (not running here) still counts as alive.
+    wait(5).await;
+
+    let w1_events: Vec<Event> = h.log.entries().into_iter().filter(|e| e.worker == "w1").map(|e| e.event).collect();
+    assert!(w1_events.contains(&Event::LeaseLost), "{w1_events:?}");
+    let lost_at = w1_events.iter().position(|e| *e == Event::LeaseLost).expect("lost");
+    assert!(
+        w1_events[lost_at..].iter().all(|e| !matches!(e, Event::Batch(_) | Event::Checkpointed(_))),
+        "nothing processed or checkpointed after the loss: {w1_events:?}"
+    );
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &first), "the later records are the thief's");
+    let now = h.lease("s0");
+    assert_eq!(now.owner.as_deref(), Some("thief"));
+    assert_eq!(now.checkpoint, checkpoint_at_theft, "w1 wrote no checkpoint after the theft");
+    let report = w1.stop().await;
+    assert_eq!(report.leases_lost, 1);
+    assert_eq!(report.leases_released, 0, "a lost lease is not released");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hand_off_lets_the_owner_finish_and_checkpoint_before_the_new_owner_starts() {
+    let h = Harness::default();
+    for shard in ["s0", "s1"] {
+        h.kinesis.add_shard(shard, &[]);
+        h.kinesis.put(shard, 4);
+    }
+    // w1 checkpoints only when asked to shut down: if w2 started before that checkpoint, it would
+    // read the shard again from TRIM_HORIZON.
+    let w1 = h.start("w1", CheckpointWhen::AtShutdown, None);
+    wait(3).await;
+    assert_eq!(h.log.processed_by("w1").len(), 8);
+
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    wait(5).await;
+    // Two leases, two workers: w2 asked for one at once, w1 handed it over.
+    let moved =
+        ["s0", "s1"].into_iter().find(|s| h.lease(s).owner.as_deref() == Some("w2")).expect("one lease moved to w2");
+    let stayed = if moved == "s0" { "s1" } else { "s0" };
+    assert_eq!(h.lease(stayed).owner.as_deref(), Some("w1"));
+
+    let handed = h
+        .log
+        .position(|e| e.worker == "w1" && e.shard == moved && e.event == Event::ShutdownRequested)
+        .expect("w1 was asked to hand over");
+    let checkpointed = h
+        .log
+        .position(|e| e.worker == "w1" && e.shard == moved && matches!(e.event, Event::Checkpointed(_)))
+        .expect("w1 checkpointed the moved shard");
+    let started = h.log.position(|e| e.worker == "w2" && e.shard == moved).expect("w2 started the moved shard");
+    assert!(handed < checkpointed && checkpointed < started, "{:?}", h.log.entries());
+    let init = h.log.entries().into_iter().nth(started).map(|e| e.event);
+    assert!(
+        matches!(&init, Some(Event::Init { checkpoint, .. }) if matches!(checkpoint.sequence, crate::lease::SequenceNumber::Number(_))),
+        "w2 starts from w1's checkpoint: {init:?}"
+    );
+
+    let more_moved = h.kinesis.put(moved, 2);
+    let more_stayed = h.kinesis.put(stayed, 2);
+    wait(5).await;
+    assert!(h.log.processed_by("w2").ends_with(&pairs(moved, &more_moved)));
+    assert!(h.log.processed_by("w1").ends_with(&pairs(stayed, &more_stayed)));
+    let all = h.log.processed();
+    let mut unique = all.clone();
+    unique.dedup();
+    assert_eq!(all, unique, "nothing processed twice");
+    assert_eq!(all.len(), 12);
+    let report = w2.stop().await;
+    assert_eq!(report.handoffs_requested, 1);
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn children_start_only_after_their_parents_reach_shard_end() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    h.kinesis.add_shard("s1", &["s0"]);
+    h.kinesis.add_shard("s2", &["s0"]);
+    let parent = h.kinesis.put("s0", 3);
+    h.kinesis.close("s0", &["s1", "s2"]);
+    let left = h.kinesis.put("s1", 2);
+    let right = h.kinesis.put("s2", 2);
+
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(15).await;
+    let ended = h.log.position(|e| e.shard == "s0" && e.event == Event::ShardEnded).expect("s0 ended");
+    for child in ["s1", "s2"] {
+        let first_batch = h
+            .log
+            .position(|e| e.shard == child && matches!(e.event, Event::Batch(_)))
+            .unwrap_or_else(|| panic!("{child} was processed"));
+        assert!(ended < first_batch, "{child} before its parent's end: {:?}", h.log.entries());
+    }
+    assert!(h.lease("s0").checkpoint.is_shard_end());
+    let mut expected = pairs("s0", &parent);
+    expected.extend(pairs("s1", &left));
+    expected.extend(pairs("s2", &right));
+    expected.sort();
+    assert_eq!(h.log.processed(), expected);
+    let report = w1.stop().await;
+    assert_eq!(report.shards_ended, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_batch_is_retried_from_its_checkpoint_and_checkpoints_never_go_backwards() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let records = h.kinesis.put("s0", 6);
+    // Two records a read: batches [0, 1], [2, 3] (fails once), [2, 3] again, [4, 5].
+    let w1 = h.start_with("w1", CheckpointWhen::EveryBatch, Some(1), |c| c.with_max_records(2));
+    wait(10).await;
+
+    let events: Vec<Event> = h.log.entries().into_iter().map(|e| e.event).collect();
+    let until_restart = [
+        Event::Init { checkpoint: ExtendedSequenceNumber::TRIM_HORIZON, restarts: 0 },
+        Event::Batch(records[0..2].to_vec()),
+        Event::Checkpointed(at(&records[1])),
+        Event::Failed(records[2..4].to_vec()),
+        Event::Init { checkpoint: at(&records[1]), restarts: 1 },
+    ];
+    assert_eq!(events[..5], until_restart[..], "{events:?}");
+    // After the restart: exactly the records after the checkpoint, in order, the failed batch's
+    // among them (the reader reads the checkpoint's record again and skips it, so the batches
+    // are cut differently the second time).
+    let after: Vec<String> = events[5..]
+        .iter()
+        .flat_map(|e| match e {
+            Event::Batch(records) => records.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(after, records[2..6].to_vec());
+    let checkpoints: Vec<&ExtendedSequenceNumber> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Checkpointed(at) => Some(at),
+            _ => None,
+        })
+        .collect();
+    assert!(checkpoints.windows(2).all(|w| w[0] < w[1]), "checkpoints only move forward: {checkpoints:?}");
+    assert_eq!(h.lease("s0").checkpoint, at(&records[5]));
+
+    // The table refuses a checkpoint behind the current one.
+    let table = h.table();
+    let backwards = table.checkpoint(&h.lease("s0"), at(&records[2])).await;
+    assert!(matches!(backwards, Err(Error::CheckpointBackwards { .. })), "{backwards:?}");
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gracefully_stopped_workers_leases_are_taken_by_another_within_a_second() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let first = h.kinesis.put("s0", 3);
+    let w1 = h.start("w1", CheckpointWhen::AtShutdown, None);
+    wait(3).await;
+    // Started once all of w1's leases are taken: its share is 0 until w1 leaves.
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    wait(1).await;
+    let report = w1.stop().await;
+    assert_eq!(report.leases_released, 1);
+    let second = h.kinesis.put("s0", 2);
+    let stopped = tokio::time::Instant::now();
+    while h.lease("s0").owner.as_deref() != Some("w2") {
+        assert!(stopped.elapsed() < Duration::from_secs(2), "not taken within the discovery interval");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait(3).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &first));
+    assert_eq!(h.log.processed_by("w2"), pairs("s0", &second), "from w1's shutdown checkpoint");
+    w2.stop().await;
+}

@@ -1,7 +1,8 @@
 //! The real-time stores: one row per event in an events table keyed by `event_id`, one row per
 //! dead letter in `<table>_dead_letters` keyed by its position in the shard (`shard_id`,
 //! `sequence_number`, `sub_sequence_number`). Writing a batch again stores nothing new, so the
-//! store sinks write as soon as a batch is read ([`SinkTiming::Immediate`](crate::SinkTiming)).
+//! store sinks take events as soon as they are read, in the pieces they were read in
+//! ([`SinkTiming::Immediate`](crate::SinkTiming::Immediate)), not in whole batches.
 //!
 //! Two dialects write the same table: `postgres` (feature `postgres`: [`PostgresSink`]) and
 //! `mysql` (feature `mysql`: [`MySqlSink`], for MySQL, MariaDB and SingleStore). What they share

@@ -4,8 +4,8 @@
 //! store sinks take events as soon as they are read, in the pieces they were read in
 //! ([`SinkTiming::Immediate`](crate::SinkTiming::Immediate)), not in whole batches.
 //!
-//! Two dialects write the same table: `postgres` (feature `postgres`: [`PostgresSink`]) and
-//! `mysql` (feature `mysql`: [`MySqlSink`], for MySQL, MariaDB and SingleStore). What they share
+//! Two dialects write the same table: `postgres` (feature `postgres`: `PostgresSink`) and
+//! `mysql` (feature `mysql`: `MySqlSink`, for MySQL, MariaDB and SingleStore). What they share
 //! (the columns, the mapping of an event to column values, table names, [`StoreConfig`],
 //! [`MigrationReport`], the transport errors) is in `schema`, compiled with either feature.
 //!

@@ -12,8 +12,9 @@
 //! - [`sink`]: the [`Sink`] trait, [`SinkReport`], and [`SinkError`] with `is_retryable`.
 //! - `s3` (feature `s3`): the S3 sink (Parquet or gzip JSON Lines in hour partitions, written once
 //!   with identical bytes on rewrite) and its reader.
-//! - `postgres`, `mysql` (features `postgres`, `mysql`): the real-time stores, idempotent on
-//!   `event_id`.
+//! - `store` (feature `postgres` or `mysql`): the real-time stores, idempotent on `event_id`: the
+//!   table they share, and its dialects `postgres` and `mysql` (also at `ktk_pipeline::postgres`
+//!   and `ktk_pipeline::mysql`), each behind its own feature.
 //! - `settings` (feature `settings`): the `KTK_*` sink settings as flags and variables, shared by
 //!   the `consumer` and `bootstrap` binaries, and [`SinkSet`](settings::SinkSet) to connect them.
 //! - [`time`]: Unix milliseconds and UTC civil dates.
@@ -24,16 +25,19 @@
 pub mod decode;
 pub mod dedup;
 pub mod delivery;
-#[cfg(feature = "mysql")]
-pub mod mysql;
-#[cfg(feature = "postgres")]
-pub mod postgres;
 #[cfg(feature = "s3")]
 pub mod s3;
 #[cfg(feature = "settings")]
 pub mod settings;
 pub mod sink;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub mod store;
 pub mod time;
+
+#[cfg(feature = "mysql")]
+pub use store::mysql;
+#[cfg(feature = "postgres")]
+pub use store::postgres;
 
 pub use decode::{EventEncoding, decode_event};
 pub use delivery::{

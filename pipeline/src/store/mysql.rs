@@ -1,6 +1,7 @@
-//! The real-time store sink for MySQL-protocol stores (MySQL, MariaDB, SingleStore): the same
-//! table and semantics as the [PostgreSQL sink](super::postgres), whose module docs say what is
-//! stored how.
+//! The MySQL dialect of the real-time store, for MySQL-protocol stores (MySQL, MariaDB,
+//! SingleStore): [`MySqlSink`], its SQL, its type checks and its error numbers. The table and what
+//! each column holds are the [store module](super)'s; this dialect adds one column,
+//! `duplicate_count`.
 //!
 //! # How a batch flows
 //! [`MySqlSink::write`] maps each event to its column values and inserts the batch as multi-row
@@ -51,10 +52,12 @@ use futures::future::BoxFuture;
 use sqlx::Executor;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
-pub use super::postgres::{MigrationReport, StoreConfig};
-use crate::postgres::{
-    Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_KEY, DEAD_LETTER_SUFFIX, EVENT_COLUMNS, STORED_AT, TableName,
-    Value, check_scheme, chunk_ranges, dead_letter_values, event_rows, transport_error,
+use super::schema::{
+    Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_KEY, EVENT_COLUMNS, STORED_AT, TableName, Value, check_scheme,
+    chunk_ranges, dead_letter_values, event_rows, transport_error,
+};
+pub use super::schema::{
+    DEAD_LETTER_SUFFIX, MAX_STORED_TIME_MS, MAX_TABLE_NAME_LEN, MIN_STORED_TIME_MS, MigrationReport, StoreConfig,
 };
 use crate::{Batch, Sink, SinkError, SinkReport, SinkTiming};
 
@@ -520,7 +523,6 @@ fn mysql_type_fits(kind: ColumnKind, data_type: &str, column_type: &str) -> bool
 
 #[cfg(test)]
 mod tests {
-    use super::super::postgres::{MAX_STORED_TIME_MS, MIN_STORED_TIME_MS};
     use super::*;
 
     #[test]

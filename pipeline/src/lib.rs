@@ -16,7 +16,7 @@
 //!   table they share, and its dialects `postgres` and `mysql` (also at `ktk_pipeline::postgres`
 //!   and `ktk_pipeline::mysql`), each behind its own feature.
 //! - `settings` (feature `settings`): the `KTK_*` sink settings as flags and variables, shared by
-//!   the `consumer` and `bootstrap` binaries, and [`SinkSet`](settings::SinkSet) to connect them.
+//!   the `consumer` and `bootstrap` binaries, and `SinkSet` to connect them.
 //! - [`time`]: Unix milliseconds and UTC civil dates.
 //!
 //! This crate depends on no runtime: neither the KCL-style worker (`ktk-consumer`) nor Lambda.

@@ -90,7 +90,7 @@ pub struct SinkSettings {
         help_heading = "Sinks (at least one)"
     )]
     pub mysql_url: Option<String>,
-    /// The stores' events table (dead letters go to <TABLE>_dead_letters).
+    /// The stores' events table (dead letters go to `<TABLE>_dead_letters`).
     #[arg(
         long = "store-table",
         env = "KTK_STORE_TABLE",

@@ -89,18 +89,7 @@ pub fn encode(
     let mut summary = Summary::default();
     let mut aggregator = Aggregator::new(options.config);
     for item in numbered_lines(input) {
-        let (number, line) = item?;
-        let line = match line {
-            Ok(line) if line.trim().is_empty() => continue,
-            Ok(line) => line,
-            Err(reason) => {
-                summary.lines += 1;
-                summary.bad_lines += 1;
-                writeln!(err, "line {number}: {reason}")?;
-                continue;
-            }
-        };
-        summary.lines += 1;
+        let Some((number, line)) = counted_line(item?, &mut summary, err)? else { continue };
         let record = match parse_user_record(line.as_bytes()) {
             Ok(record) => record,
             Err(reason) => {
@@ -144,18 +133,7 @@ pub fn decode(input: impl BufRead, out: &mut impl Write, err: &mut impl Write) -
     let mut records = Vec::new();
     let mut out_of_range = Vec::new();
     for item in numbered_lines(input) {
-        let (number, line) = item?;
-        let line = match line {
-            Ok(line) if line.trim().is_empty() => continue,
-            Ok(line) => line,
-            Err(reason) => {
-                summary.lines += 1;
-                summary.bad_lines += 1;
-                writeln!(err, "line {number}: {reason}")?;
-                continue;
-            }
-        };
-        summary.lines += 1;
+        let Some((number, line)) = counted_line(item?, &mut summary, err)? else { continue };
         let parsed = serde_json::from_str::<KinesisRecordIn>(&line)
             .map_err(|e| format!("not a Kinesis record object: {e}"))
             .and_then(|r| decode_base64(&r.data).map(|data| (r, data)));
@@ -209,6 +187,27 @@ fn numbered_lines(input: impl BufRead) -> impl Iterator<Item = io::Result<(usize
             (index + 1, text)
         })
     })
+}
+
+/// A line to work on, counted; `None` for a blank line, or for one that is not text (reported).
+fn counted_line(
+    (number, line): (usize, Result<String, String>),
+    summary: &mut Summary,
+    err: &mut impl Write,
+) -> io::Result<Option<(usize, String)>> {
+    match line {
+        Ok(line) if line.trim().is_empty() => Ok(None),
+        Ok(line) => {
+            summary.lines += 1;
+            Ok(Some((number, line)))
+        }
+        Err(reason) => {
+            summary.lines += 1;
+            summary.bad_lines += 1;
+            writeln!(err, "line {number}: {reason}")?;
+            Ok(None)
+        }
+    }
 }
 
 /// One `ktk agg encode` input line (also `ktk produce`'s), keys checked.

@@ -63,21 +63,12 @@ fn help_lists_every_setting_with_its_variable() {
         "KTK_PARENT_POLL_MS",
         "KTK_IDLE_MS",
         "KTK_SHUTDOWN_TIMEOUT_MS",
-        "KTK_S3_BUCKET",
-        "KTK_S3_PREFIX",
-        "KTK_S3_FORMAT",
-        "KTK_S3_PATH_STYLE",
-        "KTK_POSTGRES_URL",
-        "KTK_MYSQL_URL",
-        "KTK_STORE_TABLE",
-        "KTK_BATCH_MAX_RECORDS",
-        "KTK_BATCH_MAX_BYTES",
-        "KTK_BATCH_WINDOW_MS",
-        "KTK_BATCH_GRACE_MS",
-        "KTK_DEDUP_WINDOW",
         "KTK_LISTEN",
         "KTK_LOG_FORMAT",
-    ] {
+    ]
+    .into_iter()
+    .chain(ktk_pipeline::settings::SHARED_VARIABLES)
+    {
         assert!(help.contains(&format!("env: {variable}")), "{variable} missing from --help:\n{help}");
     }
     assert!(help.contains("[default: 10000]") && help.contains("MS"), "{help}");

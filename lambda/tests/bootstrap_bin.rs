@@ -22,24 +22,10 @@ fn bootstrap(vars: &[(&str, &str)], args: &[&str]) -> (i32, String) {
 fn help_lists_every_setting_with_its_variable() {
     let (code, help) = bootstrap(&[], &["--help"]);
     assert_eq!(code, 0, "{help}");
-    for variable in [
-        "KTK_S3_BUCKET",
-        "KTK_S3_PREFIX",
-        "KTK_S3_FORMAT",
-        "KTK_S3_PATH_STYLE",
-        "KTK_POSTGRES_URL",
-        "KTK_MYSQL_URL",
-        "KTK_STORE_TABLE",
-        "KTK_BATCH_MAX_RECORDS",
-        "KTK_BATCH_MAX_BYTES",
-        "KTK_BATCH_WINDOW_MS",
-        "KTK_BATCH_GRACE_MS",
-        "KTK_DEDUP_WINDOW",
-        "KTK_STREAM",
-        "KTK_SINK_MAX_ATTEMPTS",
-        "KTK_DEADLINE_MARGIN_MS",
-        "KTK_STORE_MAX_CONNECTIONS",
-    ] {
+    for variable in ["KTK_STREAM", "KTK_SINK_MAX_ATTEMPTS", "KTK_DEADLINE_MARGIN_MS", "KTK_STORE_MAX_CONNECTIONS"]
+        .into_iter()
+        .chain(ktk_pipeline::settings::SHARED_VARIABLES)
+    {
         assert!(help.contains(&format!("env: {variable}")), "{variable} missing from --help:\n{help}");
     }
 }

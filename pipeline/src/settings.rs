@@ -101,6 +101,23 @@ pub struct SinkSettings {
     pub store_table: String,
 }
 
+/// Every variable [`SinkSettings`] and [`BatchSettings`] read: the settings the `consumer` and
+/// `bootstrap` binaries share.
+pub const SHARED_VARIABLES: [&str; 12] = [
+    "KTK_S3_BUCKET",
+    "KTK_S3_PREFIX",
+    "KTK_S3_FORMAT",
+    "KTK_S3_PATH_STYLE",
+    "KTK_POSTGRES_URL",
+    "KTK_MYSQL_URL",
+    "KTK_STORE_TABLE",
+    "KTK_BATCH_MAX_RECORDS",
+    "KTK_BATCH_MAX_BYTES",
+    "KTK_BATCH_WINDOW_MS",
+    "KTK_BATCH_GRACE_MS",
+    "KTK_DEDUP_WINDOW",
+];
+
 /// How events are batched and deduplicated: the same on ECS and Lambda.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct BatchSettings {
@@ -275,6 +292,17 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Both, clap::Error> {
         Both::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_shared_variables_are_exactly_those_the_settings_read() {
+        let command = Both::command();
+        let mut read: Vec<String> =
+            command.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
+        let mut listed: Vec<String> = SHARED_VARIABLES.iter().map(|v| (*v).to_owned()).collect();
+        read.sort();
+        listed.sort();
+        assert_eq!(read, listed);
     }
 
     #[test]

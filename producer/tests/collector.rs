@@ -529,7 +529,7 @@ async fn a_full_producer_is_503_with_retry_after_and_lists_what_it_did_not_take(
 }
 
 #[tokio::test]
-async fn requests_over_the_concurrency_limit_are_503_before_their_body_is_read() {
+async fn requests_over_the_concurrency_limit_are_503_once_their_body_has_arrived() {
     let fake = FakeKinesis::new(1);
     fake.stall();
     let config = CollectorConfig::default().with_max_concurrent_requests(1);

@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every variable the collector reads (see `ktk_producer::collector::Settings`).
-const VARIABLES: [&str; 11] = [
+const VARIABLES: [&str; 17] = [
     "KTK_STREAM",
     "KTK_LISTEN",
     "KTK_MAX_BODY_BYTES",
@@ -14,6 +14,12 @@ const VARIABLES: [&str; 11] = [
     "KTK_MAX_CONCURRENT_REQUESTS",
     "KTK_DRAIN_TIMEOUT_SECS",
     "KTK_FLUSH_TIMEOUT_SECS",
+    "KTK_MAX_CONNECTIONS",
+    "KTK_HEADER_TIMEOUT_SECS",
+    "KTK_BODY_TIMEOUT_SECS",
+    "KTK_IDLE_TIMEOUT_SECS",
+    "KTK_MAX_EVENTS_PER_REQUEST",
+    "KTK_MAX_EVENT_BYTES",
     "KTK_RECORD_MAX_BUFFERED_MS",
     "KTK_MAX_OUTSTANDING_RECORDS",
     "KTK_LOG_FORMAT",

@@ -80,6 +80,8 @@
 //! producer's outstanding-records limit.
 
 mod config;
+mod connection;
+mod log_limit;
 mod routes;
 mod validate;
 
@@ -88,10 +90,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
+
+use log_limit::{LogLimit, WARNING_INTERVAL};
 
 pub use config::{CollectorConfig, LogFormat, Settings};
 pub use validate::{MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, RejectCode, Rejection};
@@ -110,8 +115,10 @@ struct Shared {
     config: CollectorConfig,
     prometheus: Option<PrometheusHandle>,
     shutting_down: AtomicBool,
-    /// One permit per `POST /v1/events` being handled.
+    /// One permit per `POST /v1/events` being handled (taken once its body has arrived).
     requests: Semaphore,
+    /// The `producer_full` / `shutting_down` warning, at most once per interval.
+    turned_away_warnings: LogLimit,
 }
 
 impl Collector {
@@ -125,6 +132,7 @@ impl Collector {
                 config,
                 prometheus,
                 shutting_down: AtomicBool::new(false),
+                turned_away_warnings: LogLimit::new(WARNING_INTERVAL),
             }),
         }
     }
@@ -150,6 +158,10 @@ impl Collector {
 /// Serves the Event API on `listener` until `shutdown` resolves; then stops accepting
 /// connections, lets open ones finish their requests (up to the drain timeout), shuts the
 /// producer down (sending what it holds, up to the flush timeout) and returns its statistics.
+///
+/// Each connection is served by HTTP/1.1 with the header, body and idle timeouts of the
+/// [`CollectorConfig`]; at most [`max_connections`](CollectorConfig::with_max_connections) are
+/// open at once, and further ones wait in the listen backlog.
 pub async fn serve(
     listener: TcpListener,
     collector: Collector,
@@ -157,31 +169,59 @@ pub async fn serve(
 ) -> std::io::Result<ProducerStats> {
     let address = listener.local_addr()?;
     info!(%address, stream = %collector.producer().config().stream(), "Event API listening");
-    let (began, began_rx) = oneshot::channel::<()>();
-    let state = collector.clone();
-    let signal = async move {
-        shutdown.await;
-        state.shared.shutting_down.store(true, Ordering::Relaxed);
-        info!("shutting down: no new connections; open ones may finish their requests");
-        let _ = began.send(());
-    };
-    let server = axum::serve(listener, collector.router()).with_graceful_shutdown(signal).into_future();
-    let drain_timeout = collector.config().drain_timeout;
-    // A client that keeps a request open must not hold the shutdown up past the drain timeout.
-    let drain_deadline = async move {
-        match began_rx.await {
-            Ok(()) => tokio::time::sleep(drain_timeout).await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    let served = tokio::select! {
-        served = server => served,
-        () = drain_deadline => {
-            warn!(timeout_ms = drain_timeout.as_millis() as u64, "connections still open after the drain timeout; leaving them");
-            Ok(())
-        }
-    };
-    let stats = collector.producer().shutdown(collector.config().flush_timeout).await;
+    let config = collector.config().clone();
+    let cap = config.max_connections.clamp(1, MAX_CONNECTION_PERMITS.min(Semaphore::MAX_PERMITS));
+    let connections = Arc::new(Semaphore::new(cap));
+    let (stopping, stopping_rx) = watch::channel(false);
+    let timeouts = connection::Timeouts { header: config.header_timeout, idle: config.idle_timeout };
+    let router = collector.router();
+    let accept_errors = LogLimit::new(WARNING_INTERVAL);
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    loop {
+        // A place under the connection cap first: while there is none, new connections wait in
+        // the listen backlog instead of being accepted and then starved.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    counter!("collector_accept_errors").increment(1);
+                    if let Some(suppressed) = accept_errors.admit() {
+                        warn!(suppressed, "cannot accept a connection: {e}");
+                    }
+                    // Out of file descriptors, most likely: give open connections time to close.
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection::serve_connection(stream, router.clone(), timeouts, stopping_rx.clone(), permit));
+    }
+    collector.shared.shutting_down.store(true, Ordering::Relaxed);
+    info!("shutting down: no new connections; open ones may finish their requests");
+    drop(listener);
+    let _ = stopping.send(true);
+    // Every connection holds a permit until it ends: all of them back means all connections closed.
+    let drained =
+        tokio::time::timeout(config.drain_timeout, connections.acquire_many(u32::try_from(cap).unwrap_or(u32::MAX)))
+            .await;
+    if drained.is_err() {
+        warn!(
+            timeout_ms = config.drain_timeout.as_millis() as u64,
+            open = cap - connections.available_permits(),
+            "connections still open after the drain timeout; leaving them"
+        );
+    }
+    let stats = collector.producer().shutdown(config.flush_timeout).await;
     info!(
         received = stats.user_records_received,
         put = stats.user_records_put,
@@ -193,5 +233,10 @@ pub async fn serve(
         throttled = stats.throttled,
         "producer flushed and stopped"
     );
-    served.map(|()| stats)
+    Ok(stats)
 }
+
+/// Most connection permits: what `Semaphore::acquire_many` can wait for at once.
+const MAX_CONNECTION_PERMITS: usize = u32::MAX as usize;
+/// After a failed `accept`, how long the loop waits before the next.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);

@@ -5,19 +5,26 @@
 //! order on one shard. The `collector` binary is a thin `main` over [`serve`].
 //!
 //! # Layout
-//! - this file: [`Collector`] (the shared state), [`serve`] (listen until the shutdown future
-//!   resolves, then drain connections and flush the producer);
+//! - this file: [`Collector`] (the shared state), [`serve`] (the accept loop under the connection
+//!   cap, until the shutdown future resolves; then drain connections and flush the producer);
+//! - `connection.rs`: one HTTP/1.1 connection, with the header and idle timeouts;
 //! - `routes.rs`: the HTTP routes, body decoding and the response;
 //! - `validate.rs`: the per-event contract ([`RejectCode`] lists every reason);
 //! - `config.rs`: [`CollectorConfig`], and [`Settings`], what the binary reads from its flags and
-//!   environment.
+//!   environment;
+//! - `log_limit.rs`: warnings written at most once per interval, with a count of the rest.
 //!
 //! # `POST /v1/events`
 //! The body is an `events.v1.EventBatch`, as binary protobuf (`Content-Type:
 //! application/x-protobuf`) or as canonical proto3 JSON (`application/json`; lowerCamelCase or
 //! proto field names, enums by name or number, 64-bit integers as strings or numbers). Any other
-//! content type is answered 415, a body over the limit 413, a body that cannot be decoded 400; those
-//! answers are `{"error": "<code>", "reason": "<what to fix>"}`.
+//! content type is answered 415; a body over the limit 413 `body_too_large`; a batch of more than
+//! [`max_events_per_request`](CollectorConfig::with_max_events_per_request) events 413
+//! `too_many_events`; an event larger than
+//! [`max_event_bytes`](CollectorConfig::with_max_event_bytes) 413 `event_too_large`; a body that
+//! has not arrived whole within the [body timeout](CollectorConfig::with_body_timeout) 408
+//! `body_timeout` (and the connection is closed); a body that cannot be decoded 400. Those answers
+//! are `{"error": "<code>", "reason": "<what to fix>"}`.
 //!
 //! Otherwise each event is checked (see `validate.rs`), and the valid ones are put into the
 //! producer in batch order with one `try_put_batch`, which never waits. The answer is:
@@ -37,7 +44,10 @@
 //! ```
 //!
 //! - `index` is the event's position in the batch; `accepted + rejected.len()` is the batch size
-//!   and `rejected` is in index order.
+//!   and `rejected` is in index order. `code` is the reason as a [`RejectCode`]. The answer never
+//!   grows with what a client sent beyond the events' count: `event_id` is echoed only when it is
+//!   a valid id (empty when it is missing or over [`MAX_EVENT_ID_CHARS`]), and a `reason` is cut
+//!   at 200 characters.
 //! - `accepted` counts the events the producer took: from then on they are the producer's to
 //!   deliver (it retries until the record TTL; a failure after the answer is logged with the
 //!   event id and counted in `collector_events_failed`).
@@ -56,8 +66,18 @@
 //! `shutting_down` without being tried (taking a later event of a user whose earlier event was
 //! turned away would put the earlier one's resend after it on the stream). 503 too, with `?wait=acked`, when no event got into Kinesis and some failed in a
 //! way a retry can fix (throttling, shutdown, TTL). And 503 when more than
-//! [`max_concurrent_requests`](CollectorConfig::with_max_concurrent_requests) are already being
-//! handled.
+//! [`max_concurrent_requests`](CollectorConfig::with_max_concurrent_requests) requests whose bodies
+//! have arrived are already being handled.
+//!
+//! # Connections
+//! [`serve`] accepts at most [`max_connections`](CollectorConfig::with_max_connections) at once;
+//! further ones wait in the listen backlog. A client has the
+//! [header timeout](CollectorConfig::with_header_timeout) to send a request's head (from the
+//! opening, or from the first byte of a later request), then the body timeout for its body; a
+//! kept-alive connection waiting for its next request is closed after the
+//! [idle timeout](CollectorConfig::with_idle_timeout). A request holds one of the concurrency
+//! permits only from the moment its body has arrived, so clients that send slowly hold
+//! connections, which are many and time out, not the permits valid requests need.
 //!
 //! # `GET /health`, `GET /metrics`
 //! `/health` is 200 `{"status":"ok"}`, and 503 `{"status":"shutting_down"}` once shutdown has
@@ -71,10 +91,22 @@
 //! | `collector_events_rejected` | counter | reason (a [`RejectCode`]) |
 //! | `collector_events_failed` | counter | (taken, then failed by the producer) |
 //! | `collector_request_duration_seconds` | histogram | route, status |
+//! | `collector_connections_timed_out` | counter | phase (`header`, `body`, `idle`) |
+//! | `collector_accept_errors` | counter | |
+//!
+//! # Logs
+//! Warnings that can repeat with every request (events turned away because the producer is full
+//! or shutting down, failed `accept` calls) are written at most once per 10 s per kind, with the
+//! number held back since the last line (`suppressed`); the metrics count every occurrence.
 //!
 //! # Bounded memory
-//! The collector keeps nothing between requests: a request holds at most one body (bounded by
-//! the body limit) and its events, and at most `max_concurrent_requests` are handled at once.
+//! The collector keeps nothing between requests. A connection holds at most one request head
+//! (32 KiB) and one body (bounded by the body limit), so bodies being read take at most
+//! `max_connections` times the body limit; a request being handled holds at most
+//! `max_events_per_request` decoded events, each at most `max_event_bytes` as protobuf, and at
+//! most `max_concurrent_requests` are handled at once. The event count of a protobuf body is
+//! checked on its wire format before anything is decoded, and a JSON body's `events` are read
+//! no further than the limit.
 //! Without `?wait=acked`, one task per request watches its receipts; each such task holds at
 //! least one record still outstanding in the producer, so there are never more of them than the
 //! producer's outstanding-records limit.

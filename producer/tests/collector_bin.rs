@@ -42,7 +42,19 @@ fn help_lists_every_variable_with_its_default_and_unit() {
     for variable in VARIABLES {
         assert!(help.contains(&format!("[env: {variable}")), "{variable} missing from:\n{help}");
     }
-    for shown in ["[default: 1048576]", "[default: 100]", "[default: 127.0.0.1:8080]", "<MS>", "<BYTES>", "<SECS>"] {
+    for shown in [
+        "[default: 1048576]",
+        "[default: 100]",
+        "[default: 127.0.0.1:8080]",
+        "[default: 4096]",
+        "[default: 500]",
+        "[default: 32768]",
+        "<MS>",
+        "<BYTES>",
+        "<SECS>",
+        "<CONNECTIONS>",
+        "<EVENTS>",
+    ] {
         assert!(help.contains(shown), "{shown} missing from:\n{help}");
     }
 }

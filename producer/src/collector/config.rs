@@ -216,8 +216,8 @@ struct Flags {
           value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
     retry_after_secs: u64,
 
-    /// Most `POST /v1/events` requests handled at once once their bodies have arrived (up to
-    /// 65,536); more are answered 503.
+    /// Most `POST /v1/events` requests handled at the same time, counted from when a body has
+    /// arrived whole (up to 65,536); more are answered 503.
     #[arg(long, env = "KTK_MAX_CONCURRENT_REQUESTS", value_name = "REQUESTS", default_value_t = 256,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CONCURRENT_REQUESTS))]
     max_concurrent_requests: usize,

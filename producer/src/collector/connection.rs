@@ -30,8 +30,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 use tracing::debug;
 
-/// Largest request head (request line and headers) read; a larger one is answered 431. nginx
-/// reads heads of up to 4 × 8 KiB by default.
+/// Largest request head (request line and headers) read, and hyper's read buffer (at least 8 KiB);
+/// a larger head is answered 431. nginx reads heads of up to 4 × 8 KiB by default.
 const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -189,7 +189,7 @@ pub(super) async fn serve_connection(
     let connection = http1::Builder::new()
         .keep_alive(true)
         .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD_BYTES.max(8192))
+        .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(io, service);
     tokio::pin!(connection);
     let mut closing = *stopping.borrow();

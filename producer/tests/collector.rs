@@ -529,7 +529,7 @@ async fn a_full_producer_is_503_with_retry_after_and_lists_what_it_did_not_take(
 }
 
 #[tokio::test]
-async fn requests_over_the_concurrency_limit_are_503_before_their_body_is_read() {
+async fn requests_over_the_concurrency_limit_are_503_once_their_body_has_arrived() {
     let fake = FakeKinesis::new(1);
     fake.stall();
     let config = CollectorConfig::default().with_max_concurrent_requests(1);
@@ -598,4 +598,212 @@ async fn metrics_are_prometheus_text() {
     let mut bare = Server::start(FakeKinesis::new(1)).await;
     assert_eq!(bare.get("/metrics").await.status(), 404);
     bare.stop().await;
+}
+
+// The collector as a public edge: slow, idle and oversized clients are bounded.
+
+/// Reads from `stream` until it closes (or `BOUND` passes); returns what was read.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(BOUND, stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the server did not close the connection within {BOUND:?}");
+    answer
+}
+
+fn address_of(server: &Server) -> String {
+    server.base.trim_start_matches("http://").to_owned()
+}
+
+#[tokio::test]
+async fn slow_clients_do_not_lock_out_valid_ones() {
+    use tokio::io::AsyncWriteExt;
+    // Fewer request permits than slow clients: a client still sending its body holds none.
+    let config = CollectorConfig::default().with_max_concurrent_requests(4).with_max_connections(1000);
+    let mut server = Server::start_with(FakeKinesis::new(1), producer_config(), config, None).await;
+    let address = address_of(&server);
+    let mut slow = Vec::new();
+    for i in 0..300 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+        let head = if i % 2 == 0 {
+            // Headers at once, then a body of 1,000 bytes one byte a second.
+            "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        } else {
+            // Headers one byte a second.
+            "P"
+        };
+        stream.write_all(head.as_bytes()).await.expect("writes");
+        slow.push(stream);
+    }
+    let drip = tokio::spawn(async move {
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for stream in &mut slow {
+                let _ = stream.write_all(b"O").await;
+            }
+        }
+        slow
+    });
+    // Meanwhile valid requests are answered, each quickly.
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let sent = std::time::Instant::now();
+        let events = batch(vec![event(&format!("v-{answered}"), "u", "d")]);
+        let response = server.post_protobuf("/v1/events", &events).await;
+        assert_eq!(response.status(), 200, "a valid request while 300 slow clients are held");
+        assert!(sent.elapsed() < Duration::from_secs(1), "answered in {:?}", sent.elapsed());
+        answered += 1;
+    }
+    assert!(answered >= 20, "only {answered} valid requests answered in 3 s");
+    let slow = drip.await.expect("no panic");
+    assert_eq!(slow.len(), 300);
+    drop(slow);
+    server.stop().await;
+    assert_eq!(server.fake.event_ids().len(), answered);
+}
+
+#[tokio::test]
+async fn a_slow_head_is_disconnected_and_a_slow_body_answered_408() {
+    use tokio::io::AsyncWriteExt;
+    let config = CollectorConfig::default()
+        .with_header_timeout(Duration::from_millis(500))
+        .with_body_timeout(Duration::from_millis(500));
+    let mut server = Server::start_with(FakeKinesis::new(1), producer_config(), config, None).await;
+    let address = address_of(&server);
+
+    // Half a head, then nothing: closed without an answer.
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    stream.write_all(b"POST /v1/events HTTP/1.1\r\nHost: te").await.expect("writes");
+    assert!(read_until_closed(&mut stream).await.is_empty());
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400) && took < Duration::from_secs(3), "closed after {took:?}");
+
+    // A connection that sends nothing at all: the same.
+    let mut silent = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    assert!(read_until_closed(&mut silent).await.is_empty());
+
+    // A whole head and part of the body: 408, and the connection closed.
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    let head =
+        "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await.expect("writes");
+    let answer = String::from_utf8_lossy(&read_until_closed(&mut stream).await).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = CollectorConfig::default()
+        .with_idle_timeout(Duration::from_millis(700))
+        .with_header_timeout(Duration::from_secs(5));
+    let mut server = Server::start_with(FakeKinesis::new(1), producer_config(), config, None).await;
+    let mut stream = tokio::net::TcpStream::connect(address_of(&server)).await.expect("connects");
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n").await.expect("writes");
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains("{\"status\":\"ok\"}") {
+        let n = tokio::time::timeout(BOUND, stream.read(&mut buffer)).await.expect("in time").expect("reads");
+        assert!(n > 0, "closed before the answer");
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    // Kept alive after the answer, then closed once idle for the idle timeout (not the header
+    // timeout of 5 s).
+    let answered = std::time::Instant::now();
+    assert!(read_until_closed(&mut stream).await.is_empty());
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_millis(600) && idle < Duration::from_secs(3), "closed after {idle:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_million_empty_events_are_413_with_a_small_answer() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    // 524,280 empty events: 2 bytes each (field 1, length 0), just under the 1 MiB body limit.
+    let body: Vec<u8> = [0x0a_u8, 0x00].repeat(524_280);
+    assert!(body.len() <= 1024 * 1024);
+    let response = server.post("/v1/events", "application/x-protobuf", body).await;
+    assert_eq!(response.status(), 413);
+    let answer = response.bytes().await.expect("a body");
+    assert!(answer.len() < 300, "{} bytes", answer.len());
+    let answer: Value = serde_json::from_slice(&answer).expect("JSON");
+    assert_eq!(answer["error"], "too_many_events");
+
+    // Exactly at the cap is read; one more is not. JSON too.
+    let at_cap = [0x0a_u8, 0x00].repeat(500);
+    let response = server.post("/v1/events", "application/x-protobuf", at_cap).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(rejected(&json_of(response).await).len(), 500);
+    let over = format!("{{\"events\": [{}{{}}]}}", "{},".repeat(500));
+    let response = server.post("/v1/events", "application/json", over).await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(json_of(response).await["error"], "too_many_events");
+    server.stop().await;
+    assert!(server.fake.events().is_empty());
+}
+
+#[tokio::test]
+async fn a_long_event_id_or_value_is_never_echoed() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    let long_id = "x".repeat(10_000);
+    let response = server.post_protobuf("/v1/events", &batch(vec![event(&long_id, "u", "d")])).await;
+    assert_eq!(response.status(), 200);
+    let answer = response.text().await.expect("a body");
+    assert!(answer.len() < 400 && !answer.contains("xxxxxxxxxx"), "{answer}");
+    let answer: Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(rejected(&answer), [(0, "event_id_too_long".to_owned())]);
+
+    // An event over the event size limit: the whole request is 413, compactly.
+    let huge = event(&"y".repeat(500_000), "u", "d"); // twice over: content_id repeats the id
+    let response = server.post_protobuf("/v1/events", &batch(vec![huge])).await;
+    assert_eq!(response.status(), 413);
+    let answer = response.text().await.expect("a body");
+    assert!(answer.len() < 300 && answer.contains("event_too_large"), "{answer}");
+
+    // JSON values quoted by a reason are cut.
+    let long = "z".repeat(20_000);
+    let body = json!({"events": [
+        {"eventId": "t", "type": format!("EVENT_TYPE_{long}"), "occurredAtMs": now_ms(), "userId": "u"},
+        {"eventId": "o", "type": "EVENT_TYPE_PLAY", "occurredAtMs": long, "userId": "u"},
+    ]});
+    let response = server.post("/v1/events", "application/json", body.to_string()).await;
+    assert_eq!(response.status(), 200);
+    let answer = response.text().await.expect("a body");
+    assert!(answer.len() < 1000 && !answer.contains(&"z".repeat(300)), "{} bytes: {answer:.500}", answer.len());
+    let answer: Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(rejected(&answer), [(0, "unknown_type".to_owned()), (1, "malformed_event".to_owned())]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_open_request_finish_and_flushes() {
+    let fake = FakeKinesis::new(1);
+    fake.stall();
+    let mut server = Server::start_with(fake.clone(), producer_config(), CollectorConfig::default(), None).await;
+    let open = {
+        let (http, url) = (server.http.clone(), format!("{}/v1/events?wait=acked", server.base));
+        let body = batch(vec![event("s-1", "u", "d")]).encode_to_vec();
+        tokio::spawn(
+            async move { http.post(url).header("content-type", "application/x-protobuf").body(body).send().await },
+        )
+    };
+    eventually("the request to reach Kinesis", || fake.calls.load(Ordering::SeqCst) > 0).await;
+    let _ = server.stop.take().expect("running").send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // No new connections once shutdown has begun.
+    let refused = reqwest::Client::new().get(format!("{}/health", server.base)).send().await;
+    assert!(refused.is_err(), "a new connection was served after shutdown began: {refused:?}");
+    fake.unstall();
+    let open = tokio::time::timeout(BOUND, open).await.expect("in time").expect("no panic").expect("answer");
+    assert_eq!(open.status(), 200);
+    let task = server.task.take().expect("running");
+    let stats = tokio::time::timeout(BOUND, task).await.expect("stops").expect("no panic").expect("served");
+    assert_eq!(stats.user_records_put, 1);
+    assert_eq!(fake.event_ids(), ["s-1"]);
 }

@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every variable the collector reads (see `ktk_producer::collector::Settings`).
-const VARIABLES: [&str; 11] = [
+const VARIABLES: [&str; 17] = [
     "KTK_STREAM",
     "KTK_LISTEN",
     "KTK_MAX_BODY_BYTES",
@@ -14,6 +14,12 @@ const VARIABLES: [&str; 11] = [
     "KTK_MAX_CONCURRENT_REQUESTS",
     "KTK_DRAIN_TIMEOUT_SECS",
     "KTK_FLUSH_TIMEOUT_SECS",
+    "KTK_MAX_CONNECTIONS",
+    "KTK_HEADER_TIMEOUT_SECS",
+    "KTK_BODY_TIMEOUT_SECS",
+    "KTK_IDLE_TIMEOUT_SECS",
+    "KTK_MAX_EVENTS_PER_REQUEST",
+    "KTK_MAX_EVENT_BYTES",
     "KTK_RECORD_MAX_BUFFERED_MS",
     "KTK_MAX_OUTSTANDING_RECORDS",
     "KTK_LOG_FORMAT",
@@ -36,7 +42,19 @@ fn help_lists_every_variable_with_its_default_and_unit() {
     for variable in VARIABLES {
         assert!(help.contains(&format!("[env: {variable}")), "{variable} missing from:\n{help}");
     }
-    for shown in ["[default: 1048576]", "[default: 100]", "[default: 127.0.0.1:8080]", "<MS>", "<BYTES>", "<SECS>"] {
+    for shown in [
+        "[default: 1048576]",
+        "[default: 100]",
+        "[default: 127.0.0.1:8080]",
+        "[default: 4096]",
+        "[default: 500]",
+        "[default: 32768]",
+        "<MS>",
+        "<BYTES>",
+        "<SECS>",
+        "<CONNECTIONS>",
+        "<EVENTS>",
+    ] {
         assert!(help.contains(shown), "{shown} missing from:\n{help}");
     }
 }

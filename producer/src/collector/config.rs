@@ -27,6 +27,12 @@ pub struct CollectorConfig {
     pub(crate) max_concurrent_requests: usize,
     pub(crate) drain_timeout: Duration,
     pub(crate) flush_timeout: Duration,
+    pub(crate) header_timeout: Duration,
+    pub(crate) body_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) max_events_per_request: usize,
+    pub(crate) max_event_bytes: usize,
 }
 
 impl Default for CollectorConfig {
@@ -38,6 +44,12 @@ impl Default for CollectorConfig {
             max_concurrent_requests: 256,
             drain_timeout: Duration::from_secs(10),
             flush_timeout: Duration::from_secs(15),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_events_per_request: 500,
+            max_event_bytes: 32 * 1024,
         }
     }
 }
@@ -64,9 +76,9 @@ impl CollectorConfig {
         self
     }
 
-    /// Most `POST /v1/events` requests handled at once; more are answered 503 at once, before
-    /// their bodies are read, so memory stays bounded by this times the body limit
-    /// (`KTK_MAX_CONCURRENT_REQUESTS`, default 256).
+    /// Most `POST /v1/events` requests handled at once, counted from the moment a body has
+    /// arrived whole; more are answered 503 (`KTK_MAX_CONCURRENT_REQUESTS`, default 256). A
+    /// request still sending its body holds a connection, not one of these.
     pub fn with_max_concurrent_requests(mut self, requests: usize) -> Self {
         self.max_concurrent_requests = requests;
         self
@@ -84,6 +96,54 @@ impl CollectorConfig {
     /// Kubernetes give a task between SIGTERM and SIGKILL).
     pub fn with_flush_timeout(mut self, timeout: Duration) -> Self {
         self.flush_timeout = timeout;
+        self
+    }
+
+    /// How long a client has to send a request's head (request line and headers), counted from
+    /// the connection's opening, or from the first byte of a later request on a kept-alive
+    /// connection; a slower one is disconnected (`KTK_HEADER_TIMEOUT_SECS`, default 10 s, as
+    /// Envoy's `request_headers_timeout` is commonly set; nginx's `client_header_timeout` is 60 s).
+    pub fn with_header_timeout(mut self, timeout: Duration) -> Self {
+        self.header_timeout = timeout;
+        self
+    }
+
+    /// How long a client has to send a whole body once its head has arrived; a slower one is
+    /// answered 408 and disconnected (`KTK_BODY_TIMEOUT_SECS`, default 30 s).
+    pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
+        self
+    }
+
+    /// How long a kept-alive connection may wait, after an answer, for the next request before
+    /// it is closed (`KTK_IDLE_TIMEOUT_SECS`, default 60 s; nginx's `keepalive_timeout` is 75 s,
+    /// Envoy's `idle_timeout` 1 h).
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Most connections open at once (`KTK_MAX_CONNECTIONS`, default 4096). Further ones wait in
+    /// the listen backlog until one closes. Keep it under the process's open-file limit. Memory
+    /// for request bodies is bounded by this times the body limit.
+    pub fn with_max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections;
+        self
+    }
+
+    /// Most events in one request; a batch with more is answered 413 `too_many_events`
+    /// (`KTK_MAX_EVENTS_PER_REQUEST`, default 500, as Segment's batch API and Kinesis
+    /// `PutRecords`).
+    pub fn with_max_events_per_request(mut self, events: usize) -> Self {
+        self.max_events_per_request = events;
+        self
+    }
+
+    /// Largest event, in bytes of its binary protobuf encoding (the record put into Kinesis); a
+    /// batch holding a larger one is answered 413 `event_too_large` (`KTK_MAX_EVENT_BYTES`,
+    /// default 32 KiB, Segment's per-event limit).
+    pub fn with_max_event_bytes(mut self, bytes: usize) -> Self {
+        self.max_event_bytes = bytes;
         self
     }
 
@@ -111,6 +171,14 @@ const MAX_EVENT_AGE_SECS: u64 = 365 * 24 * 60 * 60;
 const MAX_DURATION_SECS: u64 = 24 * 60 * 60;
 /// Largest `--max-concurrent-requests`.
 const MAX_CONCURRENT_REQUESTS: u64 = 65_536;
+/// Largest `--header-timeout-secs`, `--body-timeout-secs` and `--idle-timeout-secs`: 1 hour.
+const MAX_TIMEOUT_SECS: u64 = 60 * 60;
+/// Largest `--max-connections`: 1 million.
+const MAX_CONNECTIONS: u64 = 1_000_000;
+/// Largest `--max-events-per-request`.
+const MAX_EVENTS_PER_REQUEST: u64 = 100_000;
+/// Largest `--max-event-bytes`: 1 MiB, the largest Kinesis record.
+const MAX_EVENT_BYTES: u64 = 1024 * 1024;
 /// Largest `--max-outstanding-records`: 100 million.
 const MAX_OUTSTANDING_RECORDS: u64 = 100_000_000;
 
@@ -148,7 +216,8 @@ struct Flags {
           value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
     retry_after_secs: u64,
 
-    /// Most `POST /v1/events` requests handled at once (up to 65,536); more are answered 503.
+    /// Most `POST /v1/events` requests handled at the same time, counted from when a body has
+    /// arrived whole (up to 65,536); more are answered 503.
     #[arg(long, env = "KTK_MAX_CONCURRENT_REQUESTS", value_name = "REQUESTS", default_value_t = 256,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CONCURRENT_REQUESTS))]
     max_concurrent_requests: usize,
@@ -163,6 +232,41 @@ struct Flags {
     #[arg(long, env = "KTK_FLUSH_TIMEOUT_SECS", value_name = "SECS", default_value_t = 15,
           value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
     flush_timeout_secs: u64,
+
+    /// Most connections open at once (up to 1 million); more wait in the listen backlog. Keep it
+    /// under the open-file limit.
+    #[arg(long, env = "KTK_MAX_CONNECTIONS", value_name = "CONNECTIONS", default_value_t = 4096,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_CONNECTIONS))]
+    max_connections: usize,
+
+    /// Time a client has to send a request's head (line and headers), in seconds (up to 1 hour);
+    /// a slower one is disconnected.
+    #[arg(long, env = "KTK_HEADER_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
+    header_timeout_secs: u64,
+
+    /// Time a client has to send a whole body once its head has arrived, in seconds (up to 1
+    /// hour); a slower one is answered 408.
+    #[arg(long, env = "KTK_BODY_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
+    body_timeout_secs: u64,
+
+    /// Time a kept-alive connection may wait for its next request before it is closed, in
+    /// seconds (up to 1 hour).
+    #[arg(long, env = "KTK_IDLE_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
+    idle_timeout_secs: u64,
+
+    /// Most events in one request (up to 100,000); a batch with more is answered 413.
+    #[arg(long, env = "KTK_MAX_EVENTS_PER_REQUEST", value_name = "EVENTS", default_value_t = 500,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_EVENTS_PER_REQUEST))]
+    max_events_per_request: usize,
+
+    /// Largest event, in bytes of its protobuf encoding (up to 1 MiB); a batch holding a larger
+    /// one is answered 413.
+    #[arg(long, env = "KTK_MAX_EVENT_BYTES", value_name = "BYTES", default_value_t = 32 * 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_EVENT_BYTES))]
+    max_event_bytes: usize,
 
     /// Longest a record waits in the producer's buffers before it is sent, in milliseconds (up to
     /// 1 day; KPL RecordMaxBufferedTime).
@@ -196,6 +300,12 @@ struct Flags {
 /// | `--max-concurrent-requests` | `KTK_MAX_CONCURRENT_REQUESTS` | [`CollectorConfig::with_max_concurrent_requests`] | 256 |
 /// | `--drain-timeout-secs` | `KTK_DRAIN_TIMEOUT_SECS` | [`CollectorConfig::with_drain_timeout`] | 10 |
 /// | `--flush-timeout-secs` | `KTK_FLUSH_TIMEOUT_SECS` | [`CollectorConfig::with_flush_timeout`] | 15 |
+/// | `--max-connections` | `KTK_MAX_CONNECTIONS` | [`CollectorConfig::with_max_connections`] | 4096 |
+/// | `--header-timeout-secs` | `KTK_HEADER_TIMEOUT_SECS` | [`CollectorConfig::with_header_timeout`] | 10 |
+/// | `--body-timeout-secs` | `KTK_BODY_TIMEOUT_SECS` | [`CollectorConfig::with_body_timeout`] | 30 |
+/// | `--idle-timeout-secs` | `KTK_IDLE_TIMEOUT_SECS` | [`CollectorConfig::with_idle_timeout`] | 60 |
+/// | `--max-events-per-request` | `KTK_MAX_EVENTS_PER_REQUEST` | [`CollectorConfig::with_max_events_per_request`] | 500 |
+/// | `--max-event-bytes` | `KTK_MAX_EVENT_BYTES` | [`CollectorConfig::with_max_event_bytes`] | 32768 |
 /// | `--record-max-buffered-ms` | `KTK_RECORD_MAX_BUFFERED_MS` | [`ProducerConfig::with_record_max_buffered_time`] | 100 |
 /// | `--max-outstanding-records` | `KTK_MAX_OUTSTANDING_RECORDS` | [`ProducerConfig::with_max_outstanding_records`] | 250000 |
 /// | `--log-format` | `KTK_LOG_FORMAT` | `text` or `json` (any case) | `text` |
@@ -271,7 +381,13 @@ impl Flags {
             .with_retry_after(Duration::from_secs(self.retry_after_secs))
             .with_max_concurrent_requests(self.max_concurrent_requests)
             .with_drain_timeout(Duration::from_secs(self.drain_timeout_secs))
-            .with_flush_timeout(Duration::from_secs(self.flush_timeout_secs));
+            .with_flush_timeout(Duration::from_secs(self.flush_timeout_secs))
+            .with_max_connections(self.max_connections)
+            .with_header_timeout(Duration::from_secs(self.header_timeout_secs))
+            .with_body_timeout(Duration::from_secs(self.body_timeout_secs))
+            .with_idle_timeout(Duration::from_secs(self.idle_timeout_secs))
+            .with_max_events_per_request(self.max_events_per_request)
+            .with_max_event_bytes(self.max_event_bytes);
         let producer = ProducerConfig::new(stream)
             .with_record_max_buffered_time(Duration::from_millis(self.record_max_buffered_ms))
             .with_max_outstanding_records(self.max_outstanding_records);
@@ -352,6 +468,12 @@ mod tests {
             "--max-concurrent-requests=8",
             "--drain-timeout-secs=2",
             "--flush-timeout-secs=3",
+            "--max-connections=100",
+            "--header-timeout-secs=4",
+            "--body-timeout-secs=5",
+            "--idle-timeout-secs=6",
+            "--max-events-per-request=50",
+            "--max-event-bytes=1000",
             "--record-max-buffered-ms=250",
             "--max-outstanding-records=1000",
             "--log-format=JSON",
@@ -367,6 +489,12 @@ mod tests {
                 .with_max_concurrent_requests(8)
                 .with_drain_timeout(Duration::from_secs(2))
                 .with_flush_timeout(Duration::from_secs(3))
+                .with_max_connections(100)
+                .with_header_timeout(Duration::from_secs(4))
+                .with_body_timeout(Duration::from_secs(5))
+                .with_idle_timeout(Duration::from_secs(6))
+                .with_max_events_per_request(50)
+                .with_max_event_bytes(1000)
         );
         assert_eq!(s.producer.stream(), "arn:aws:kinesis:us-east-1:123456789012:stream/events");
         assert_eq!(s.producer.record_max_buffered_time, Duration::from_millis(250));
@@ -387,7 +515,7 @@ mod tests {
                 long.to_owned()
             })
             .collect();
-        assert_eq!(variables.len(), 11, "{variables:?}");
+        assert_eq!(variables.len(), 17, "{variables:?}");
     }
 
     #[test]
@@ -403,6 +531,12 @@ mod tests {
             ("--max-concurrent-requests", "0"),
             ("--drain-timeout-secs", "0"),
             ("--flush-timeout-secs", "86401"),
+            ("--max-connections", "0"),
+            ("--header-timeout-secs", "3601"),
+            ("--body-timeout-secs", "0"),
+            ("--idle-timeout-secs", "3601"),
+            ("--max-events-per-request", "100001"),
+            ("--max-event-bytes", "1048577"),
             ("--record-max-buffered-ms", "soon"),
             ("--record-max-buffered-ms", "18446744073709551615"),
             ("--max-outstanding-records", "0"),

@@ -5,19 +5,26 @@
 //! order on one shard. The `collector` binary is a thin `main` over [`serve`].
 //!
 //! # Layout
-//! - this file: [`Collector`] (the shared state), [`serve`] (listen until the shutdown future
-//!   resolves, then drain connections and flush the producer);
+//! - this file: [`Collector`] (the shared state), [`serve`] (the accept loop under the connection
+//!   cap, until the shutdown future resolves; then drain connections and flush the producer);
+//! - `connection.rs`: one HTTP/1.1 connection, with the header and idle timeouts;
 //! - `routes.rs`: the HTTP routes, body decoding and the response;
 //! - `validate.rs`: the per-event contract ([`RejectCode`] lists every reason);
 //! - `config.rs`: [`CollectorConfig`], and [`Settings`], what the binary reads from its flags and
-//!   environment.
+//!   environment;
+//! - `log_limit.rs`: warnings written at most once per interval, with a count of the rest.
 //!
 //! # `POST /v1/events`
 //! The body is an `events.v1.EventBatch`, as binary protobuf (`Content-Type:
 //! application/x-protobuf`) or as canonical proto3 JSON (`application/json`; lowerCamelCase or
 //! proto field names, enums by name or number, 64-bit integers as strings or numbers). Any other
-//! content type is answered 415, a body over the limit 413, a body that cannot be decoded 400; those
-//! answers are `{"error": "<code>", "reason": "<what to fix>"}`.
+//! content type is answered 415; a body over the limit 413 `body_too_large`; a batch of more than
+//! [`max_events_per_request`](CollectorConfig::with_max_events_per_request) events 413
+//! `too_many_events`; an event larger than
+//! [`max_event_bytes`](CollectorConfig::with_max_event_bytes) 413 `event_too_large`; a body that
+//! has not arrived whole within the [body timeout](CollectorConfig::with_body_timeout) 408
+//! `body_timeout` (and the connection is closed); a body that cannot be decoded 400. Those answers
+//! are `{"error": "<code>", "reason": "<what to fix>"}`.
 //!
 //! Otherwise each event is checked (see `validate.rs`), and the valid ones are put into the
 //! producer in batch order with one `try_put_batch`, which never waits. The answer is:
@@ -37,7 +44,10 @@
 //! ```
 //!
 //! - `index` is the event's position in the batch; `accepted + rejected.len()` is the batch size
-//!   and `rejected` is in index order.
+//!   and `rejected` is in index order. `code` is the reason as a [`RejectCode`]. The answer never
+//!   grows with what a client sent beyond the events' count: `event_id` is echoed only when it is
+//!   a valid id (empty when it is missing or over [`MAX_EVENT_ID_CHARS`]), and a `reason` is cut
+//!   at 200 characters.
 //! - `accepted` counts the events the producer took: from then on they are the producer's to
 //!   deliver (it retries until the record TTL; a failure after the answer is logged with the
 //!   event id and counted in `collector_events_failed`).
@@ -56,8 +66,18 @@
 //! `shutting_down` without being tried (taking a later event of a user whose earlier event was
 //! turned away would put the earlier one's resend after it on the stream). 503 too, with `?wait=acked`, when no event got into Kinesis and some failed in a
 //! way a retry can fix (throttling, shutdown, TTL). And 503 when more than
-//! [`max_concurrent_requests`](CollectorConfig::with_max_concurrent_requests) are already being
-//! handled.
+//! [`max_concurrent_requests`](CollectorConfig::with_max_concurrent_requests) requests whose bodies
+//! have arrived are already being handled.
+//!
+//! # Connections
+//! [`serve`] accepts at most [`max_connections`](CollectorConfig::with_max_connections) at once;
+//! further ones wait in the listen backlog. A client has the
+//! [header timeout](CollectorConfig::with_header_timeout) to send a request's head (from the
+//! opening, or from the first byte of a later request), then the body timeout for its body; a
+//! kept-alive connection waiting for its next request is closed after the
+//! [idle timeout](CollectorConfig::with_idle_timeout). A request holds one of the concurrency
+//! permits only from the moment its body has arrived, so clients that send slowly hold
+//! connections, which are many and time out, not the permits valid requests need.
 //!
 //! # `GET /health`, `GET /metrics`
 //! `/health` is 200 `{"status":"ok"}`, and 503 `{"status":"shutting_down"}` once shutdown has
@@ -71,15 +91,29 @@
 //! | `collector_events_rejected` | counter | reason (a [`RejectCode`]) |
 //! | `collector_events_failed` | counter | (taken, then failed by the producer) |
 //! | `collector_request_duration_seconds` | histogram | route, status |
+//! | `collector_connections_timed_out` | counter | phase (`header`, `body`, `idle`) |
+//! | `collector_accept_errors` | counter | |
+//!
+//! # Logs
+//! Warnings that can repeat with every request (events turned away because the producer is full
+//! or shutting down, failed `accept` calls) are written at most once per 10 s per kind, with the
+//! number held back since the last line (`suppressed`); the metrics count every occurrence.
 //!
 //! # Bounded memory
-//! The collector keeps nothing between requests: a request holds at most one body (bounded by
-//! the body limit) and its events, and at most `max_concurrent_requests` are handled at once.
+//! The collector keeps nothing between requests. A connection holds at most one request head
+//! (32 KiB) and one body (bounded by the body limit), so bodies being read take at most
+//! `max_connections` times the body limit; a request being handled holds at most
+//! `max_events_per_request` decoded events, each at most `max_event_bytes` as protobuf, and at
+//! most `max_concurrent_requests` are handled at once. The event count of a protobuf body is
+//! checked on its wire format before anything is decoded, and a JSON body's `events` are read
+//! no further than the limit.
 //! Without `?wait=acked`, one task per request watches its receipts; each such task holds at
 //! least one record still outstanding in the producer, so there are never more of them than the
 //! producer's outstanding-records limit.
 
 mod config;
+mod connection;
+mod log_limit;
 mod routes;
 mod validate;
 
@@ -88,10 +122,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
+use metrics::counter;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, watch};
 use tracing::{info, warn};
+
+use log_limit::{LogLimit, WARNING_INTERVAL};
 
 pub use config::{CollectorConfig, LogFormat, Settings};
 pub use validate::{MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, RejectCode, Rejection};
@@ -110,8 +147,10 @@ struct Shared {
     config: CollectorConfig,
     prometheus: Option<PrometheusHandle>,
     shutting_down: AtomicBool,
-    /// One permit per `POST /v1/events` being handled.
+    /// One permit per `POST /v1/events` being handled (taken once its body has arrived).
     requests: Semaphore,
+    /// The `producer_full` / `shutting_down` warning, at most once per interval.
+    turned_away_warnings: LogLimit,
 }
 
 impl Collector {
@@ -125,6 +164,7 @@ impl Collector {
                 config,
                 prometheus,
                 shutting_down: AtomicBool::new(false),
+                turned_away_warnings: LogLimit::new(WARNING_INTERVAL),
             }),
         }
     }
@@ -150,6 +190,10 @@ impl Collector {
 /// Serves the Event API on `listener` until `shutdown` resolves; then stops accepting
 /// connections, lets open ones finish their requests (up to the drain timeout), shuts the
 /// producer down (sending what it holds, up to the flush timeout) and returns its statistics.
+///
+/// Each connection is served by HTTP/1.1 with the header, body and idle timeouts of the
+/// [`CollectorConfig`]; at most [`max_connections`](CollectorConfig::with_max_connections) are
+/// open at once, and further ones wait in the listen backlog.
 pub async fn serve(
     listener: TcpListener,
     collector: Collector,
@@ -157,31 +201,59 @@ pub async fn serve(
 ) -> std::io::Result<ProducerStats> {
     let address = listener.local_addr()?;
     info!(%address, stream = %collector.producer().config().stream(), "Event API listening");
-    let (began, began_rx) = oneshot::channel::<()>();
-    let state = collector.clone();
-    let signal = async move {
-        shutdown.await;
-        state.shared.shutting_down.store(true, Ordering::Relaxed);
-        info!("shutting down: no new connections; open ones may finish their requests");
-        let _ = began.send(());
-    };
-    let server = axum::serve(listener, collector.router()).with_graceful_shutdown(signal).into_future();
-    let drain_timeout = collector.config().drain_timeout;
-    // A client that keeps a request open must not hold the shutdown up past the drain timeout.
-    let drain_deadline = async move {
-        match began_rx.await {
-            Ok(()) => tokio::time::sleep(drain_timeout).await,
-            Err(_) => std::future::pending().await,
-        }
-    };
-    let served = tokio::select! {
-        served = server => served,
-        () = drain_deadline => {
-            warn!(timeout_ms = drain_timeout.as_millis() as u64, "connections still open after the drain timeout; leaving them");
-            Ok(())
-        }
-    };
-    let stats = collector.producer().shutdown(collector.config().flush_timeout).await;
+    let config = collector.config().clone();
+    let cap = config.max_connections.clamp(1, MAX_CONNECTION_PERMITS.min(Semaphore::MAX_PERMITS));
+    let connections = Arc::new(Semaphore::new(cap));
+    let (stopping, stopping_rx) = watch::channel(false);
+    let timeouts = connection::Timeouts { header: config.header_timeout, idle: config.idle_timeout };
+    let router = collector.router();
+    let accept_errors = LogLimit::new(WARNING_INTERVAL);
+    let shutdown = std::pin::pin!(shutdown);
+    let mut shutdown = shutdown;
+    loop {
+        // A place under the connection cap first: while there is none, new connections wait in
+        // the listen backlog instead of being accepted and then starved.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    counter!("collector_accept_errors").increment(1);
+                    if let Some(suppressed) = accept_errors.admit() {
+                        warn!(suppressed, "cannot accept a connection: {e}");
+                    }
+                    // Out of file descriptors, most likely: give open connections time to close.
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection::serve_connection(stream, router.clone(), timeouts, stopping_rx.clone(), permit));
+    }
+    collector.shared.shutting_down.store(true, Ordering::Relaxed);
+    info!("shutting down: no new connections; open ones may finish their requests");
+    drop(listener);
+    let _ = stopping.send(true);
+    // Every connection holds a permit until it ends: all of them back means all connections closed.
+    let drained =
+        tokio::time::timeout(config.drain_timeout, connections.acquire_many(u32::try_from(cap).unwrap_or(u32::MAX)))
+            .await;
+    if drained.is_err() {
+        warn!(
+            timeout_ms = config.drain_timeout.as_millis() as u64,
+            open = cap - connections.available_permits(),
+            "connections still open after the drain timeout; leaving them"
+        );
+    }
+    let stats = collector.producer().shutdown(config.flush_timeout).await;
     info!(
         received = stats.user_records_received,
         put = stats.user_records_put,
@@ -193,5 +265,10 @@ pub async fn serve(
         throttled = stats.throttled,
         "producer flushed and stopped"
     );
-    served.map(|()| stats)
+    Ok(stats)
 }
+
+/// Most connection permits: what `Semaphore::acquire_many` can wait for at once.
+const MAX_CONNECTION_PERMITS: usize = u32::MAX as usize;
+/// After a failed `accept`, how long the loop waits before the next.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);

@@ -20,7 +20,7 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::Collector;
-use super::validate::{BatchValidator, RejectCode, Rejection};
+use super::validate::{BatchValidator, MAX_EVENT_ID_CHARS, RejectCode, Rejection};
 use crate::error::{PutError, PutErrorKind};
 use crate::producer::BatchTaken;
 use crate::record::{BatchReceipt, Record};
@@ -82,7 +82,20 @@ impl RequestError {
 
 impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({"error": self.error, "reason": self.reason}))).into_response()
+        let reason = cut(&self.reason, MAX_REASON_CHARS);
+        (self.status, Json(serde_json::json!({"error": self.error, "reason": reason}))).into_response()
+    }
+}
+
+/// Longest `reason` in an answer, in characters. A reason may quote what the client sent (a
+/// content type, a JSON value in a decoder's message); cut, it cannot make an answer large.
+const MAX_REASON_CHARS: usize = 200;
+
+/// `text`, cut to at most `max` characters (with "..." when cut).
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}...", &text[..end]),
     }
 }
 
@@ -133,6 +146,22 @@ fn wait_for_acks(query: Option<&str>) -> Result<bool, RequestError> {
     Ok(wait)
 }
 
+/// Reads the body within the body timeout, refusing to hold more than the body limit.
+async fn read_body_in_time(collector: &Collector, headers: &HeaderMap, body: Body) -> Result<Bytes, RequestError> {
+    let config = collector.config();
+    match tokio::time::timeout(config.body_timeout, read_body(headers, body, config.max_body_bytes)).await {
+        Ok(read) => read,
+        Err(_) => {
+            counter!("collector_connections_timed_out", "phase" => "body").increment(1);
+            Err(RequestError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("the body did not arrive within {} ms", config.body_timeout.as_millis()),
+            ))
+        }
+    }
+}
+
 /// Reads the body, refusing to hold more than `limit` bytes of it.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RequestError> {
     let too_large = || {
@@ -169,7 +198,77 @@ struct Decoded {
     unknown_type: Option<String>,
 }
 
-fn decode_protobuf(body: &[u8]) -> Result<Vec<Decoded>, RequestError> {
+/// How many events one request may hold, and how large each may be.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    events: usize,
+    event_bytes: usize,
+}
+
+impl Limits {
+    fn of(collector: &Collector) -> Self {
+        let config = collector.config();
+        Limits { events: config.max_events_per_request, event_bytes: config.max_event_bytes }
+    }
+
+    fn too_many(self) -> RequestError {
+        RequestError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("the batch holds more than {} events; send fewer events per request", self.events),
+        )
+    }
+
+    fn too_large(self, index: usize, bytes: usize) -> RequestError {
+        RequestError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "event_too_large",
+            format!("event {index} is {bytes} bytes as protobuf; at most {} are accepted", self.event_bytes),
+        )
+    }
+}
+
+/// Counts and measures the events of a binary `EventBatch` from its wire format, before any is
+/// decoded: a body of a million empty events is refused without allocating a million events.
+/// Whatever does not read as protobuf is left for the decoder to report.
+fn check_protobuf_limits(body: &[u8], limits: Limits) -> Result<(), RequestError> {
+    /// `EventBatch.events`.
+    const EVENTS_FIELD: u64 = 1;
+    let mut rest = body;
+    let mut events = 0usize;
+    while !rest.is_empty() {
+        let Ok(key) = prost::encoding::decode_varint(&mut rest) else { return Ok(()) };
+        let skip = match key & 0x7 {
+            0 => match prost::encoding::decode_varint(&mut rest) {
+                Ok(_) => 0,
+                Err(_) => return Ok(()),
+            },
+            1 => 8,
+            5 => 4,
+            2 => {
+                let Ok(length) = prost::encoding::decode_varint(&mut rest) else { return Ok(()) };
+                let Ok(length) = usize::try_from(length) else { return Ok(()) };
+                if key >> 3 == EVENTS_FIELD {
+                    if events == limits.events {
+                        return Err(limits.too_many());
+                    }
+                    if length > limits.event_bytes {
+                        return Err(limits.too_large(events, length));
+                    }
+                    events += 1;
+                }
+                length
+            }
+            _ => return Ok(()),
+        };
+        let Some(after) = rest.get(skip..) else { return Ok(()) };
+        rest = after;
+    }
+    Ok(())
+}
+
+fn decode_protobuf(body: &[u8], limits: Limits) -> Result<Vec<Decoded>, RequestError> {
+    check_protobuf_limits(body, limits)?;
     let batch = EventBatch::decode(body)
         .map_err(|e| RequestError::malformed(format!("the body is not a binary protobuf events.v1.EventBatch: {e}")))?;
     Ok(batch
@@ -179,25 +278,114 @@ fn decode_protobuf(body: &[u8]) -> Result<Vec<Decoded>, RequestError> {
         .collect())
 }
 
+/// A JSON batch as first read: its events still as JSON values (at most the limit of them), and
+/// every other field.
+struct JsonBatch {
+    events: Vec<Value>,
+    rest: serde_json::Map<String, Value>,
+}
+
+/// Reads a [`JsonBatch`], and stops reading `events` past the limit (setting `over_limit`).
+struct JsonBatchSeed<'a> {
+    max_events: usize,
+    over_limit: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonBatchSeed<'_> {
+    type Value = JsonBatch;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<JsonBatch, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonBatchSeed<'_> {
+    type Value = JsonBatch;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object; send an events.v1.EventBatch: {\"events\": [...]}")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<JsonBatch, A::Error> {
+        let mut batch = JsonBatch { events: Vec::new(), rest: serde_json::Map::new() };
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "events" {
+                let seed = EventsSeed { max_events: self.max_events, over_limit: self.over_limit };
+                batch.events = map.next_value_seed(seed)?;
+            } else {
+                batch.rest.insert(key, map.next_value()?);
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// `events`: null or an array of at most `max_events` values.
+struct EventsSeed<'a> {
+    max_events: usize,
+    over_limit: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EventsSeed<'_> {
+    type Value = Vec<Value>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Value>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EventsSeed<'_> {
+    type Value = Vec<Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("`events` as an array")
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<Value>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Value>, A::Error> {
+        let mut events = Vec::new();
+        while let Some(event) = seq.next_element::<Value>()? {
+            if events.len() == self.max_events {
+                self.over_limit.set(true);
+                return Err(serde::de::Error::custom("too many events"));
+            }
+            events.push(event);
+        }
+        Ok(events)
+    }
+}
+
 /// Reads a JSON batch event by event, so that one malformed event is rejected alone instead of
 /// failing the whole batch.
-fn decode_json(body: &[u8]) -> Result<Vec<Decoded>, RequestError> {
-    let mut batch: Value =
-        serde_json::from_slice(body).map_err(|e| RequestError::malformed(format!("the body is not JSON: {e}")))?;
-    let Some(object) = batch.as_object_mut() else {
-        return Err(RequestError::malformed(
-            "the body is not a JSON object; send an events.v1.EventBatch: {\"events\": [...]}",
-        ));
-    };
-    let events = match object.remove("events") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(events)) => events,
-        Some(_) => return Err(RequestError::malformed("`events` is not an array")),
+fn decode_json(body: &[u8], limits: Limits) -> Result<Vec<Decoded>, RequestError> {
+    let over_limit = std::cell::Cell::new(false);
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let read = serde::de::DeserializeSeed::deserialize(
+        JsonBatchSeed { max_events: limits.events, over_limit: &over_limit },
+        &mut deserializer,
+    )
+    .and_then(|batch| deserializer.end().map(|()| batch));
+    let batch = match read {
+        Ok(batch) => batch,
+        Err(_) if over_limit.get() => return Err(limits.too_many()),
+        Err(e) => return Err(RequestError::malformed(format!("the body is not a JSON events.v1.EventBatch: {e}"))),
     };
     // What is left (sentAtMs, fields of later versions) must still read as an EventBatch.
-    EventBatch::deserialize(&batch)
+    EventBatch::deserialize(&Value::Object(batch.rest))
         .map_err(|e| RequestError::malformed(format!("the body is not an events.v1.EventBatch: {e}")))?;
-    Ok(events.iter().map(decode_json_event).collect())
+    let decoded: Vec<Decoded> = batch.events.iter().map(decode_json_event).collect();
+    for (index, event) in decoded.iter().enumerate() {
+        if let Ok(event) = &event.event {
+            let bytes = event.encoded_len();
+            if bytes > limits.event_bytes {
+                return Err(limits.too_large(index, bytes));
+            }
+        }
+    }
+    Ok(decoded)
 }
 
 fn decode_json_event(value: &Value) -> Decoded {
@@ -245,12 +433,18 @@ impl Rejected {
     fn new(index: usize, event_id: String, rejection: Rejection) -> Self {
         Rejected {
             index,
-            event_id,
+            event_id: echoable(event_id),
             code: rejection.code.as_str(),
             retryable: rejection.code.is_retryable(),
-            reason: rejection.reason,
+            reason: cut(&rejection.reason, MAX_REASON_CHARS),
         }
     }
+}
+
+/// The `event_id` of a rejected entry: as sent when it is a valid length, else empty (an id over
+/// the limit is never echoed back, so an answer stays small whatever was sent).
+fn echoable(event_id: String) -> String {
+    if event_id.chars().count() > MAX_EVENT_ID_CHARS { String::new() } else { event_id }
 }
 
 #[derive(Debug, Serialize)]
@@ -281,6 +475,15 @@ async fn post_events(
         Ok(wait) => wait,
         Err(error) => return error.into_response(),
     };
+    // The body first, within its timeout: a slow sender holds its connection, not a permit.
+    let body = match read_body_in_time(&collector, &headers, body).await {
+        Ok(body) => body,
+        Err(error) if error.status == StatusCode::REQUEST_TIMEOUT => {
+            // The rest of the body may still be on its way; the connection cannot be reused.
+            return ([(header::CONNECTION, HeaderValue::from_static("close"))], error).into_response();
+        }
+        Err(error) => return error.into_response(),
+    };
     let Ok(_permit) = collector.shared.requests.try_acquire() else {
         let error = RequestError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -289,13 +492,12 @@ async fn post_events(
         );
         return (retry_after(&collector), error).into_response();
     };
-    let decoded = match read_body(&headers, body, collector.config().max_body_bytes).await {
-        Ok(body) => match format {
-            Format::Protobuf => decode_protobuf(&body),
-            Format::Json => decode_json(&body),
-        },
-        Err(error) => Err(error),
+    let limits = Limits::of(&collector);
+    let decoded = match format {
+        Format::Protobuf => decode_protobuf(&body, limits),
+        Format::Json => decode_json(&body, limits),
     };
+    drop(body);
     let events = match decoded {
         Ok(events) => events,
         Err(error) => return error.into_response(),
@@ -370,12 +572,17 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
     for entry in &rejected {
         counter!("collector_events_rejected", "reason" => entry.code).increment(1);
     }
-    if let Some(rejection) = &stopped {
+    if let Some(rejection) = &stopped
+        && let Some(suppressed) = collector.shared.turned_away_warnings.admit()
+    {
+        // Once per interval at most: under overload this would otherwise be a line per request.
         warn!(
             code = rejection.code.as_str(),
             accepted = receipts.len(),
             rejected = rejected.len(),
-            "turned events away: the producer is not taking records"
+            suppressed,
+            "turned events away: the producer is not taking records (`suppressed` such warnings since the last; \
+             collector_events_rejected counts every event)"
         );
     }
 
@@ -430,7 +637,13 @@ fn put_failed(index: usize, event_id: String, error: &PutError) -> Rejected {
     }
     // Shut down or not, another instance (or this one, restarted) can take the event.
     let retryable = error.is_retryable() || matches!(error.kind(), PutErrorKind::ShutDown { .. });
-    Rejected { index, event_id, code: RejectCode::PutFailed.as_str(), reason, retryable }
+    Rejected {
+        index,
+        event_id: echoable(event_id),
+        code: RejectCode::PutFailed.as_str(),
+        reason: cut(&reason, MAX_REASON_CHARS),
+        retryable,
+    }
 }
 
 /// Without `?wait=acked` the app has its answer already; a record that fails later is still

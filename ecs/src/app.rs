@@ -37,6 +37,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(WorkerReport, PipelineStats), Box<dyn std::error::Error>> {
     let worker_config = settings.worker_config()?;
+    // Nothing (lease table, store tables) is created for a stream that is not there.
+    check_stream(aws, &settings.stream).await?;
     let sinks = settings.sinks.connect(aws, StoreConfig::default()).await?;
     let pipeline = Pipeline::new(settings.pipeline_config(), sinks.all())?;
     let factory = {
@@ -68,6 +70,60 @@ pub async fn run(
     let _ = server.await;
     sinks.close().await;
     Ok((result?, pipeline.stats()))
+}
+
+/// Why the stream cannot be consumed, found before anything is created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// Kinesis says there is no such stream: nothing was created, and the process exits.
+    #[error(
+        "the stream {stream} (--stream / KTK_STREAM) does not exist; create it or fix the name (nothing was created)"
+    )]
+    Missing { stream: String },
+    /// The stream could not be described (no access, Kinesis unreachable) after every attempt.
+    #[error(
+        "cannot describe the stream {stream} (--stream / KTK_STREAM) after {attempts} attempts: {message} (nothing was created)"
+    )]
+    Unreachable { stream: String, attempts: u32, message: String },
+}
+
+/// Attempts at DescribeStreamSummary before [`check_stream`] gives up on an error other than a
+/// missing stream (throttling, a network error): about 7 s in all.
+const STREAM_CHECK_ATTEMPTS: u32 = 4;
+
+/// Checks that `stream` (a name or an ARN) exists, with DescribeStreamSummary: a missing stream
+/// is an error at once; any other error is retried a few times ([`STREAM_CHECK_ATTEMPTS`]), then
+/// is an error too.
+pub async fn check_stream(aws: &aws_config::SdkConfig, stream: &str) -> Result<(), StreamError> {
+    use aws_sdk_kinesis::error::ProvideErrorMetadata as _;
+    let kinesis = aws_sdk_kinesis::Client::new(aws);
+    let mut pause = std::time::Duration::from_millis(500);
+    for attempt in 1..=STREAM_CHECK_ATTEMPTS {
+        let request = kinesis.describe_stream_summary();
+        let request = if stream.starts_with("arn:") { request.stream_arn(stream) } else { request.stream_name(stream) };
+        let error = match request.send().await {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        let service = error.into_service_error();
+        if service.is_resource_not_found_exception() {
+            return Err(StreamError::Missing { stream: stream.to_owned() });
+        }
+        let message = service.message().map(str::to_owned).unwrap_or_else(|| service.to_string());
+        if attempt == STREAM_CHECK_ATTEMPTS {
+            return Err(StreamError::Unreachable { stream: stream.to_owned(), attempts: attempt, message });
+        }
+        tracing::warn!(
+            stream,
+            attempt,
+            "cannot describe the stream: {message}; trying again in {pause:?} ({} attempts left)",
+            STREAM_CHECK_ATTEMPTS - attempt
+        );
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    Ok(())
 }
 
 fn router(

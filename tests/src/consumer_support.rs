@@ -80,7 +80,14 @@ pub struct ConsumerProcess {
 impl ConsumerProcess {
     pub fn spawn(spec: &ConsumerSpec) -> Self {
         let port = free_port();
-        let child = Command::new(consumer_binary())
+        let mut command = Command::new(consumer_binary());
+        // Exactly the settings below: the consumer refuses `KTK_*` variables it does not know.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("KTK_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .env("KTK_STREAM", &spec.stream)
             .env("KTK_APPLICATION", &spec.application)
             .env("KTK_WORKER_ID", &spec.worker)

@@ -22,7 +22,8 @@ use tracing::{error, info};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    lambda_runtime::tracing::init_default_subscriber();
+    // Logs that cannot be written are lost, never a panic (see `ktk_settings::stdio`).
+    lambda_runtime::tracing::init_default_subscriber_with_writer(ktk_settings::stdio::lossy_stdout);
     let parsed = LambdaSettings::try_parse();
     // --help and --version print and exit 0.
     if let Err(e) = &parsed
@@ -32,14 +33,14 @@ async fn main() -> ExitCode {
     }
     // An unknown `KTK_*` variable (a misspelt setting) fails the init like a bad value.
     if let Err(line) = ktk_pipeline::settings::check_environment(&LambdaSettings::command()) {
-        eprintln!("{line}");
+        ktk_settings::stdio::eprint_line(&line);
         return init_failed("InvalidSetting", &line, 2).await;
     }
     let settings = match parsed {
         Ok(settings) => settings,
         Err(e) => {
             let line = ktk_pipeline::settings::one_line(&LambdaSettings::command(), &e);
-            eprintln!("{line}");
+            ktk_settings::stdio::eprint_line(&line);
             return init_failed("InvalidSetting", &line, 2).await;
         }
     };

@@ -8,7 +8,12 @@
 //!   nearest variable it does read;
 //! - [`one_line`] turns a clap error into one line naming each flag and its variable;
 //! - [`parse_or_exit`] does both and exits with status 2 on anything wrong.
+//!
+//! [`stdio`] is where the binaries write their logs and messages: a closed or broken stdout or
+//! stderr loses them but never panics a binary or blocks its shutdown.
 #![deny(unsafe_code)]
+
+pub mod stdio;
 
 use std::ffi::OsString;
 
@@ -101,11 +106,11 @@ pub fn parse_or_exit<T: clap::Parser>() -> T {
     }
     // Unknown variables first: a misspelt one is often why a required setting is missing.
     if let Err(line) = check_environment(&T::command()) {
-        eprintln!("{line}");
+        stdio::eprint_line(&line);
         std::process::exit(2);
     }
     parsed.unwrap_or_else(|error| {
-        eprintln!("{}", one_line(&T::command(), &error));
+        stdio::eprint_line(&one_line(&T::command(), &error));
         std::process::exit(2);
     })
 }

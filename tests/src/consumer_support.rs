@@ -79,6 +79,11 @@ pub struct ConsumerProcess {
 
 impl ConsumerProcess {
     pub fn spawn(spec: &ConsumerSpec) -> Self {
+        Self::spawn_with_output(spec, Stdio::null(), Stdio::inherit())
+    }
+
+    /// [`spawn`](Self::spawn) with the child's standard output and error given.
+    pub fn spawn_with_output(spec: &ConsumerSpec, stdout: Stdio, stderr: Stdio) -> Self {
         let port = free_port();
         let mut command = Command::new(consumer_binary());
         // Exactly the settings below: the consumer refuses `KTK_*` variables it does not know.
@@ -110,8 +115,8 @@ impl ConsumerProcess {
             .env("RUST_LOG", "warn")
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(crate::child_aws_env())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start consumer");

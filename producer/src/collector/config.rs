@@ -224,7 +224,7 @@ impl Settings {
         }
         // Unknown variables first: a misspelt one is often why a required setting is missing.
         if let Err(line) = ktk_settings::check_environment(&Flags::command()) {
-            eprintln!("{line}");
+            ktk_settings::stdio::eprint_line(&line);
             std::process::exit(2);
         }
         parsed.unwrap_or_else(|e| e.exit())

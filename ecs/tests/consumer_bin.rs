@@ -85,6 +85,7 @@ fn help_lists_every_setting_with_its_variable() {
         "KTK_SHUTDOWN_TIMEOUT_MS",
         "KTK_LISTEN",
         "KTK_LOG_FORMAT",
+        "KTK_UNHEALTHY_AFTER_MS",
     ]
     .into_iter()
     .chain(ktk_pipeline::settings::SHARED_VARIABLES)

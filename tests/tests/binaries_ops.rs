@@ -1,6 +1,8 @@
 //! The `consumer` and `collector` binaries as an operator runs them, against LocalStack:
 //! - with standard output and error broken (a pipe whose reader is gone, so every write fails
 //!   with EPIPE), SIGTERM still stops each of them with exit status 0;
+//! - a consumer whose S3 bucket is missing answers /health 503 naming the sink once it has failed
+//!   for longer than KTK_UNHEALTHY_AFTER_MS, and 200 again once the bucket is created;
 //! - a consumer pointed at a stream that does not exist exits at once with a message naming
 //!   KTK_STREAM, and creates no lease table.
 
@@ -109,4 +111,61 @@ async fn a_missing_stream_stops_the_consumer_before_anything_is_created() {
     let table = dynamodb.describe_table().table_name(&application).send().await;
     let error = table.expect_err("no lease table").into_service_error();
     assert!(error.is_resource_not_found_exception(), "{error:?}");
+}
+
+#[tokio::test]
+async fn health_is_503_naming_the_sink_while_the_bucket_is_missing_and_200_once_it_exists() {
+    use ktk_proto::events::v1::Event;
+    use prost::Message as _;
+    let kinesis = kinesis().await;
+    let stream = unique_name("ktk-ops-health");
+    create_stream(&kinesis, &stream, 1).await;
+    wait_stream_active(&kinesis, &stream).await;
+    let bucket = unique_name("ktk-ops-health");
+    let spec = ConsumerSpec::new(&stream, &unique_name("ktk-ops-health-app"), "w1", &bucket, "p", "ops_health")
+        .with_env("KTK_UNHEALTHY_AFTER_MS", "2000");
+    let consumer = ConsumerProcess::spawn(&spec);
+    let event = Event { event_id: unique_name("e"), user_id: "u".into(), ..Event::default() };
+    kinesis
+        .put_record()
+        .stream_name(&stream)
+        .partition_key("u")
+        .data(aws_sdk_kinesis::primitives::Blob::new(event.encode_to_vec()))
+        .send()
+        .await
+        .expect("put");
+    let url = format!("http://127.0.0.1:{}/health", consumer.port);
+    let health = || async {
+        let response = reqwest::get(&url).await.ok()?;
+        let code = response.status().as_u16();
+        Some((code, response.json::<serde_json::Value>().await.ok()?))
+    };
+    let started = Instant::now();
+    let unhealthy = loop {
+        if let Some((503, body)) = health().await
+            && body["status"] == "unhealthy"
+        {
+            break body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "/health never turned 503: {:?}", health().await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let reasons = unhealthy["reasons"].to_string();
+    assert!(reasons.contains("sink s3 has failed every write"), "{unhealthy}");
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/ready", consumer.port)).await.expect("ready");
+    assert_eq!(ready.status().as_u16(), 200, "/ready is about the worker, not the sinks");
+
+    let s3 = ktk_pipeline::s3::client(&ktk_tests::aws_config().await, true);
+    s3.create_bucket().bucket(&bucket).send().await.expect("create bucket");
+    let started = Instant::now();
+    loop {
+        if let Some((200, body)) = health().await {
+            assert_eq!(body["status"], "ok", "{body}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "/health never came back: {:?}", health().await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    consumer.stop(Duration::from_secs(25)).await;
+    delete_stream(&kinesis, &stream).await;
 }

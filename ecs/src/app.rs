@@ -1,5 +1,13 @@
 //! The run loop of the `consumer` binary: the worker with the delivery pipeline, and
-//! `GET /health` and `GET /metrics` beside it.
+//! its HTTP endpoints beside it:
+//! - `GET /live` (liveness): 200 while the process answers at all; restart it when this fails.
+//! - `GET /ready` (readiness): 200 while the worker runs (settings, stream and sinks checked,
+//!   leases being taken), 503 before and after.
+//! - `GET /health` (the health check ECS uses): 200 when ready and no sink has failed every write
+//!   for longer than `--unhealthy-after-ms` (`KTK_UNHEALTHY_AFTER_MS`); otherwise 503 with the
+//!   reasons (`"reasons": ["sink s3 has failed every write for 75 s: ..."]`). Both answers carry
+//!   the pipeline's counts.
+//! - `GET /metrics`: the Prometheus text.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,6 +45,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(WorkerReport, PipelineStats), Box<dyn std::error::Error>> {
     let worker_config = settings.worker_config()?;
+    // Nothing (lease table, store tables) is created for a stream that is not there.
+    check_stream(aws, &settings.stream).await?;
     let sinks = settings.sinks.connect(aws, StoreConfig::default()).await?;
     let pipeline = Pipeline::new(settings.pipeline_config(), sinks.all())?;
     let factory = {
@@ -47,7 +57,8 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let stop = CancellationToken::new();
     let server = {
-        let app = router(Arc::clone(&health), pipeline.clone(), metrics);
+        let unhealthy_after = std::time::Duration::from_millis(settings.unhealthy_after_ms);
+        let app = router(Arc::clone(&health), pipeline.clone(), metrics, unhealthy_after);
         let stop = stop.clone();
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
@@ -70,32 +81,130 @@ pub async fn run(
     Ok((result?, pipeline.stats()))
 }
 
+/// Why the stream cannot be consumed, found before anything is created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// Kinesis says there is no such stream: nothing was created, and the process exits.
+    #[error(
+        "the stream {stream} (--stream / KTK_STREAM) does not exist; create it or fix the name (nothing was created)"
+    )]
+    Missing { stream: String },
+    /// The stream could not be described (no access, Kinesis unreachable) after every attempt.
+    #[error(
+        "cannot describe the stream {stream} (--stream / KTK_STREAM) after {attempts} attempts: {message} (nothing was created)"
+    )]
+    Unreachable { stream: String, attempts: u32, message: String },
+}
+
+/// Attempts at DescribeStreamSummary before [`check_stream`] gives up on an error other than a
+/// missing stream (throttling, a network error): about 7 s in all.
+const STREAM_CHECK_ATTEMPTS: u32 = 4;
+
+/// Checks that `stream` (a name or an ARN) exists, with DescribeStreamSummary: a missing stream
+/// is an error at once; any other error is retried a few times ([`STREAM_CHECK_ATTEMPTS`]), then
+/// is an error too.
+pub async fn check_stream(aws: &aws_config::SdkConfig, stream: &str) -> Result<(), StreamError> {
+    use aws_sdk_kinesis::error::ProvideErrorMetadata as _;
+    let kinesis = aws_sdk_kinesis::Client::new(aws);
+    let mut pause = std::time::Duration::from_millis(500);
+    for attempt in 1..=STREAM_CHECK_ATTEMPTS {
+        let request = kinesis.describe_stream_summary();
+        let request = if stream.starts_with("arn:") { request.stream_arn(stream) } else { request.stream_name(stream) };
+        let error = match request.send().await {
+            Ok(_) => return Ok(()),
+            Err(error) => error,
+        };
+        let service = error.into_service_error();
+        if service.is_resource_not_found_exception() {
+            return Err(StreamError::Missing { stream: stream.to_owned() });
+        }
+        let message = service.message().map(str::to_owned).unwrap_or_else(|| service.to_string());
+        if attempt == STREAM_CHECK_ATTEMPTS {
+            return Err(StreamError::Unreachable { stream: stream.to_owned(), attempts: attempt, message });
+        }
+        tracing::warn!(
+            stream,
+            attempt,
+            "cannot describe the stream: {message}; trying again in {pause:?} ({} attempts left)",
+            STREAM_CHECK_ATTEMPTS - attempt
+        );
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    Ok(())
+}
+
+/// Why the consumer is unhealthy: the worker does not run, or a sink has failed every write for
+/// longer than `unhealthy_after`. Empty when healthy.
+pub fn unhealthy_reasons(running: bool, pipeline: &Pipeline, unhealthy_after: std::time::Duration) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if !running {
+        reasons.push("the worker is not running".to_owned());
+    }
+    for writes in pipeline.sink_writes() {
+        let Some(since) = writes.failing_since else { continue };
+        let failing = since.elapsed();
+        if failing > unhealthy_after {
+            reasons.push(format!(
+                "sink {} has failed every write for {} s: {}",
+                writes.sink,
+                failing.as_secs(),
+                writes.last_error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+    }
+    reasons
+}
+
 fn router(
     health: Arc<Health>,
     pipeline: Pipeline,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    unhealthy_after: std::time::Duration,
 ) -> axum::Router {
+    use axum::http::StatusCode;
+    let ready = Arc::clone(&health);
     axum::Router::new()
+        .route("/live", axum::routing::get(|| async { "live" }))
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let running = ready.is_running();
+                async move {
+                    if running {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "the worker is not running")
+                    }
+                }
+            }),
+        )
         .route(
             "/health",
             axum::routing::get(move || {
                 let (health, pipeline) = (Arc::clone(&health), pipeline.clone());
                 async move {
                     let stats = pipeline.stats();
+                    let reasons = unhealthy_reasons(health.is_running(), &pipeline, unhealthy_after);
+                    let status = if !health.is_running() {
+                        "stopped"
+                    } else if reasons.is_empty() {
+                        "ok"
+                    } else {
+                        "unhealthy"
+                    };
                     let body = serde_json::json!({
-                        "status": if health.is_running() { "ok" } else { "stopped" },
+                        "status": status,
+                        "reasons": reasons,
                         "events_delivered": stats.events_delivered,
                         "duplicates": stats.duplicates(),
                         "dead_letters": stats.dead_letters,
                         "sink_errors": stats.sink_errors,
                         "at_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
                     });
-                    let status = if health.is_running() {
-                        axum::http::StatusCode::OK
-                    } else {
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (status, axum::Json(body))
+                    let code = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                    (code, axum::Json(body))
                 }
             }),
         )

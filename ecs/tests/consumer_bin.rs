@@ -45,6 +45,26 @@ fn missing_and_bad_settings_exit_2_naming_the_variable() {
 }
 
 #[test]
+fn an_unknown_variable_exits_2_naming_the_nearest_setting() {
+    let (code, stderr) = consumer(&[
+        ("KTK_STREAM", "events"),
+        ("KTK_APPLICATION", "app"),
+        ("KTK_S3_BUCKETS", "b"),
+        // Tooling variables of the scripts are not settings, and are accepted.
+        ("KTK_CACHE", "/tmp"),
+        ("KTK_FLAKY_ENDPOINT_URL", "http://127.0.0.1:1"),
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    let line = stderr.lines().next().unwrap_or_default();
+    assert!(line.contains("KTK_S3_BUCKETS") && line.contains("did you mean KTK_S3_BUCKET?"), "{stderr}");
+    assert!(!stderr.contains("KTK_CACHE") && !stderr.contains("KTK_FLAKY"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // --help still works with the typo in the environment.
+    let (code, help) = consumer_with(&[("KTK_S3_BUCKETS", "b")], &["--help"]);
+    assert_eq!(code, 0, "{help}");
+}
+
+#[test]
 fn help_lists_every_setting_with_its_variable() {
     let (code, help) = consumer_with(&[], &["--help"]);
     assert_eq!(code, 0, "{help}");
@@ -65,6 +85,7 @@ fn help_lists_every_setting_with_its_variable() {
         "KTK_SHUTDOWN_TIMEOUT_MS",
         "KTK_LISTEN",
         "KTK_LOG_FORMAT",
+        "KTK_UNHEALTHY_AFTER_MS",
     ]
     .into_iter()
     .chain(ktk_pipeline::settings::SHARED_VARIABLES)

@@ -4,7 +4,8 @@
 //!
 //! Init builds everything once per container: the settings, the AWS configuration, the S3 client
 //! and the stores' pools (connected and migrated). A bad setting or an unreachable store is
-//! reported to the Runtime API's `/init/error`, naming the variable, and the process exits 1.
+//! reported to the Runtime API's `/init/error`, naming the variable, and the process exits (2 for a
+//! bad setting or an unknown `KTK_*` variable, 1 for an unreachable store).
 //! On SIGTERM (Lambda's shutdown of an idle container) the stores' pools are closed and the logs
 //! flushed before the process exits.
 
@@ -21,14 +22,25 @@ use tracing::{error, info};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    lambda_runtime::tracing::init_default_subscriber();
-    let settings = match LambdaSettings::try_parse() {
+    // Logs that cannot be written are lost, never a panic (see `ktk_settings::stdio`).
+    lambda_runtime::tracing::init_default_subscriber_with_writer(ktk_settings::stdio::lossy_stdout);
+    let parsed = LambdaSettings::try_parse();
+    // --help and --version print and exit 0.
+    if let Err(e) = &parsed
+        && !e.use_stderr()
+    {
+        e.exit();
+    }
+    // An unknown `KTK_*` variable (a misspelt setting) fails the init like a bad value.
+    if let Err(line) = ktk_pipeline::settings::check_environment(&LambdaSettings::command()) {
+        ktk_settings::stdio::eprint_line(&line);
+        return init_failed("InvalidSetting", &line, 2).await;
+    }
+    let settings = match parsed {
         Ok(settings) => settings,
-        // --help and --version print and exit 0.
-        Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
             let line = ktk_pipeline::settings::one_line(&LambdaSettings::command(), &e);
-            eprintln!("{line}");
+            ktk_settings::stdio::eprint_line(&line);
             return init_failed("InvalidSetting", &line, 2).await;
         }
     };

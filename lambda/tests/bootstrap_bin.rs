@@ -31,6 +31,19 @@ fn help_lists_every_setting_with_its_variable() {
 }
 
 #[test]
+fn an_unknown_variable_exits_2_naming_the_nearest_setting() {
+    let (code, text) = bootstrap(&[("KTK_S3_BUCKETS", "b"), ("KTK_LOCALSTACK_PORT", "4566")], &[]);
+    assert_eq!(code, 2, "{text}");
+    let line = text.lines().find(|l| l.starts_with("bootstrap:")).unwrap_or_default();
+    assert!(line.contains("KTK_S3_BUCKETS") && line.contains("did you mean KTK_S3_BUCKET?"), "{text}");
+    assert!(!line.contains("KTK_LOCALSTACK_PORT"), "{text}");
+    // A consumer-only setting is not one of the function's.
+    let (code, text) = bootstrap(&[("KTK_S3_BUCKET", "b"), ("KTK_FAILOVER_MS", "3000")], &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("KTK_FAILOVER_MS is not a setting of bootstrap"), "{text}");
+}
+
+#[test]
 fn a_bad_setting_exits_2_naming_it() {
     let (code, text) = bootstrap(&[("KTK_S3_BUCKET", "b"), ("KTK_BATCH_MAX_RECORDS", "0")], &[]);
     assert_eq!(code, 2, "{text}");

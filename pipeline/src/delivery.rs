@@ -250,6 +250,53 @@ struct Counters {
     dead_letters: AtomicU64,
     batches: AtomicU64,
     sink_errors: AtomicU64,
+    /// The outcome of the latest writes of each sink, by name: touched once per write attempt.
+    writes: std::sync::Mutex<Vec<SinkWrites>>,
+}
+
+/// When a sink last succeeded and failed ([`Pipeline::sink_writes`]): what a health check needs
+/// to tell a sink that keeps failing from one that failed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkWrites {
+    /// The sink's name (`s3`, `postgres`, `mysql`).
+    pub sink: String,
+    /// The latest successful write.
+    pub last_success: Option<std::time::Instant>,
+    /// The first failed write since the latest success; `None` while the latest write succeeded.
+    pub failing_since: Option<std::time::Instant>,
+    /// The latest failed write's error.
+    pub last_error: Option<String>,
+}
+
+impl Counters {
+    fn record_write(&self, sink: &str, outcome: Result<(), &SinkError>) {
+        let now = std::time::Instant::now();
+        // A poisoned lock only means another writer panicked mid-update of plain data.
+        let mut writes = self.writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = match writes.iter().position(|w| w.sink == sink) {
+            Some(i) => &mut writes[i],
+            None => {
+                writes.push(SinkWrites {
+                    sink: sink.to_owned(),
+                    last_success: None,
+                    failing_since: None,
+                    last_error: None,
+                });
+                let last = writes.len() - 1;
+                &mut writes[last]
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                entry.last_success = Some(now);
+                entry.failing_since = None;
+            }
+            Err(error) => {
+                entry.failing_since.get_or_insert(now);
+                entry.last_error = Some(error.to_string());
+            }
+        }
+    }
 }
 
 impl Counters {
@@ -357,6 +404,11 @@ impl Pipeline {
     /// Counts over every shard since the pipeline was made.
     pub fn stats(&self) -> PipelineStats {
         self.counters.snapshot()
+    }
+
+    /// When each sink that was written to last succeeded and since when it has been failing.
+    pub fn sink_writes(&self) -> Vec<SinkWrites> {
+        self.counters.writes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
 
@@ -676,9 +728,13 @@ async fn write_until_done<A: Acknowledge>(
             None => sink.write(batch).await,
         };
         let error = match outcome {
-            Ok(report) => return (Ok(report), errors),
+            Ok(report) => {
+                counters.record_write(sink.name(), Ok(()));
+                return (Ok(report), errors);
+            }
             Err(e) => e,
         };
+        counters.record_write(sink.name(), Err(&error));
         errors += 1;
         counters.sink_errors.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("SinkErrors", "stream" => batch.stream.clone(), "sink" => sink.name().to_owned())

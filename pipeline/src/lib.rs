@@ -42,7 +42,7 @@ pub use store::postgres;
 pub use decode::{EventEncoding, decode_event};
 pub use delivery::{
     Acknowledge, BatchEnd, ConfigError, DeliveryError, Pipeline, PipelineConfig, PipelineStats, ShardPipeline,
-    UserRecord,
+    SinkWrites, UserRecord,
 };
 pub use sink::{Sink, SinkError, SinkReport, SinkTiming};
 

@@ -223,58 +223,9 @@ impl SinkSettings {
     }
 }
 
-/// Parses a binary's settings from its arguments and `KTK_*` variables. `--help` and `--version`
-/// print and exit 0; anything wrong is one line on stderr naming each flag and its variable, and
-/// exit status 2.
-pub fn parse_or_exit<T: clap::Parser>() -> T {
-    T::try_parse().unwrap_or_else(|error| {
-        if !error.use_stderr() {
-            error.exit();
-        }
-        eprintln!("{}", one_line(&T::command(), &error));
-        std::process::exit(2);
-    })
-}
-
-/// A clap error as one line: `<binary>: <what is wrong> (--flag / KTK_VARIABLE, ...)`.
-pub fn one_line(command: &clap::Command, error: &clap::Error) -> String {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    let rendered = error.render().to_string();
-    let mut lines = rendered.lines().map(str::trim).filter(|line| !line.is_empty());
-    let what = lines.next().unwrap_or("bad settings").trim_start_matches("error: ").trim_end_matches(':');
-    let mentioned = match error.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(arg)) => vec![arg.clone()],
-        Some(ContextValue::Strings(args)) => args.clone(),
-        _ => Vec::new(),
-    };
-    let mut names = Vec::new();
-    for text in &mentioned {
-        // A group's members come as one text, `<--a <A>|--b <B>>`: any one of them will do.
-        let alternatives: Vec<String> = text
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-            .filter(|w| w.starts_with("--"))
-            .map(|flag| {
-                let long = flag.trim_start_matches("--");
-                let env = command.get_arguments().find(|a| a.get_long() == Some(long)).and_then(|a| a.get_env());
-                match env {
-                    Some(env) => format!("{flag} / {}", env.to_string_lossy()),
-                    None => flag.to_owned(),
-                }
-            })
-            .collect();
-        match alternatives.len() {
-            0 => {}
-            1 => names.extend(alternatives),
-            _ => names.push(format!("one of {}", alternatives.join(", "))),
-        }
-    }
-    let what = if error.kind() == ErrorKind::MissingRequiredArgument { "missing required settings" } else { what };
-    if names.is_empty() {
-        format!("{}: {what}", command.get_name())
-    } else {
-        format!("{}: {what} ({})", command.get_name(), names.join(", "))
-    }
-}
+// How a binary parses these settings (one line per error, unknown `KTK_*` variables refused) is
+// shared with the collector, which does not use the pipeline: `ktk-settings`.
+pub use ktk_settings::{check_environment, one_line, parse_or_exit};
 
 #[cfg(test)]
 mod tests {

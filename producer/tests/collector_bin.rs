@@ -28,8 +28,10 @@ const VARIABLES: [&str; 17] = [
 /// Runs the collector with `args`, `vars` and none of the caller's `KTK_*` variables.
 fn collector(args: &[&str], vars: &[(&str, &str)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_collector"));
-    for variable in VARIABLES {
-        command.env_remove(variable);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("KTK_") {
+            command.env_remove(name);
+        }
     }
     command.args(args).envs(vars.iter().copied()).output().expect("the collector binary runs")
 }
@@ -57,6 +59,16 @@ fn help_lists_every_variable_with_its_default_and_unit() {
     ] {
         assert!(help.contains(shown), "{shown} missing from:\n{help}");
     }
+}
+
+#[test]
+fn an_unknown_variable_exits_2_naming_the_nearest_setting() {
+    let out = collector(&[], &[("KTK_STREAM", "events"), ("KTK_MAX_BODY_BYTE", "10"), ("KTK_CACHE", "/tmp")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(first.contains("KTK_MAX_BODY_BYTE is not a setting of collector"), "{stderr}");
+    assert!(first.contains("did you mean KTK_MAX_BODY_BYTES?") && !first.contains("KTK_CACHE"), "{stderr}");
 }
 
 #[test]

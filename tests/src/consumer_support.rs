@@ -79,8 +79,20 @@ pub struct ConsumerProcess {
 
 impl ConsumerProcess {
     pub fn spawn(spec: &ConsumerSpec) -> Self {
+        Self::spawn_with_output(spec, Stdio::null(), Stdio::inherit())
+    }
+
+    /// [`spawn`](Self::spawn) with the child's standard output and error given.
+    pub fn spawn_with_output(spec: &ConsumerSpec, stdout: Stdio, stderr: Stdio) -> Self {
         let port = free_port();
-        let child = Command::new(consumer_binary())
+        let mut command = Command::new(consumer_binary());
+        // Exactly the settings below: the consumer refuses `KTK_*` variables it does not know.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("KTK_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .env("KTK_STREAM", &spec.stream)
             .env("KTK_APPLICATION", &spec.application)
             .env("KTK_WORKER_ID", &spec.worker)
@@ -106,8 +118,8 @@ impl ConsumerProcess {
             .env("RUST_LOG", "warn")
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(crate::child_aws_env())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("start consumer");

@@ -19,11 +19,15 @@ async fn main() -> ExitCode {
     // A bad value is one line naming the flag and its variable, exit status 2.
     let settings: Settings = ktk_pipeline::settings::parse_or_exit();
     if let Err(e) = settings.worker_config() {
-        eprintln!("consumer: {e}");
+        ktk_settings::stdio::eprint_line(&format!("consumer: {e}"));
         return ExitCode::from(2);
     }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs that cannot be written are lost, never a panic (see `ktk_settings::stdio`).
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(ktk_settings::stdio::lossy_stdout)
+        .log_internal_errors(false);
     match settings.log_format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),

@@ -46,7 +46,11 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs that cannot be written are lost, never a panic (see `ktk_settings::stdio`).
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(ktk_settings::stdio::lossy_stdout)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),

@@ -323,12 +323,21 @@ pub struct Settings {
 
 impl Settings {
     /// Reads the process's arguments and environment. On `--help` or `--version` prints and exits
-    /// 0; on a bad setting prints what is wrong (naming the flag or variable) and exits 2.
+    /// 0; on a bad setting, or a `KTK_*` variable that is not a setting (named with the nearest
+    /// one, see [`ktk_settings::check_environment`]), prints what is wrong and exits 2.
     pub fn parse() -> Self {
-        match Self::try_parse_from(std::env::args_os()) {
-            Ok(settings) => settings,
-            Err(e) => e.exit(),
+        let parsed = Self::try_parse_from(std::env::args_os());
+        if let Err(e) = &parsed
+            && !e.use_stderr()
+        {
+            e.exit();
         }
+        // Unknown variables first: a misspelt one is often why a required setting is missing.
+        if let Err(line) = ktk_settings::check_environment(&Flags::command()) {
+            ktk_settings::stdio::eprint_line(&line);
+            std::process::exit(2);
+        }
+        parsed.unwrap_or_else(|e| e.exit())
     }
 
     /// Reads `args` (the first is the program name) and the `KTK_*` variables of the process

@@ -582,7 +582,6 @@ async fn workers_reading_with_enhanced_fan_out_process_everything_once() {
     let table_name = unique_name("ktk-worker-efo-app");
     create_stream(&client, &stream, 4).await;
     let journal = Journal::default();
-    let producer = steady_producer(&stream, N, Duration::from_secs(6));
     let mut running = Vec::new();
     for id in ["worker-a", "worker-b"] {
         let factory = {
@@ -595,6 +594,15 @@ async fn workers_reading_with_enhanced_fan_out_process_everything_once() {
         let handle = tokio::spawn(worker.run(stop.clone()));
         running.push(Running { id: id.to_owned(), stop, handle });
     }
+    // The records go out once both workers hold leases (registering the fan-out consumer can
+    // hold one worker up for seconds on a loaded machine, and balancing is not what this tests).
+    let table = LeaseTable::new(&aws_config().await, &table_name);
+    wait_for(Duration::from_secs(60), "both workers to hold leases", || async {
+        let owners = lease_owners(&table).await;
+        ["worker-a", "worker-b"].iter().all(|w| owners.get(*w).is_some_and(|shards| !shards.is_empty()))
+    })
+    .await;
+    let producer = steady_producer(&stream, N, Duration::from_secs(6));
     producer.await.expect("producer");
     wait_for_count(&journal, N, Duration::from_secs(60)).await;
     for worker in running {

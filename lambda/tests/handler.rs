@@ -270,6 +270,7 @@ async fn retries_stop_before_the_deadline() {
         .await;
     assert_eq!(failures(&report), vec![Some(sequence(0))]);
     assert_eq!(store.attempts.load(Ordering::Relaxed), 0);
+    assert_eq!(report.delivery.sink_errors, 0, "nothing attempted, nothing failed");
 }
 
 #[tokio::test(start_paused = true)]

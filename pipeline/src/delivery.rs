@@ -719,7 +719,10 @@ async fn write_until_done<A: Acknowledge>(
     loop {
         let outcome = match ack.time_left() {
             Some(left) if left.is_zero() => {
-                Err(SinkError::timed_out(sink.name(), left, "no time left to write the batch".to_owned()))
+                // Nothing was attempted, so nothing failed: not a sink error.
+                let error = SinkError::timed_out(sink.name(), left, "no time left to write the batch".to_owned());
+                let reason = "no time left in the runtime's budget".to_owned();
+                return (Err(DeliveryError::SinkGaveUp { error, reason }), errors);
             }
             Some(left) => match tokio::time::timeout(left, sink.write(batch)).await {
                 Ok(outcome) => outcome,

@@ -32,6 +32,7 @@ fn full_event() -> Event {
         geo: Some(Geo { lat: 40.7128, lon: -74.006, country: "US".into(), region: "US-NY".into() }),
         attributes: HashMap::from([("ab_test".to_owned(), "b".to_owned()), ("cdn".to_owned(), "edge-3".to_owned())]),
         schema_version: "1.0".into(),
+        app_id: String::new(),
     }
 }
 

@@ -97,6 +97,7 @@ fn event(index: u64, occurred_at_ms: i64) -> Event {
         }),
         attributes,
         schema_version: "1.0".into(),
+        app_id: String::new(),
     }
 }
 

@@ -48,6 +48,7 @@ pub(super) fn record(index: u64, occurred_at_ms: i64) -> EventRecord {
             }),
             attributes,
             schema_version: "1.0".into(),
+            app_id: String::new(),
         },
         shard_id: "shardId-000000000003".into(),
         sequence_number: format!("4963{index:052}"),
@@ -118,6 +119,7 @@ prop_compose! {
             error_message: texts[10].clone(),
             geo: geo.map(|(lat, lon, country, region)| Geo { lat, lon, country, region }),
             attributes,
+            app_id: String::new(),
             schema_version: texts[11].clone(),
         }
     }

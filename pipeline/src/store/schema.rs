@@ -610,6 +610,7 @@ mod tests {
             geo: Some(Geo { lat: 40.7, lon: -74.0, country: "US".to_owned(), region: "US-NY".to_owned() }),
             attributes: HashMap::from([("z".to_owned(), "1".to_owned()), ("a".to_owned(), "\"q\"".to_owned())]),
             schema_version: "1.0".to_owned(),
+            app_id: String::new(),
         }
     }
 

@@ -111,7 +111,7 @@ rm -f "$LS_PIDFILE" "$LS_STARTED"
     FILESYSTEM_ROOT="$LS_INSTANCE_FS" \
     GATEWAY_LISTEN="$LS_HOST:$LS_PORT" \
     GATEWAY_SERVER=hypercorn \
-    SERVICES=kinesis,dynamodb,s3,cloudwatch,sts,iam,cloudformation \
+    SERVICES=kinesis,dynamodb,s3,cloudwatch,sts,iam,cloudformation,secretsmanager \
     EAGER_SERVICE_LOADING=1 \
     KINESIS_LATENCY=0 \
     KINESIS_PERSISTENCE=0 \

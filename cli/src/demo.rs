@@ -49,7 +49,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::processes::Service;
-use self::sender::{Counts, Sender, Tally};
+use self::sender::{AppKeys, Counts, Sender, Tally};
 use self::store::{Delays, Ranked, Store};
 use self::traffic::{Audience, Plan};
 
@@ -316,6 +316,9 @@ struct Run<'a> {
     /// S3 addressing for the consumers: path style when an endpoint is set (LocalStack, MinIO).
     path_style: bool,
     log_dir: PathBuf,
+    /// The apps' write keys (one per platform), also written to `log_dir/keys.json` for the
+    /// collector.
+    keys: AppKeys,
     stop: &'a CancellationToken,
 }
 
@@ -395,6 +398,7 @@ async fn run(options: &Options, stop: &CancellationToken) -> Result<bool, Stoppe
         http,
         path_style,
         log_dir,
+        keys: AppKeys::generate(),
         stop,
     };
     let mut created = Created::default();
@@ -503,12 +507,18 @@ impl Run<'_> {
         let names = &self.options.names;
         let port = || processes::free_port().map_err(|e| Stopped::Setup(format!("no free port on 127.0.0.1: {e}")));
         let collector_port = port()?;
+        let admin_port = port()?;
+        let keys_file = self.log_dir.join("keys.json");
+        std::fs::write(&keys_file, self.keys.document())
+            .map_err(|e| Stopped::Setup(format!("cannot write {}: {e}", keys_file.display())))?;
         let collector = Service::spawn(
             "collector",
             &self.options.collector_bin,
             &[
                 var("KTK_STREAM", &names.stream),
                 var("KTK_LISTEN", &format!("127.0.0.1:{collector_port}")),
+                var("KTK_ADMIN_LISTEN", &format!("127.0.0.1:{admin_port}")),
+                var("KTK_KEYS_FILE", &keys_file.display().to_string()),
                 var("KTK_LOG_FORMAT", "text"),
                 var("RUST_LOG", &log_filter()),
             ],
@@ -626,7 +636,7 @@ impl Run<'_> {
 
     async fn traffic_and_report(&self, services: &mut Services) -> Result<bool, Stopped> {
         let options = self.options;
-        let sender = Sender::new(&format!("http://127.0.0.1:{}", services.collector.port))
+        let sender = Sender::new(&format!("http://127.0.0.1:{}", services.collector.port), self.keys.clone())
             .map_err(|e| Stopped::Setup(format!("cannot build the HTTP client: {e}")))?;
         let started = Instant::now();
         let sending = Arc::new(AtomicBool::new(true));

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
 use ktk_producer::api::{CallError, Entry, EntryResult, KinesisApi, ShardInfo, even_shards};
-use ktk_producer::collector::{self, Collector, CollectorConfig};
+use ktk_producer::collector::{self, Collector, CollectorConfig, Keys};
 use ktk_producer::{Producer, ProducerConfig, ProducerStats};
 use ktk_proto::aggregation::Deaggregator;
 use ktk_proto::events::v1::{Event, EventBatch, EventType, Platform};
@@ -121,9 +121,10 @@ impl KinesisApi for FakeKinesis {
     }
 }
 
-/// A collector serving on 127.0.0.1:0 until `stop`.
+/// A collector serving on 127.0.0.1:0 until `stop`, with its admin routes on another port.
 struct Server {
     base: String,
+    admin: String,
     http: reqwest::Client,
     fake: Arc<FakeKinesis>,
     stop: Option<oneshot::Sender<()>>,
@@ -145,17 +146,32 @@ impl Server {
         config: CollectorConfig,
         prometheus: Option<PrometheusHandle>,
     ) -> Self {
+        let keys = Keys::anonymous("test-app").expect("valid");
+        Self::start_keyed(fake, producer, config, keys, prometheus).await
+    }
+
+    async fn start_keyed(
+        fake: Arc<FakeKinesis>,
+        producer: ProducerConfig,
+        config: CollectorConfig,
+        keys: Keys,
+        prometheus: Option<PrometheusHandle>,
+    ) -> Self {
         let producer = Producer::with_api(producer, fake.clone()).await.expect("producer starts");
-        let collector = Collector::new(producer, config, prometheus);
+        let collector = Collector::new(producer, config, keys, prometheus);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
         let base = format!("http://{}", listener.local_addr().expect("bound"));
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let admin = format!("http://{}", admin_listener.local_addr().expect("bound"));
+        let admin_router = collector.admin_router();
+        tokio::spawn(async move { axum::serve(admin_listener, admin_router).await });
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
         let task = tokio::spawn(collector::serve(listener, collector, shutdown));
         let http = reqwest::Client::builder().timeout(BOUND).build().expect("client");
-        Server { base, http, fake, stop: Some(stop), task: Some(task) }
+        Server { base, admin, http, fake, stop: Some(stop), task: Some(task) }
     }
 
     async fn post(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
@@ -174,6 +190,10 @@ impl Server {
 
     async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(format!("{}{path}", self.base)).send().await.expect("an answer")
+    }
+
+    async fn get_admin(&self, path: &str) -> reqwest::Response {
+        self.http.get(format!("{}{path}", self.admin)).send().await.expect("an answer")
     }
 
     /// Stops the server the way the binary does on SIGTERM, and returns the producer's stats.
@@ -250,7 +270,12 @@ async fn a_protobuf_batch_is_accepted_stamped_and_keyed_by_user_then_device() {
             "received_at_ms {} is the server's",
             got.received_at_ms
         );
-        assert_eq!(got, Event { received_at_ms: got.received_at_ms, ..original.clone() }, "nothing else changed");
+        assert_eq!(got.app_id, "test-app", "the key's app");
+        assert_eq!(
+            got,
+            Event { received_at_ms: got.received_at_ms, app_id: got.app_id.clone(), ..original.clone() },
+            "nothing else changed"
+        );
         let expected_key = if original.user_id.is_empty() { &original.device_id } else { &original.user_id };
         assert_eq!(&key, expected_key, "partition key of {}", got.event_id);
     }
@@ -359,7 +384,7 @@ async fn an_oversized_body_is_413_with_or_without_a_content_length() {
 #[tokio::test]
 async fn other_content_types_are_415() {
     let mut server = Server::start(FakeKinesis::new(1)).await;
-    for content_type in ["text/plain", "application/xml", "multipart/form-data"] {
+    for content_type in ["text/html", "application/xml", "multipart/form-data"] {
         let response = server.post("/v1/events", content_type, "{}").await;
         assert_eq!(response.status(), 415, "{content_type}");
         let answer = json_of(response).await;
@@ -578,7 +603,8 @@ async fn metrics_are_prometheus_text() {
     let events = vec![event("m-1", "u", "d"), event("", "u", "d")];
     assert_eq!(server.post_protobuf("/v1/events", &batch(events)).await.status(), 200);
 
-    let response = server.get("/metrics").await;
+    assert_eq!(server.get("/metrics").await.status(), 404, "metrics are not on the public listener");
+    let response = server.get_admin("/metrics").await;
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"].to_str().expect("ascii").to_owned();
     assert!(content_type.starts_with("text/plain"), "{content_type}");
@@ -596,7 +622,7 @@ async fn metrics_are_prometheus_text() {
 
     // Without a handle there is nothing to render.
     let mut bare = Server::start(FakeKinesis::new(1)).await;
-    assert_eq!(bare.get("/metrics").await.status(), 404);
+    assert_eq!(bare.get_admin("/metrics").await.status(), 404);
     bare.stop().await;
 }
 
@@ -813,4 +839,257 @@ async fn shutdown_lets_an_open_request_finish_and_flushes() {
     let stats = tokio::time::timeout(BOUND, task).await.expect("stops").expect("no panic").expect("served");
     assert_eq!(stats.user_records_put, 1);
     assert_eq!(fake.event_ids(), ["s-1"]);
+}
+
+// Write keys, per-key rates, CORS, the admin listener, and clients that never read.
+
+const WEB_KEY: &str = "wk_web_0123456789abcdef";
+const TV_KEY: &str = "wk_firetv_0123456789abcdef";
+const PAGE: &str = "https://tv.example.com";
+
+/// Two apps: a web one for `PAGE` and a Fire TV one at 10 events/s (burst 10); no anonymous.
+fn two_apps() -> Keys {
+    Keys::from_json(
+        &json!({"keys": [
+            {"app_id": "tv-web", "key": WEB_KEY, "origins": [PAGE, "https://*.example.org"]},
+            {"app_id": "tv-firetv", "key": TV_KEY, "events_per_second": 10, "burst": 10},
+        ]})
+        .to_string(),
+    )
+    .expect("valid")
+}
+
+async fn keyed_server(keys: Keys) -> Server {
+    Server::start_keyed(FakeKinesis::new(1), producer_config(), CollectorConfig::default(), keys, None).await
+}
+
+impl Server {
+    fn events_request(&self, query: &str, events: &EventBatch) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/events{query}", self.base))
+            .header("content-type", "application/x-protobuf")
+            .body(events.encode_to_vec())
+    }
+}
+
+#[tokio::test]
+async fn a_write_key_is_required_and_names_the_app_of_its_events() {
+    let mut server = keyed_server(two_apps()).await;
+    let one = |id: &str| batch(vec![event(id, "u", "d")]);
+
+    for (request, code) in [
+        (server.events_request("", &one("x-1")), "missing_key"),
+        (server.events_request("", &one("x-2")).bearer_auth("wk_bogus_0123456789abcdef"), "unknown_key"),
+        (
+            server.events_request("", &one("x-3")).header("authorization", format!("Basic {WEB_KEY}")),
+            "bad_authorization",
+        ),
+        (server.events_request("?key=wk_bogus_0123456789abcdef", &one("x-4")), "unknown_key"),
+    ] {
+        let response = request.send().await.expect("an answer");
+        assert_eq!(response.status(), 401, "{code}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer realm=\"events\"");
+        let answer = json_of(response).await;
+        assert_eq!(answer["error"], code);
+        assert!(!answer.to_string().contains("wk_bogus"), "a key is never echoed: {answer}");
+    }
+
+    // The header, or the query parameter (navigator.sendBeacon cannot set headers).
+    let mut spoofed = event("w-1", "u", "d");
+    spoofed.app_id = "someone-else".into();
+    let by_header = server.events_request("", &batch(vec![spoofed])).bearer_auth(WEB_KEY).send().await.expect("answer");
+    assert_eq!(by_header.status(), 200);
+    let by_query = server.events_request(&format!("?key={TV_KEY}"), &one("t-1")).send().await.expect("answer");
+    assert_eq!(by_query.status(), 200);
+
+    server.stop().await;
+    let apps: HashMap<String, String> =
+        server.fake.events().into_iter().map(|(_, _, _, e)| (e.event_id, e.app_id)).collect();
+    assert_eq!(
+        apps,
+        HashMap::from([("w-1".to_owned(), "tv-web".to_owned()), ("t-1".to_owned(), "tv-firetv".to_owned())]),
+        "only the keyed events got in, each with its key's app (the client's app_id replaced)"
+    );
+}
+
+#[tokio::test]
+async fn a_key_over_its_rate_is_429_with_retry_after_and_others_are_not_slowed() {
+    let mut server = keyed_server(two_apps()).await;
+    let events = |prefix: &str, n: usize| batch((0..n).map(|i| event(&format!("{prefix}-{i}"), "u", "d")).collect());
+
+    // 10 events/s, burst 10: a batch of 12 empties the bucket, and the next request is refused.
+    let first = server.events_request("", &events("a", 12)).bearer_auth(TV_KEY).send().await.expect("answer");
+    assert_eq!(first.status(), 200);
+    let refused = server.events_request("", &events("b", 1)).bearer_auth(TV_KEY).send().await.expect("answer");
+    assert_eq!(refused.status(), 429);
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(json_of(refused).await["error"], "rate_limited");
+    // Another key is not held back by it.
+    let other = server.events_request("", &events("c", 50)).bearer_auth(WEB_KEY).send().await.expect("answer");
+    assert_eq!(other.status(), 200);
+    // After Retry-After the key sends again.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let again = server.events_request("", &events("d", 1)).bearer_auth(TV_KEY).send().await.expect("answer");
+    assert_eq!(again.status(), 200);
+
+    server.stop().await;
+    let ids = server.fake.event_ids();
+    assert_eq!(ids.len(), 12 + 50 + 1, "the refused request put nothing in");
+    assert!(!ids.contains(&"b-0".to_owned()));
+}
+
+#[tokio::test]
+async fn pages_of_allowed_origins_get_cors_answers_and_others_do_not() {
+    let mut server = keyed_server(two_apps()).await;
+    let preflight = |origin: &str| {
+        server
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/events", server.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+    };
+
+    for origin in [PAGE, "https://www.example.org"] {
+        let answer = preflight(origin).await.expect("an answer");
+        assert_eq!(answer.status(), 204, "{origin}");
+        let headers = answer.headers();
+        assert_eq!(headers["access-control-allow-origin"], origin);
+        assert_eq!(headers["access-control-allow-methods"], "POST");
+        let allowed = headers["access-control-allow-headers"].to_str().expect("ascii");
+        assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+        assert!(headers.contains_key("access-control-max-age"));
+        assert!(headers.get_all("vary").iter().any(|v| v.to_str().is_ok_and(|v| v.contains("origin"))));
+    }
+    let evil = preflight("https://evil.example.net").await.expect("an answer");
+    assert_eq!(evil.status(), 403);
+    assert!(!evil.headers().contains_key("access-control-allow-origin"));
+
+    // The real request from the page: CORS headers on the 200, and on errors (the page reads them).
+    let page_post = |key: &str, id: &str| {
+        server.events_request("", &batch(vec![event(id, "u", "d")])).header("origin", PAGE).bearer_auth(key).send()
+    };
+    let ok = page_post(WEB_KEY, "p-1").await.expect("an answer");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["access-control-allow-origin"], PAGE);
+    assert_eq!(ok.headers()["access-control-expose-headers"], "retry-after");
+    let unknown = page_post("wk_bogus_0123456789abcdef", "p-2").await.expect("an answer");
+    assert_eq!(unknown.status(), 401);
+    assert_eq!(unknown.headers()["access-control-allow-origin"], PAGE);
+    // The Fire TV key does not list the page: refused, though the preflight (any key) passed.
+    let wrong_key = page_post(TV_KEY, "p-3").await.expect("an answer");
+    assert_eq!(wrong_key.status(), 403);
+    assert_eq!(json_of(wrong_key).await["error"], "origin_not_allowed");
+    // A simple request (no preflight, as sendBeacon's text/plain) from a page no key allows is
+    // refused before its events are read.
+    let beacon = server
+        .http
+        .post(format!("{}/v1/events?key={WEB_KEY}", server.base))
+        .header("origin", "https://evil.example.net")
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(json!({"events": [{"eventId": "p-4", "type": "EVENT_TYPE_PLAY", "occurredAtMs": now_ms(), "deviceId": "d"}]}).to_string())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(beacon.status(), 403);
+    assert!(!beacon.headers().contains_key("access-control-allow-origin"));
+    // The same beacon from the page is taken (text/plain is read as JSON).
+    let beacon = server
+        .http
+        .post(format!("{}/v1/events?key={WEB_KEY}", server.base))
+        .header("origin", PAGE)
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(json!({"events": [{"eventId": "p-5", "type": "EVENT_TYPE_PLAY", "occurredAtMs": now_ms(), "deviceId": "d"}]}).to_string())
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(beacon.status(), 200);
+
+    server.stop().await;
+    let mut ids = server.fake.event_ids();
+    ids.sort();
+    assert_eq!(ids, ["p-1", "p-5"]);
+}
+
+#[tokio::test]
+async fn replaced_keys_take_effect_on_the_next_request() {
+    let keys = two_apps();
+    let mut server = keyed_server(keys.clone()).await;
+    let one = |id: &str| batch(vec![event(id, "u", "d")]);
+    assert_eq!(server.events_request("", &one("r-1")).bearer_auth(WEB_KEY).send().await.expect("answer").status(), 200);
+    keys.replace(
+        ktk_producer::collector::KeySet::from_json(&json!({"anonymous": {"app_id": "open"}}).to_string())
+            .expect("valid"),
+    );
+    let revoked = server.events_request("", &one("r-2")).bearer_auth(WEB_KEY).send().await.expect("answer");
+    assert_eq!(revoked.status(), 401, "a removed key is refused at once");
+    assert_eq!(server.events_request("", &one("r-3")).send().await.expect("answer").status(), 200, "anonymous now");
+    server.stop().await;
+    let apps: HashMap<String, String> =
+        server.fake.events().into_iter().map(|(_, _, _, e)| (e.event_id, e.app_id)).collect();
+    assert_eq!(apps, HashMap::from([("r-1".to_owned(), "tv-web".to_owned()), ("r-3".to_owned(), "open".to_owned())]));
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_disconnected_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = CollectorConfig::default().with_write_timeout(Duration::from_secs(1));
+    let mut server = Server::start_with(FakeKinesis::new(1), producer_config(), config, None).await;
+    // 500 events without an id: each answer lists 500 rejections (about 60 KB).
+    let body = batch(vec![Event::default(); 500]).encode_to_vec();
+    let request = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut one = request.into_bytes();
+    one.extend_from_slice(&body);
+    // A small receive buffer, and 400 pipelined requests (24 MB of answers) that are never read.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("buffer size");
+    let mut stream = socket.connect(address_of(&server).parse().expect("address")).await.expect("connects");
+    let (mut reader, mut writer) = stream.split();
+    let sending = async {
+        for _ in 0..400 {
+            if writer.write_all(&one).await.is_err() {
+                break; // the server dropped the connection
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(8), sending).await;
+    // Well past the write timeout, the connection is gone: reading drains what was buffered, then ends.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut answers = Vec::new();
+    let drained = tokio::time::timeout(BOUND, async {
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answers.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the connection was still open {BOUND:?} after the write timeout");
+    let answered = answers.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+    assert!(answered < 400, "the server stopped writing to a client that does not read ({answered} answers)");
+    // The server serves others all along.
+    let response = server.post_protobuf("/v1/events", &batch(vec![event("after", "u", "d")])).await;
+    assert_eq!(response.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admin_health_reports_the_keys_and_the_public_listener_has_no_metrics() {
+    let mut server = keyed_server(two_apps()).await;
+    let health = server.get_admin("/health").await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        json_of(health).await,
+        json!({"status": "ok", "keys": 2, "anonymous": false, "keys_reload_error": null})
+    );
+    assert_eq!(server.get("/metrics").await.status(), 404);
+    assert_eq!(json_of(server.get("/health").await).await, json!({"status": "ok"}));
+    server.stop().await;
 }

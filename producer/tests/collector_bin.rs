@@ -5,9 +5,14 @@
 use std::process::{Command, Output};
 
 /// Every variable the collector reads (see `ktk_producer::collector::Settings`).
-const VARIABLES: [&str; 17] = [
+const VARIABLES: [&str; 22] = [
     "KTK_STREAM",
     "KTK_LISTEN",
+    "KTK_ADMIN_LISTEN",
+    "KTK_KEYS_FILE",
+    "KTK_KEYS_SECRET",
+    "KTK_KEYS_RELOAD_SECS",
+    "KTK_WRITE_TIMEOUT_SECS",
     "KTK_MAX_BODY_BYTES",
     "KTK_MAX_EVENT_AGE_SECS",
     "KTK_RETRY_AFTER_SECS",
@@ -79,7 +84,7 @@ fn a_bad_variable_exits_2_and_names_it() {
         ("KTK_LISTEN", "localhost"),
         ("KTK_LOG_FORMAT", "xml"),
     ] {
-        let out = collector(&[], &[("KTK_STREAM", "events"), (variable, value)]);
+        let out = collector(&[], &[("KTK_STREAM", "events"), ("KTK_KEYS_FILE", "keys.json"), (variable, value)]);
         assert_eq!(out.status.code(), Some(2), "{variable}={value}: {out:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let first = stderr.lines().next().unwrap_or_default();
@@ -95,4 +100,42 @@ fn a_missing_stream_exits_2_and_names_it() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("KTK_STREAM") && stderr.contains("--stream"), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn without_a_keys_document_it_exits_2_naming_both_settings() {
+    let out = collector(&[], &[("KTK_STREAM", "events")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KTK_KEYS_FILE") && stderr.contains("KTK_KEYS_SECRET"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_keys_document_that_cannot_be_used_stops_it_before_it_listens() {
+    let dir = std::env::temp_dir().join(format!("ktk-collector-bin-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let missing = dir.join("missing.json");
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, r#"{"keys": [{"app_id": "tv-web", "key": "wk_tiny_secret"}]}"#).expect("write");
+    // A port nothing listens on: the collector must stop before binding it (or reaching AWS).
+    let vars = |path: &std::path::Path| {
+        vec![
+            ("KTK_STREAM", "events".to_owned()),
+            ("KTK_KEYS_FILE", path.display().to_string()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9".to_owned()),
+        ]
+    };
+    for (path, expected) in [(&missing, "missing.json"), (&broken, "keys[0]: a key must be 16")] {
+        let vars = vars(path);
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = collector(&[], &vars);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let logs = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(logs.contains(expected), "{logs}");
+        assert!(!logs.contains("wk_tiny_secret"), "a key is never logged: {logs}");
+        assert!(!logs.contains("listening"), "{logs}");
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }

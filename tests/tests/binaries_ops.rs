@@ -69,9 +69,13 @@ async fn sigterm_stops_the_consumer_and_the_collector_with_stdout_and_stderr_bro
         }
     }
     let port = free_port();
+    let keys = std::env::temp_dir().join(format!("{}.json", unique_name("ktk-ops-keys")));
+    std::fs::write(&keys, r#"{"anonymous": {"app_id": "ops"}}"#).expect("write the keys file");
     let mut collector = command
         .env("KTK_STREAM", &stream)
         .env("KTK_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KTK_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("KTK_KEYS_FILE", &keys)
         .env("RUST_LOG", "debug")
         .envs(ktk_tests::child_aws_env())
         .stdout(broken_pipe())
@@ -90,6 +94,7 @@ async fn sigterm_stops_the_consumer_and_the_collector_with_stdout_and_stderr_bro
     sigterm(&collector).await;
     assert_eq!(exit_code(&mut collector, Duration::from_secs(30), "the collector").await, Some(0));
 
+    let _ = std::fs::remove_file(&keys);
     delete_stream(&kinesis, &stream).await;
 }
 

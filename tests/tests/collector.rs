@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ktk_producer::collector::{self, Collector, CollectorConfig};
+use ktk_producer::collector::{self, Collector, CollectorConfig, Keys};
 use ktk_producer::{Producer, ProducerConfig, ProducerStats};
 use ktk_proto::events::v1::{Event, EventBatch, EventType, Platform};
 use ktk_tests::{aws_config, create_stream, delete_stream, kinesis, read_stream, unique_name};
@@ -45,7 +45,8 @@ async fn start(producer_config: ProducerConfig, config: CollectorConfig) -> Runn
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
     let (stop, stopped) = oneshot::channel::<()>();
-    let collector = Collector::new(producer, config, None);
+    let keys = Keys::anonymous("e2e-app").expect("valid keys");
+    let collector = Collector::new(producer, config, keys, None);
     let server = tokio::spawn(collector::serve(listener, collector, async move {
         let _ = stopped.await;
     }));
@@ -151,6 +152,7 @@ async fn apps_events_reach_the_stream_once_validated_stamped_and_keyed() {
     assert_eq!(events.keys().cloned().collect::<HashSet<_>>(), expected);
     for (id, (partition_key, event)) in &events {
         assert!(event.received_at_ms >= before && event.received_at_ms <= now_ms(), "{id}: stamped by the collector");
+        assert_eq!(event.app_id, "e2e-app", "{id}: the app of the key (anonymous here)");
         let key = if event.user_id.is_empty() { &event.device_id } else { &event.user_id };
         assert_eq!(partition_key, key, "{id}: keyed by user, else device");
     }

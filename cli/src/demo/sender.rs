@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ktk_proto::events::v1::Platform;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde_json::Value;
@@ -109,19 +110,67 @@ pub struct Counts {
     pub duplicates: u64,
 }
 
+/// The demo's apps: one write key per platform ("tv-ios", "tv-roku", ...), fresh for each run,
+/// and the collector's keys document that lists them.
+#[derive(Debug, Clone)]
+pub struct AppKeys {
+    by_platform: HashMap<i32, String>,
+}
+
+impl AppKeys {
+    pub fn generate() -> Self {
+        let by_platform = platforms()
+            .map(|platform| (platform as i32, format!("wk_demo_{}", uuid::Uuid::new_v4().simple())))
+            .collect();
+        AppKeys { by_platform }
+    }
+
+    /// The app id of `platform`'s app: `tv-` and the platform's name (`tv-fire-tv`).
+    pub fn app_id(platform: Platform) -> String {
+        let name = platform.as_str_name().trim_start_matches("PLATFORM_").to_ascii_lowercase().replace('_', "-");
+        format!("tv-{name}")
+    }
+
+    /// The collector's keys document (JSON).
+    pub fn document(&self) -> String {
+        let keys: Vec<Value> = platforms()
+            .filter_map(|platform| {
+                let key = self.by_platform.get(&(platform as i32))?;
+                Some(serde_json::json!({"app_id": Self::app_id(platform), "key": key}))
+            })
+            .collect();
+        serde_json::json!({ "keys": keys }).to_string()
+    }
+
+    /// The key of the app on `platform` (an unknown platform number sends as `PLATFORM_OTHER`).
+    fn key_for(&self, platform: i32) -> &str {
+        self.by_platform
+            .get(&platform)
+            .or_else(|| self.by_platform.get(&(Platform::Other as i32)))
+            .map_or("", String::as_str)
+    }
+}
+
+/// Every [`Platform`] value (the schema numbers them below 256).
+fn platforms() -> impl Iterator<Item = Platform> {
+    (0..=i32::from(u8::MAX)).filter_map(|n| Platform::try_from(n).ok())
+}
+
 /// Posts requests to one collector; clones share the tally.
 #[derive(Debug, Clone)]
 pub struct Sender {
     http: reqwest::Client,
     url: String,
+    keys: Arc<AppKeys>,
     tally: Arc<Mutex<Tally>>,
 }
 
 impl Sender {
-    /// A sender to the collector at `base_url` (`http://127.0.0.1:8080`).
-    pub fn new(base_url: &str) -> Result<Self, reqwest::Error> {
+    /// A sender to the collector at `base_url` (`http://127.0.0.1:8080`), each request with the
+    /// key of its device's app.
+    pub fn new(base_url: &str, keys: AppKeys) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build()?;
-        Ok(Sender { http, url: format!("{base_url}/v1/events"), tally: Arc::default() })
+        Ok(Sender { http, url: format!("{base_url}/v1/events"), keys: Arc::new(keys), tally: Arc::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Tally> {
@@ -167,7 +216,8 @@ impl Sender {
                 }
             };
             self.lock().requests += 1;
-            let answer = match self.post(body, content_type).await {
+            let platform = pending.first().map_or(0, |outgoing| outgoing.event.platform);
+            let answer = match self.post(body, content_type, platform).await {
                 Ok(answer) => answer,
                 Err(error) if attempt < MAX_ATTEMPTS => {
                     self.lock().resent_without_answer += 1;
@@ -202,8 +252,15 @@ impl Sender {
         }
     }
 
-    async fn post(&self, body: Vec<u8>, content_type: &'static str) -> Result<Answer, reqwest::Error> {
-        let response = self.http.post(&self.url).header(CONTENT_TYPE, content_type).body(body).send().await?;
+    async fn post(&self, body: Vec<u8>, content_type: &'static str, platform: i32) -> Result<Answer, reqwest::Error> {
+        let response = self
+            .http
+            .post(&self.url)
+            .bearer_auth(self.keys.key_for(platform))
+            .header(CONTENT_TYPE, content_type)
+            .body(body)
+            .send()
+            .await?;
         let status = response.status();
         let retry_after = response
             .headers()
@@ -283,8 +340,23 @@ mod tests {
     }
 
     #[test]
+    fn every_platform_has_its_own_key_and_app_in_the_keys_document() {
+        let keys = AppKeys::generate();
+        let document = ktk_producer::collector::KeySet::from_json(&keys.document()).expect("a valid keys document");
+        assert_eq!(document.len(), platforms().count());
+        assert!(!document.allows_anonymous());
+        for platform in platforms() {
+            let app = document.authenticate(Some(keys.key_for(platform as i32))).expect("a known key");
+            assert_eq!(app.app_id(), AppKeys::app_id(platform));
+        }
+        assert_eq!(AppKeys::app_id(Platform::FireTv), "tv-fire-tv");
+        assert_eq!(keys.key_for(999), keys.key_for(Platform::Other as i32), "an unknown platform sends as other");
+        assert_ne!(AppKeys::generate().key_for(1), keys.key_for(1), "fresh keys for each run");
+    }
+
+    #[test]
     fn answers_are_booked_event_by_event() {
-        let sender = Sender::new("http://127.0.0.1:1").expect("client");
+        let sender = Sender::new("http://127.0.0.1:1", AppKeys::generate()).expect("client");
         let events = [
             outgoing("a", None, false),
             outgoing("", Some(Malformed::MissingEventId), false),
@@ -308,7 +380,7 @@ mod tests {
 
     #[test]
     fn a_request_refused_as_a_whole_is_retried_only_when_unavailable() {
-        let sender = Sender::new("http://127.0.0.1:1").expect("client");
+        let sender = Sender::new("http://127.0.0.1:1", AppKeys::generate()).expect("client");
         let events = [outgoing("a", None, false), outgoing("b", None, false)];
         let pending: Vec<&Outgoing> = events.iter().collect();
         let busy = serde_json::json!({"error": "too_many_requests", "reason": "later"});

@@ -1,15 +1,19 @@
 //! `collector`: the Event API (`POST /v1/events`) in front of a Kinesis stream.
 //!
 //! Settings come from flags or their `KTK_*` environment variables (see [`Settings`]; `collector
-//! --help` lists them), AWS settings from the standard chain. Stops cleanly on SIGTERM or SIGINT:
-//! no new connections, open requests finish, the producer flushes, exit status 0. A bad setting
-//! exits with status 2 and names the flag or variable.
+//! --help` lists them), AWS settings from the standard chain. The write keys are read at start
+//! (a document that cannot be read or used stops it with status 1), again every
+//! `--keys-reload-secs`, and on SIGHUP. `/metrics` and `/health` are served on `--admin-listen`,
+//! apart from the public `--listen`. Stops cleanly on SIGTERM or SIGINT: no new connections, open
+//! requests finish, the producer flushes, exit status 0. A bad setting exits with status 2 and
+//! names the flag or variable.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ktk_producer::Producer;
-use ktk_producer::collector::{self, Collector, LogFormat, Settings};
+use ktk_producer::collector::{self, Collector, KeySetting, KeySource, Keys, LogFormat, Settings};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -34,14 +38,61 @@ async fn main() -> ExitCode {
 async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let prometheus = install_prometheus()?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-    let producer = Producer::new(settings.producer, &aws).await?;
+    // The keys and both addresses first: nothing is started when one of them is wrong.
+    let source = match settings.keys {
+        KeySetting::File(path) => KeySource::File(path),
+        KeySetting::Secret(id) => KeySource::Secret { id, client: aws_sdk_secretsmanager::Client::new(&aws) },
+    };
+    let keys = Keys::new(source.load().await?);
+    metrics::gauge!("collector_keys").set(keys.current().len() as f64);
+    info!(
+        source = %source.describe(),
+        keys = keys.current().len(),
+        anonymous = keys.current().allows_anonymous(),
+        "write keys loaded"
+    );
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| format!("cannot listen on {} (--listen, KTK_LISTEN): {e}", settings.listen))?;
-    let collector = Collector::new(producer, settings.collector, Some(prometheus));
-    collector::serve(listener, collector, shutdown_signal()).await?;
+    let admin = tokio::net::TcpListener::bind(settings.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (--admin-listen, KTK_ADMIN_LISTEN): {e}", settings.admin_listen))?;
+    let producer = Producer::new(settings.producer, &aws).await?;
+    let collector = Collector::new(producer, settings.collector, keys.clone(), Some(prometheus));
+
+    let reload_now = Arc::new(tokio::sync::Notify::new());
+    let reloading = tokio::spawn(collector::keys::keep_loading(source, keys, settings.keys_reload, reload_now.clone()));
+    let hangups = tokio::spawn(reload_on_sighup(reload_now));
+    info!(address = %settings.admin_listen, "admin routes (/metrics, /health) listening");
+    let admin_router = collector.admin_router();
+    let admin_server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, admin_router).await {
+            error!("the admin listener stopped: {e}");
+        }
+    });
+    let served = collector::serve(listener, collector, shutdown_signal()).await;
+    for task in [reloading, hangups, admin_server] {
+        task.abort();
+    }
+    served?;
     info!("stopped");
     Ok(())
+}
+
+/// Asks for the keys to be read again at every SIGHUP.
+async fn reload_on_sighup(now: Arc<tokio::sync::Notify>) {
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            while hangups.recv().await.is_some() {
+                info!("SIGHUP received: reading the write keys again");
+                now.notify_one();
+            }
+        }
+        Err(e) => error!("cannot listen for SIGHUP (the keys are still read every --keys-reload-secs): {e}"),
+    }
+    #[cfg(not(unix))]
+    drop(now);
 }
 
 fn init_logs(format: LogFormat) {

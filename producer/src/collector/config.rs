@@ -33,6 +33,7 @@ pub struct CollectorConfig {
     pub(crate) max_connections: usize,
     pub(crate) max_events_per_request: usize,
     pub(crate) max_event_bytes: usize,
+    pub(crate) write_timeout: Duration,
 }
 
 impl Default for CollectorConfig {
@@ -50,6 +51,7 @@ impl Default for CollectorConfig {
             max_connections: 4096,
             max_events_per_request: 500,
             max_event_bytes: 32 * 1024,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -147,10 +149,28 @@ impl CollectorConfig {
         self
     }
 
+    /// How long a write to a client may wait for the client to take what was sent before (its
+    /// socket's buffers full, because it reads nothing); then the connection is dropped
+    /// (`KTK_WRITE_TIMEOUT_SECS`, default 10 s, as Envoy's and nginx's `send_timeout` is commonly
+    /// set; nginx's default is 60 s).
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
+    }
+
     /// `Retry-After` in whole seconds, at least 1.
     pub(crate) fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0 || self.retry_after.is_zero())
     }
+}
+
+/// Where the `collector` binary reads its write keys document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySetting {
+    /// `--keys-file`.
+    File(std::path::PathBuf),
+    /// `--keys-secret`: a Secrets Manager secret's name or ARN.
+    Secret(String),
 }
 
 /// How the `collector` binary writes its logs (`--log-format`, `KTK_LOG_FORMAT`).
@@ -197,9 +217,29 @@ struct Flags {
     #[arg(long, env = "KTK_STREAM", value_name = "NAME_OR_ARN")]
     stream: Option<String>,
 
-    /// Address and port to listen on.
+    /// Address and port to listen on, for apps (the public listener).
     #[arg(long, env = "KTK_LISTEN", value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+
+    /// Address and port of the admin listener: `GET /metrics` and `GET /health`, for the
+    /// operators' network only.
+    #[arg(long, env = "KTK_ADMIN_LISTEN", value_name = "ADDR:PORT", default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+
+    /// The write keys document (JSON): which keys may post, as which app, from which web
+    /// origins, how fast. Read again every --keys-reload-secs and on SIGHUP. One of --keys-file
+    /// and --keys-secret is required.
+    #[arg(long, env = "KTK_KEYS_FILE", value_name = "PATH")]
+    keys_file: Option<std::path::PathBuf>,
+
+    /// Name or ARN of a Secrets Manager secret whose SecretString is the write keys document.
+    #[arg(long, env = "KTK_KEYS_SECRET", value_name = "NAME_OR_ARN")]
+    keys_secret: Option<String>,
+
+    /// How often the write keys document is read again, in seconds (up to 1 day).
+    #[arg(long, env = "KTK_KEYS_RELOAD_SECS", value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_DURATION_SECS))]
+    keys_reload_secs: u64,
 
     /// Largest request body accepted, in bytes (up to 64 MiB); a larger one is answered 413.
     #[arg(long, env = "KTK_MAX_BODY_BYTES", value_name = "BYTES", default_value_t = 1024 * 1024,
@@ -251,6 +291,12 @@ struct Flags {
           value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     body_timeout_secs: u64,
 
+    /// Time a write to a client that reads nothing may wait before the connection is dropped,
+    /// in seconds (up to 1 hour).
+    #[arg(long, env = "KTK_WRITE_TIMEOUT_SECS", value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
+    write_timeout_secs: u64,
+
     /// Time a kept-alive connection may wait for its next request before it is closed, in
     /// seconds (up to 1 hour).
     #[arg(long, env = "KTK_IDLE_TIMEOUT_SECS", value_name = "SECS", default_value_t = 60,
@@ -293,7 +339,11 @@ struct Flags {
 /// | flag | variable | meaning | default |
 /// | --- | --- | --- | --- |
 /// | `--stream` | `KTK_STREAM` | stream name or ARN | required |
-/// | `--listen` | `KTK_LISTEN` | address to listen on | `127.0.0.1:8080` |
+/// | `--listen` | `KTK_LISTEN` | address to listen on for apps | `127.0.0.1:8080` |
+/// | `--admin-listen` | `KTK_ADMIN_LISTEN` | address for `/metrics` and `/health` | `127.0.0.1:9090` |
+/// | `--keys-file` | `KTK_KEYS_FILE` | write keys document (see [`keys`](super::keys)) | one of the two |
+/// | `--keys-secret` | `KTK_KEYS_SECRET` | Secrets Manager secret holding that document | one of the two |
+/// | `--keys-reload-secs` | `KTK_KEYS_RELOAD_SECS` | how often the keys are read again | 30 |
 /// | `--max-body-bytes` | `KTK_MAX_BODY_BYTES` | [`CollectorConfig::with_max_body_bytes`] | 1048576 |
 /// | `--max-event-age-secs` | `KTK_MAX_EVENT_AGE_SECS` | [`CollectorConfig::with_max_event_age`] | 604800 |
 /// | `--retry-after-secs` | `KTK_RETRY_AFTER_SECS` | [`CollectorConfig::with_retry_after`] | 1 |
@@ -304,6 +354,7 @@ struct Flags {
 /// | `--header-timeout-secs` | `KTK_HEADER_TIMEOUT_SECS` | [`CollectorConfig::with_header_timeout`] | 10 |
 /// | `--body-timeout-secs` | `KTK_BODY_TIMEOUT_SECS` | [`CollectorConfig::with_body_timeout`] | 30 |
 /// | `--idle-timeout-secs` | `KTK_IDLE_TIMEOUT_SECS` | [`CollectorConfig::with_idle_timeout`] | 60 |
+/// | `--write-timeout-secs` | `KTK_WRITE_TIMEOUT_SECS` | [`CollectorConfig::with_write_timeout`] | 10 |
 /// | `--max-events-per-request` | `KTK_MAX_EVENTS_PER_REQUEST` | [`CollectorConfig::with_max_events_per_request`] | 500 |
 /// | `--max-event-bytes` | `KTK_MAX_EVENT_BYTES` | [`CollectorConfig::with_max_event_bytes`] | 32768 |
 /// | `--record-max-buffered-ms` | `KTK_RECORD_MAX_BUFFERED_MS` | [`ProducerConfig::with_record_max_buffered_time`] | 100 |
@@ -316,6 +367,9 @@ struct Flags {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub keys: KeySetting,
+    pub keys_reload: Duration,
     pub collector: CollectorConfig,
     pub producer: ProducerConfig,
     pub log_format: LogFormat,
@@ -396,7 +450,35 @@ impl Flags {
             .with_body_timeout(Duration::from_secs(self.body_timeout_secs))
             .with_idle_timeout(Duration::from_secs(self.idle_timeout_secs))
             .with_max_events_per_request(self.max_events_per_request)
-            .with_max_event_bytes(self.max_event_bytes);
+            .with_max_event_bytes(self.max_event_bytes)
+            .with_write_timeout(Duration::from_secs(self.write_timeout_secs));
+        let keys = match (self.keys_file, self.keys_secret) {
+            (Some(path), None) => KeySetting::File(path),
+            (None, Some(secret)) => KeySetting::Secret(secret),
+            (None, None) => {
+                return Err(clap::Error::raw(
+                    ErrorKind::MissingRequiredArgument,
+                    "neither --keys-file (KTK_KEYS_FILE) nor --keys-secret (KTK_KEYS_SECRET) is set; give the write \
+                     keys document (a document with only an `anonymous` entry lets anyone post)\n",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(clap::Error::raw(
+                    ErrorKind::ArgumentConflict,
+                    "--keys-file (KTK_KEYS_FILE) and --keys-secret (KTK_KEYS_SECRET) are both set; give one\n",
+                ));
+            }
+        };
+        if self.admin_listen == self.listen {
+            return Err(clap::Error::raw(
+                ErrorKind::ValueValidation,
+                format!(
+                    "--admin-listen (KTK_ADMIN_LISTEN) is {}, the same as --listen (KTK_LISTEN); the admin routes \
+                     need their own address\n",
+                    self.admin_listen
+                ),
+            ));
+        }
         let producer = ProducerConfig::new(stream)
             .with_record_max_buffered_time(Duration::from_millis(self.record_max_buffered_ms))
             .with_max_outstanding_records(self.max_outstanding_records);
@@ -410,7 +492,15 @@ impl Flags {
             };
             clap::Error::raw(ErrorKind::ValueValidation, format!("{flag}: {e}\n"))
         })?;
-        Ok(Settings { listen: self.listen, collector, producer, log_format: self.log_format })
+        Ok(Settings {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            keys,
+            keys_reload: Duration::from_secs(self.keys_reload_secs),
+            collector,
+            producer,
+            log_format: self.log_format,
+        })
     }
 }
 
@@ -441,6 +531,21 @@ mod tests {
     /// the environment of the test run changes nothing (`tests/collector_bin.rs` covers them).
     fn settings(flags: &[&str]) -> Result<Settings, clap::Error> {
         let command = Settings::command().mut_args(|arg| arg.env(None));
+        let keys = ["--keys-file", "keys.json"];
+        let keys = if flags.iter().any(|f| f.starts_with("--keys-file") || f.starts_with("--keys-secret")) {
+            &[][..]
+        } else {
+            &keys[..]
+        };
+        Settings::try_parse_with(
+            command,
+            std::iter::once("collector").chain(keys.iter().copied()).chain(flags.iter().copied()),
+        )
+    }
+
+    /// Like [`settings`], without adding `--keys-file`.
+    fn bare_settings(flags: &[&str]) -> Result<Settings, clap::Error> {
+        let command = Settings::command().mut_args(|arg| arg.env(None));
         Settings::try_parse_with(command, std::iter::once("collector").chain(flags.iter().copied()))
     }
 
@@ -448,6 +553,9 @@ mod tests {
     fn only_the_stream_is_required() {
         let s = settings(&["--stream", "events"]).expect("valid");
         assert_eq!(s.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(s.admin_listen, SocketAddr::from(([127, 0, 0, 1], 9090)));
+        assert_eq!(s.keys, KeySetting::File("keys.json".into()));
+        assert_eq!(s.keys_reload, Duration::from_secs(30));
         assert_eq!(s.collector, CollectorConfig::default());
         assert_eq!(s.producer, ProducerConfig::new("events"));
         assert_eq!(s.log_format, LogFormat::Text);
@@ -456,6 +564,16 @@ mod tests {
         assert_eq!(s.collector.retry_after_secs(), 1);
 
         let missing = settings(&[]).expect_err("no stream");
+        let no_keys = bare_settings(&["--stream", "events"]).expect_err("no keys");
+        assert_eq!(no_keys.exit_code(), 2);
+        assert!(no_keys.to_string().contains("--keys-file (KTK_KEYS_FILE)"), "{no_keys}");
+        let both =
+            bare_settings(&["--stream", "events", "--keys-file", "k.json", "--keys-secret", "k"]).expect_err("both");
+        assert!(both.to_string().contains("both set"), "{both}");
+        let secret = bare_settings(&["--stream", "events", "--keys-secret", "collector/keys"]).expect("valid");
+        assert_eq!(secret.keys, KeySetting::Secret("collector/keys".to_owned()));
+        let same = settings(&["--stream", "events", "--admin-listen", "127.0.0.1:8080"]).expect_err("same address");
+        assert!(same.to_string().contains("--admin-listen (KTK_ADMIN_LISTEN)"), "{same}");
         assert_eq!(missing.kind(), ErrorKind::MissingRequiredArgument);
         assert_eq!(missing.exit_code(), 2);
         assert!(missing.to_string().contains("--stream (KTK_STREAM)"), "{missing}");
@@ -471,6 +589,10 @@ mod tests {
         let s = settings(&[
             "--stream=arn:aws:kinesis:us-east-1:123456789012:stream/events",
             "--listen=0.0.0.0:9000",
+            "--admin-listen=10.0.0.1:9100",
+            "--keys-secret=collector/keys",
+            "--keys-reload-secs=5",
+            "--write-timeout-secs=7",
             "--max-body-bytes=2048",
             "--max-event-age-secs=3600",
             "--retry-after-secs=5",
@@ -489,6 +611,9 @@ mod tests {
         ])
         .expect("valid");
         assert_eq!(s.listen, SocketAddr::from(([0, 0, 0, 0], 9000)));
+        assert_eq!(s.admin_listen, SocketAddr::from(([10, 0, 0, 1], 9100)));
+        assert_eq!(s.keys, KeySetting::Secret("collector/keys".to_owned()));
+        assert_eq!(s.keys_reload, Duration::from_secs(5));
         assert_eq!(
             s.collector,
             CollectorConfig::default()
@@ -504,6 +629,7 @@ mod tests {
                 .with_idle_timeout(Duration::from_secs(6))
                 .with_max_events_per_request(50)
                 .with_max_event_bytes(1000)
+                .with_write_timeout(Duration::from_secs(7))
         );
         assert_eq!(s.producer.stream(), "arn:aws:kinesis:us-east-1:123456789012:stream/events");
         assert_eq!(s.producer.record_max_buffered_time, Duration::from_millis(250));
@@ -524,7 +650,7 @@ mod tests {
                 long.to_owned()
             })
             .collect();
-        assert_eq!(variables.len(), 17, "{variables:?}");
+        assert_eq!(variables.len(), 22, "{variables:?}");
     }
 
     #[test]
@@ -544,6 +670,9 @@ mod tests {
             ("--header-timeout-secs", "3601"),
             ("--body-timeout-secs", "0"),
             ("--idle-timeout-secs", "3601"),
+            ("--write-timeout-secs", "0"),
+            ("--keys-reload-secs", "0"),
+            ("--admin-listen", "9090"),
             ("--max-events-per-request", "100001"),
             ("--max-event-bytes", "1048577"),
             ("--record-max-buffered-ms", "soon"),

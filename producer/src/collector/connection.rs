@@ -1,5 +1,5 @@
-//! One TCP connection: HTTP/1.1 through hyper, watched for the collector's header and idle
-//! timeouts (the body timeout is the route's: see `routes.rs`).
+//! One TCP connection: HTTP/1.1 through hyper, watched for the collector's header, idle and
+//! write timeouts (the body timeout is the route's: see `routes.rs`).
 //!
 //! hyper's own header timeout starts whenever a connection waits for a request head, so it would
 //! also close every idle keep-alive connection after the header timeout. Here a watchdog tells
@@ -9,7 +9,10 @@
 //!   within the header timeout, or the connection is dropped at once;
 //! - between requests, a connection with nothing sent for the idle timeout is shut down
 //!   gracefully (hyper closes it, or finishes an answer under way first);
-//! - when the server shuts down, every connection is shut down gracefully the same way.
+//! - when the server shuts down, every connection is shut down gracefully the same way;
+//! - at any time, a write to the socket that cannot go on (the client reads nothing and the
+//!   socket's buffers are full) for the write timeout drops the connection: a client that never
+//!   reads its answers cannot hold a connection and its answer forever.
 
 use std::io;
 use std::pin::Pin;
@@ -38,6 +41,7 @@ const MAX_HEAD_BYTES: usize = 32 * 1024;
 pub(super) struct Timeouts {
     pub(super) header: Duration,
     pub(super) idle: Duration,
+    pub(super) write: Duration,
 }
 
 /// What the watchdog knows of its connection.
@@ -58,6 +62,8 @@ struct State {
     waiting_since: Instant,
     /// When the first byte of the awaited request arrived.
     head_started: Option<Instant>,
+    /// Since when a write has been waiting for room in the socket's send buffer.
+    write_blocked_since: Option<Instant>,
 }
 
 /// What a watchdog does when its deadline passes.
@@ -67,11 +73,19 @@ enum Expiry {
     Header,
     /// Nothing was sent between requests for too long: shut down gracefully.
     Idle,
+    /// The client has not taken what is written to it for too long: drop the connection.
+    Write,
 }
 
 impl Activity {
     fn new() -> Arc<Self> {
-        let state = State { in_request: false, answered: false, waiting_since: Instant::now(), head_started: None };
+        let state = State {
+            in_request: false,
+            answered: false,
+            waiting_since: Instant::now(),
+            head_started: None,
+            write_blocked_since: None,
+        };
         Arc::new(Activity { state: Mutex::new(state), changed: Notify::new() })
     }
 
@@ -100,22 +114,44 @@ impl Activity {
 
     fn request_ended(&self) {
         self.update(|state| {
-            *state = State { in_request: false, answered: true, waiting_since: Instant::now(), head_started: None };
+            *state = State {
+                in_request: false,
+                answered: true,
+                waiting_since: Instant::now(),
+                head_started: None,
+                write_blocked_since: state.write_blocked_since,
+            };
         });
     }
 
-    /// The next deadline and what happens then; `None` while a request is handled (its body has
-    /// its own timeout, and the watchdog is woken when it ends).
+    /// A write found the socket's send buffer full (`blocked`), or went through.
+    fn write_polled(&self, blocked: bool) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match (blocked, state.write_blocked_since) {
+            (true, None) => state.write_blocked_since = Some(Instant::now()),
+            (false, Some(_)) => state.write_blocked_since = None,
+            _ => return,
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The next deadline and what happens then: a blocked write's, else the head's or the idle
+    /// one's; `None` while a request is handled and its answer is not stuck (its body has its own
+    /// timeout, and the watchdog is woken when it ends).
     fn deadline(&self, timeouts: Timeouts) -> Option<(Instant, Expiry)> {
         let state = self.state();
-        if state.in_request {
-            return None;
+        let waiting = match (state.in_request, state.head_started, state.answered) {
+            (true, _, _) => None,
+            (false, Some(started), _) => Some((started + timeouts.header, Expiry::Header)),
+            (false, None, false) => Some((state.waiting_since + timeouts.header, Expiry::Header)),
+            (false, None, true) => Some((state.waiting_since + timeouts.idle, Expiry::Idle)),
+        };
+        let write = state.write_blocked_since.map(|since| (since + timeouts.write, Expiry::Write));
+        match (waiting, write) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
         }
-        Some(match (state.head_started, state.answered) {
-            (Some(started), _) => (started + timeouts.header, Expiry::Header),
-            (None, false) => (state.waiting_since + timeouts.header, Expiry::Header),
-            (None, true) => (state.waiting_since + timeouts.idle, Expiry::Idle),
-        })
     }
 }
 
@@ -137,13 +173,23 @@ impl AsyncRead for Watched {
     }
 }
 
+impl Watched {
+    /// Tells [`Activity`] whether a write waits for room.
+    fn noting<T>(&self, polled: Poll<T>) -> Poll<T> {
+        self.activity.write_polled(polled.is_pending());
+        polled
+    }
+}
+
 impl AsyncWrite for Watched {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.noting(polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let polled = Pin::new(&mut self.stream).poll_flush(cx);
+        self.noting(polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -155,7 +201,8 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.noting(polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -237,6 +284,10 @@ pub(super) async fn serve_connection(
                     // Already closing and still silent: nothing is under way; drop it.
                     return;
                 }
+                Expiry::Write => {
+                    counter!("collector_connections_timed_out", "phase" => "write").increment(1);
+                    return;
+                }
             },
         }
     }
@@ -246,7 +297,8 @@ pub(super) async fn serve_connection(
 mod tests {
     use super::*;
 
-    const TIMEOUTS: Timeouts = Timeouts { header: Duration::from_secs(10), idle: Duration::from_secs(60) };
+    const TIMEOUTS: Timeouts =
+        Timeouts { header: Duration::from_secs(10), idle: Duration::from_secs(60), write: Duration::from_secs(5) };
 
     #[tokio::test(start_paused = true)]
     async fn the_header_clock_runs_from_the_opening_then_the_idle_one_between_requests() {
@@ -268,5 +320,31 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         activity.bytes_read();
         assert_eq!(activity.deadline(TIMEOUTS), Some((started + TIMEOUTS.header, Expiry::Header)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_write_has_its_own_deadline_even_during_a_request() {
+        let activity = Activity::new();
+        activity.bytes_read();
+        activity.request_began();
+        activity.write_polled(true);
+        let blocked = Instant::now();
+        assert_eq!(activity.deadline(TIMEOUTS), Some((blocked + TIMEOUTS.write, Expiry::Write)));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        activity.write_polled(true);
+        assert_eq!(
+            activity.deadline(TIMEOUTS),
+            Some((blocked + TIMEOUTS.write, Expiry::Write)),
+            "still the first block"
+        );
+        activity.write_polled(false);
+        assert_eq!(activity.deadline(TIMEOUTS), None, "the write went through");
+        activity.request_ended();
+        let ended = Instant::now();
+        activity.write_polled(true);
+        let blocked = Instant::now();
+        assert_eq!(activity.deadline(TIMEOUTS), Some((blocked + TIMEOUTS.write, Expiry::Write)), "sooner than idle");
+        activity.write_polled(false);
+        assert_eq!(activity.deadline(TIMEOUTS), Some((ended + TIMEOUTS.idle, Expiry::Idle)));
     }
 }

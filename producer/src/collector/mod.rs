@@ -7,18 +7,28 @@
 //! # Layout
 //! - this file: [`Collector`] (the shared state), [`serve`] (the accept loop under the connection
 //!   cap, until the shutdown future resolves; then drain connections and flush the producer);
-//! - `connection.rs`: one HTTP/1.1 connection, with the header and idle timeouts;
-//! - `routes.rs`: the HTTP routes, body decoding and the response;
+//! - `connection.rs`: one HTTP/1.1 connection, with the header, idle and write timeouts;
+//! - `routes.rs`: the HTTP routes, CORS, body decoding and the response;
+//! - [`keys`]: write keys, their apps, allowed origins and rate limits, and their reloading;
 //! - `validate.rs`: the per-event contract ([`RejectCode`] lists every reason);
 //! - `config.rs`: [`CollectorConfig`], and [`Settings`], what the binary reads from its flags and
 //!   environment;
 //! - `log_limit.rs`: warnings written at most once per interval, with a count of the rest.
 //!
 //! # `POST /v1/events`
+//! First the caller: the request's write key (`Authorization: Bearer <key>`, or `?key=<key>` for
+//! `navigator.sendBeacon`) must be one of the [`keys`] in force, or absent when the keys document
+//! allows anonymous callers; otherwise 401 (`missing_key`, `unknown_key`, `bad_authorization`)
+//! with `WWW-Authenticate: Bearer`. A request from a web page (an `Origin` header) whose origin
+//! the key does not list is answered 403 `origin_not_allowed`. A key over its rate is answered
+//! 429 `rate_limited` with `Retry-After` (its bucket is checked before the body is read and
+//! charged the batch's event count after). None of these reads the events.
+//!
 //! The body is an `events.v1.EventBatch`, as binary protobuf (`Content-Type:
-//! application/x-protobuf`) or as canonical proto3 JSON (`application/json`; lowerCamelCase or
-//! proto field names, enums by name or number, 64-bit integers as strings or numbers). Any other
-//! content type is answered 415; a body over the limit 413 `body_too_large`; a batch of more than
+//! application/x-protobuf`) or as canonical proto3 JSON (`application/json`, or `text/plain`, which
+//! `navigator.sendBeacon` can send without a CORS preflight; lowerCamelCase or proto field names,
+//! enums by name or number, 64-bit integers as strings or numbers). Any other content type is
+//! answered 415; a body over the limit 413 `body_too_large`; a batch of more than
 //! [`max_events_per_request`](CollectorConfig::with_max_events_per_request) events 413
 //! `too_many_events`; an event larger than
 //! [`max_event_bytes`](CollectorConfig::with_max_event_bytes) 413 `event_too_large`; a body that
@@ -26,8 +36,9 @@
 //! `body_timeout` (and the connection is closed); a body that cannot be decoded 400. Those answers
 //! are `{"error": "<code>", "reason": "<what to fix>"}`.
 //!
-//! Otherwise each event is checked (see `validate.rs`), and the valid ones are put into the
-//! producer in batch order with one `try_put_batch`, which never waits. The answer is:
+//! Otherwise each event is checked (see `validate.rs`), stamped with the server's receive time
+//! and the key's app id (`received_at_ms`, `app_id`: what the client put there is replaced), and
+//! the valid ones are put into the producer in batch order with one `try_put_batch`, which never waits. The answer is:
 //!
 //! ```json
 //! {
@@ -75,13 +86,29 @@
 //! [header timeout](CollectorConfig::with_header_timeout) to send a request's head (from the
 //! opening, or from the first byte of a later request), then the body timeout for its body; a
 //! kept-alive connection waiting for its next request is closed after the
-//! [idle timeout](CollectorConfig::with_idle_timeout). A request holds one of the concurrency
+//! [idle timeout](CollectorConfig::with_idle_timeout). A connection whose client takes nothing
+//! of what is written to it for the [write timeout](CollectorConfig::with_write_timeout) is
+//! dropped. A request holds one of the concurrency
 //! permits only from the moment its body has arrived, so clients that send slowly hold
 //! connections, which are many and time out, not the permits valid requests need.
 //!
-//! # `GET /health`, `GET /metrics`
-//! `/health` is 200 `{"status":"ok"}`, and 503 `{"status":"shutting_down"}` once shutdown has
-//! begun. `/metrics` renders the Prometheus handle given to [`Collector::new`] (404 without one).
+//! # CORS
+//! Every answer to a page (a request with `Origin`) carries `Vary: Origin`; when some key allows
+//! that origin it also carries `Access-Control-Allow-Origin` (the origin) and
+//! `Access-Control-Expose-Headers: retry-after`, errors included, so the page can read why it was
+//! refused. `OPTIONS /v1/events` from such an origin (a preflight) is answered 204 with
+//! `Access-Control-Allow-Methods: POST`, `Access-Control-Allow-Headers: authorization,
+//! content-type` and `Access-Control-Max-Age: 7200`; from any other origin 403. A preflight
+//! carries no key, so it is answered for the union of every key's origins; the request that
+//! follows is then held to its own key's.
+//!
+//! # `GET /health`; the admin routes
+//! `/health` on the public listener is 200 `{"status":"ok"}`, and 503
+//! `{"status":"shutting_down"}` once shutdown has begun (for a load balancer). The operational
+//! routes are a separate [`Collector::admin_router`], which the binary serves on
+//! `--admin-listen`: `/metrics` renders the Prometheus handle given to [`Collector::new`] (404
+//! without one), and `/health` adds the number of keys, whether anonymous callers are taken and
+//! the last keys reload error (`null` while the source reads).
 //!
 //! # Metrics (through the `metrics` facade)
 //! | metric | kind | labels |
@@ -91,13 +118,19 @@
 //! | `collector_events_rejected` | counter | reason (a [`RejectCode`]) |
 //! | `collector_events_failed` | counter | (taken, then failed by the producer) |
 //! | `collector_request_duration_seconds` | histogram | route, status |
-//! | `collector_connections_timed_out` | counter | phase (`header`, `body`, `idle`) |
+//! | `collector_requests_refused` | counter | reason (`missing_key`, `unknown_key`, `bad_authorization`, `origin_not_allowed`, `rate_limited`) |
+//! | `collector_connections_timed_out` | counter | phase (`header`, `body`, `idle`, `write`) |
 //! | `collector_accept_errors` | counter | |
+//! | `collector_keys` | gauge | (keys in force after the last reload) |
+//! | `collector_keys_reloads` | counter | (changed documents put in force) |
+//! | `collector_keys_reload_errors` | counter | (documents that could not be read or used) |
 //!
 //! # Logs
 //! Warnings that can repeat with every request (events turned away because the producer is full
 //! or shutting down, failed `accept` calls) are written at most once per 10 s per kind, with the
-//! number held back since the last line (`suppressed`); the metrics count every occurrence.
+//! number held back since the last line (`suppressed`), and keys reload errors at most once a
+//! minute; the metrics count every occurrence. Refused keys are counted, never logged, and no
+//! key is ever written to a log or an answer.
 //!
 //! # Bounded memory
 //! The collector keeps nothing between requests. A connection holds at most one request head
@@ -113,6 +146,7 @@
 
 mod config;
 mod connection;
+pub mod keys;
 mod log_limit;
 mod routes;
 mod validate;
@@ -130,7 +164,8 @@ use tracing::{info, warn};
 
 use log_limit::{LogLimit, WARNING_INTERVAL};
 
-pub use config::{CollectorConfig, LogFormat, Settings};
+pub use config::{CollectorConfig, KeySetting, LogFormat, Settings};
+pub use keys::{AuthError, KeySet, KeySource, Keys, KeysError};
 pub use validate::{MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, RejectCode, Rejection};
 
 use crate::producer::{Producer, ProducerStats};
@@ -145,6 +180,7 @@ pub struct Collector {
 struct Shared {
     producer: Producer,
     config: CollectorConfig,
+    keys: Keys,
     prometheus: Option<PrometheusHandle>,
     shutting_down: AtomicBool,
     /// One permit per `POST /v1/events` being handled (taken once its body has arrived).
@@ -154,14 +190,17 @@ struct Shared {
 }
 
 impl Collector {
-    /// The Event API over `producer`. `prometheus` is what `GET /metrics` renders: the binary
-    /// installs a global recorder and passes its handle; a library user or a test may pass none.
-    pub fn new(producer: Producer, config: CollectorConfig, prometheus: Option<PrometheusHandle>) -> Self {
+    /// The Event API over `producer`, for the callers `keys` lets in (see [`keys`]; reload them
+    /// with [`keys::keep_loading`] or [`Keys::replace`]). `prometheus` is what the admin
+    /// `GET /metrics` renders: the binary installs a global recorder and passes its handle; a
+    /// library user or a test may pass none.
+    pub fn new(producer: Producer, config: CollectorConfig, keys: Keys, prometheus: Option<PrometheusHandle>) -> Self {
         Collector {
             shared: Arc::new(Shared {
                 requests: Semaphore::new(config.max_concurrent_requests.clamp(1, Semaphore::MAX_PERMITS)),
                 producer,
                 config,
+                keys,
                 prometheus,
                 shutting_down: AtomicBool::new(false),
                 turned_away_warnings: LogLimit::new(WARNING_INTERVAL),
@@ -177,9 +216,21 @@ impl Collector {
         &self.shared.config
     }
 
-    /// The routes, to serve with [`serve`] or to nest in a bigger application.
+    /// The write keys in force.
+    pub fn keys(&self) -> &Keys {
+        &self.shared.keys
+    }
+
+    /// The public routes (`POST`/`OPTIONS /v1/events`, `GET /health`), to serve with [`serve`]
+    /// or to nest in a bigger application.
     pub fn router(&self) -> Router {
         routes::router(self.clone())
+    }
+
+    /// The operational routes (`GET /metrics`, `GET /health`), for a listen address apps cannot
+    /// reach (the binary's `--admin-listen`).
+    pub fn admin_router(&self) -> Router {
+        routes::admin_router(self.clone())
     }
 
     fn is_shutting_down(&self) -> bool {
@@ -205,7 +256,8 @@ pub async fn serve(
     let cap = config.max_connections.clamp(1, MAX_CONNECTION_PERMITS.min(Semaphore::MAX_PERMITS));
     let connections = Arc::new(Semaphore::new(cap));
     let (stopping, stopping_rx) = watch::channel(false);
-    let timeouts = connection::Timeouts { header: config.header_timeout, idle: config.idle_timeout };
+    let timeouts =
+        connection::Timeouts { header: config.header_timeout, idle: config.idle_timeout, write: config.write_timeout };
     let router = collector.router();
     let accept_errors = LogLimit::new(WARNING_INTERVAL);
     let shutdown = std::pin::pin!(shutdown);

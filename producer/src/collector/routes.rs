@@ -1,4 +1,6 @@
-//! The HTTP routes: `POST /v1/events`, `GET /health`, `GET /metrics`; body decoding; the answer.
+//! The HTTP routes: `POST /v1/events` (and its CORS preflight) and `GET /health` on the public
+//! listener, `GET /metrics` and `GET /health` on the admin one; write keys, body decoding, the
+//! answer.
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,18 +22,80 @@ use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::Collector;
+use super::keys::{App, AuthError};
 use super::validate::{BatchValidator, MAX_EVENT_ID_CHARS, RejectCode, Rejection};
 use crate::error::{PutError, PutErrorKind};
 use crate::producer::BatchTaken;
 use crate::record::{BatchReceipt, Record};
 
+/// The public routes: what apps and pages reach.
 pub(super) fn router(collector: Collector) -> Router {
     Router::new()
-        .route("/v1/events", post(post_events))
+        .route("/v1/events", post(post_events).options(preflight))
         .route("/health", get(health))
-        .route("/metrics", get(render_metrics))
         .route_layer(middleware::from_fn(observe))
+        .layer(middleware::from_fn_with_state(collector.clone(), cors))
         .with_state(collector)
+}
+
+/// The operational routes, for the admin listener only.
+pub(super) fn admin_router(collector: Collector) -> Router {
+    Router::new().route("/metrics", get(render_metrics)).route("/health", get(admin_health)).with_state(collector)
+}
+
+/// The request headers a page may send to `POST /v1/events`.
+const ALLOWED_HEADERS: &str = "authorization, content-type";
+/// How long a browser may keep a preflight's answer, in seconds (Chromium caps it at 2 hours).
+const PREFLIGHT_MAX_AGE_SECS: &str = "7200";
+
+/// Adds the CORS headers to every answer to a page whose origin some key allows (errors
+/// included, so the page can read them), and `Vary: Origin` to every answer to a page.
+async fn cors(State(collector): State<Collector>, request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let mut response = next.run(request).await;
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.append(header::VARY, HeaderValue::from_static("origin"));
+        let allowed = origin.to_str().is_ok_and(|o| collector.keys().current().some_key_allows_origin(o));
+        if allowed {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("retry-after"));
+        }
+    }
+    response
+}
+
+/// `OPTIONS /v1/events`: a browser asking whether a page may post (a CORS preflight), answered
+/// 204 for an origin some key allows and the POST method; 403 otherwise. Without an `Origin` it
+/// is a plain OPTIONS: 204 with `Allow`.
+async fn preflight(State(collector): State<Collector>, headers: HeaderMap) -> Response {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return (StatusCode::NO_CONTENT, [(header::ALLOW, "POST, OPTIONS")]).into_response();
+    };
+    let origin_allowed = origin.to_str().is_ok_and(|o| collector.keys().current().some_key_allows_origin(o));
+    if !origin_allowed {
+        return RequestError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "no write key of this collector allows pages of this origin",
+        )
+        .into_response();
+    }
+    let method = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD).and_then(|m| m.to_str().ok());
+    if method.is_some_and(|m| m != "POST") {
+        return RequestError::new(StatusCode::FORBIDDEN, "method_not_allowed", "only POST is allowed here")
+            .into_response();
+    }
+    (
+        StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_METHODS, "POST"),
+            (header::ACCESS_CONTROL_ALLOW_HEADERS, ALLOWED_HEADERS),
+            (header::ACCESS_CONTROL_MAX_AGE, PREFLIGHT_MAX_AGE_SECS),
+            (header::VARY, "access-control-request-method, access-control-request-headers"),
+        ],
+    )
+        .into_response()
 }
 
 /// Records every matched request's latency by route and status.
@@ -51,6 +115,20 @@ async fn health(State(collector): State<Collector>) -> Response {
     } else {
         Json(serde_json::json!({"status": "ok"})).into_response()
     }
+}
+
+/// The admin `/health`: the public answer, and whether the keys source reads.
+async fn admin_health(State(collector): State<Collector>) -> Response {
+    let keys = collector.keys().current();
+    let status = if collector.is_shutting_down() { "shutting_down" } else { "ok" };
+    let body = serde_json::json!({
+        "status": status,
+        "keys": keys.len(),
+        "anonymous": keys.allows_anonymous(),
+        "keys_reload_error": collector.keys().reload_error(),
+    });
+    let code = if collector.is_shutting_down() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (code, Json(body)).into_response()
 }
 
 async fn render_metrics(State(collector): State<Collector>) -> Response {
@@ -114,7 +192,9 @@ fn format_of(headers: &HeaderMap) -> Result<Format, RequestError> {
         RequestError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            format!("Content-Type {got} is not supported; send application/x-protobuf or application/json"),
+            format!(
+                "Content-Type {got} is not supported; send application/x-protobuf, application/json or text/plain (JSON)"
+            ),
         )
     };
     let Some(value) = headers.get(header::CONTENT_TYPE) else { return Err(unsupported("(none)")) };
@@ -122,28 +202,76 @@ fn format_of(headers: &HeaderMap) -> Result<Format, RequestError> {
     let media_type = value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     match media_type.as_str() {
         "application/x-protobuf" | "application/protobuf" => Ok(Format::Protobuf),
-        "application/json" => Ok(Format::Json),
+        // `text/plain` is what `navigator.sendBeacon` sends without a CORS preflight; its body
+        // is read as JSON.
+        "application/json" | "text/plain" => Ok(Format::Json),
         _ => Err(unsupported(&format!("{value:?}"))),
     }
 }
 
-/// Whether the query asks to wait for Kinesis (`wait=acked`); other parameters are ignored.
-fn wait_for_acks(query: Option<&str>) -> Result<bool, RequestError> {
-    let mut wait = false;
+/// What the query string says: `wait=acked` (wait for Kinesis) and `key=<write key>` (for
+/// `navigator.sendBeacon`, which cannot set headers); other parameters are ignored.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Query<'a> {
+    wait: bool,
+    key: Option<&'a str>,
+}
+
+fn parse_query(query: Option<&str>) -> Result<Query<'_>, RequestError> {
+    let mut parsed = Query::default();
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if name == "wait" {
-            if value != "acked" {
+        match name {
+            "wait" if value == "acked" => parsed.wait = true,
+            "wait" => {
                 return Err(RequestError::new(
                     StatusCode::BAD_REQUEST,
                     "bad_query",
                     format!("wait={value} is not supported; the only value is wait=acked"),
                 ));
             }
-            wait = true;
+            "key" => parsed.key = Some(value),
+            _ => {}
         }
     }
-    Ok(wait)
+    Ok(parsed)
+}
+
+/// The write key a request presents: `Authorization: Bearer <key>`, else `?key=`.
+fn presented_key<'a>(headers: &'a HeaderMap, query: &Query<'a>) -> Result<Option<&'a str>, AuthError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else { return Ok(query.key) };
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let (scheme, key) = value.trim().split_once(' ').ok_or(AuthError::Malformed)?;
+    let key = key.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || key.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(Some(key))
+}
+
+fn unauthorized(error: AuthError) -> Response {
+    counter!("collector_requests_refused", "reason" => error.code()).increment(1);
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"events\""))],
+        RequestError::new(StatusCode::UNAUTHORIZED, error.code(), error.reason()),
+    )
+        .into_response()
+}
+
+fn rate_limited(wait: std::time::Duration) -> Response {
+    counter!("collector_requests_refused", "reason" => "rate_limited").increment(1);
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))],
+        RequestError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "this write key is over its rate of events; send again after Retry-After",
+        ),
+    )
+        .into_response()
 }
 
 /// Reads the body within the body timeout, refusing to hold more than the body limit.
@@ -466,13 +594,32 @@ async fn post_events(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // Cheap checks first, before the body is read.
-    let format = match format_of(&headers) {
-        Ok(format) => format,
+    // Cheap checks first, before the body is read: the key, the page's origin, the key's rate.
+    let query = match parse_query(query.as_deref()) {
+        Ok(query) => query,
         Err(error) => return error.into_response(),
     };
-    let wait = match wait_for_acks(query.as_deref()) {
-        Ok(wait) => wait,
+    let app = match presented_key(&headers, &query).and_then(|key| collector.keys().current().authenticate(key)) {
+        Ok(app) => app,
+        Err(error) => return unauthorized(error),
+    };
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !origin.to_str().is_ok_and(|o| app.allows_origin(o))
+    {
+        counter!("collector_requests_refused", "reason" => "origin_not_allowed").increment(1);
+        return RequestError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this write key does not allow pages of this origin",
+        )
+        .into_response();
+    }
+    if let Err(wait) = app.check_rate() {
+        return rate_limited(wait);
+    }
+    let wait = query.wait;
+    let format = match format_of(&headers) {
+        Ok(format) => format,
         Err(error) => return error.into_response(),
     };
     // The body first, within its timeout: a slow sender holds its connection, not a permit.
@@ -502,11 +649,14 @@ async fn post_events(
         Ok(events) => events,
         Err(error) => return error.into_response(),
     };
-    take_batch(&collector, events, wait).await
+    if let Err(wait) = app.take(events.len()) {
+        return rate_limited(wait);
+    }
+    take_batch(&collector, &app, events, wait).await
 }
 
-/// Validates and puts the events of one batch; builds the answer.
-async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> Response {
+/// Validates and puts the events of one batch, as `app`'s; builds the answer.
+async fn take_batch(collector: &Collector, app: &App, events: Vec<Decoded>, wait: bool) -> Response {
     let now = now_ms();
     let total = events.len();
     counter!("collector_events_received").increment(total as u64);
@@ -533,6 +683,8 @@ async fn take_batch(collector: &Collector, events: Vec<Decoded>, wait: bool) -> 
             }
         };
         event.received_at_ms = now;
+        // The key says which app this is; what the client wrote there does not count.
+        app.app_id().clone_into(&mut event.app_id);
         records.push(Record::new(key, event.encode_to_vec()));
         ids.push(Some((index, event_id)));
     }
@@ -671,7 +823,8 @@ mod tests {
     async fn collector() -> Collector {
         let producer =
             Producer::with_api(ProducerConfig::new("s"), Arc::new(NoopKinesis::new(1))).await.expect("starts");
-        Collector::new(producer, CollectorConfig::default(), None)
+        let keys = crate::collector::Keys::anonymous("test").expect("valid");
+        Collector::new(producer, CollectorConfig::default(), keys, None)
     }
 
     #[tokio::test]
@@ -698,11 +851,30 @@ mod tests {
     }
 
     #[test]
-    fn only_wait_acked_is_understood() {
-        assert!(matches!(wait_for_acks(None), Ok(false)));
-        assert!(matches!(wait_for_acks(Some("trace=1")), Ok(false)));
-        assert!(matches!(wait_for_acks(Some("trace=1&wait=acked")), Ok(true)));
-        assert!(wait_for_acks(Some("wait=")).is_err());
-        assert!(wait_for_acks(Some("wait=all")).is_err());
+    fn the_query_says_wait_acked_and_the_key() {
+        let parsed = |q| parse_query(Some(q)).map_err(|e| e.error);
+        assert_eq!(parse_query(None).map_err(|e| e.error), Ok(Query::default()));
+        assert_eq!(parsed("trace=1"), Ok(Query::default()));
+        assert_eq!(parsed("trace=1&wait=acked"), Ok(Query { wait: true, key: None }));
+        assert_eq!(parsed("key=wk_abc&wait=acked"), Ok(Query { wait: true, key: Some("wk_abc") }));
+        assert_eq!(parsed("wait="), Err("bad_query"));
+        assert_eq!(parsed("wait=all"), Err("bad_query"));
+    }
+
+    #[test]
+    fn the_header_key_wins_over_the_query_and_must_be_bearer() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).expect("header"));
+            headers
+        };
+        let query = Query { wait: false, key: Some("from-query") };
+        assert_eq!(presented_key(&HeaderMap::new(), &query), Ok(Some("from-query")));
+        assert_eq!(presented_key(&HeaderMap::new(), &Query::default()), Ok(None));
+        assert_eq!(presented_key(&with("Bearer from-header"), &query), Ok(Some("from-header")));
+        assert_eq!(presented_key(&with("bearer  spaced "), &query), Ok(Some("spaced")));
+        assert_eq!(presented_key(&with("Basic dXNlcjpwdw=="), &query), Err(AuthError::Malformed));
+        assert_eq!(presented_key(&with("Bearer"), &query), Err(AuthError::Malformed));
+        assert_eq!(presented_key(&with("Bearer "), &query), Err(AuthError::Malformed));
     }
 }

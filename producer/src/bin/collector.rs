@@ -36,6 +36,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    // First of all, so that SIGTERM during the start-up is a clean stop, not the default death.
+    let shutdown = shutdown_signal();
+    let hangups = hangups();
     let prometheus = install_prometheus()?;
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     // The keys and both addresses first: nothing is started when one of them is wrong.
@@ -62,7 +65,7 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
 
     let reload_now = Arc::new(tokio::sync::Notify::new());
     let reloading = tokio::spawn(collector::keys::keep_loading(source, keys, settings.keys_reload, reload_now.clone()));
-    let hangups = tokio::spawn(reload_on_sighup(reload_now));
+    let hangups = tokio::spawn(reload_on_sighup(hangups, reload_now));
     info!(address = %settings.admin_listen, "admin routes (/metrics, /health) listening");
     let admin_router = collector.admin_router();
     let admin_server = tokio::spawn(async move {
@@ -70,7 +73,7 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
             error!("the admin listener stopped: {e}");
         }
     });
-    let served = collector::serve(listener, collector, shutdown_signal()).await;
+    let served = collector::serve(listener, collector, shutdown).await;
     for task in [reloading, hangups, admin_server] {
         task.abort();
     }
@@ -79,21 +82,31 @@ async fn run(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Asks for the keys to be read again at every SIGHUP.
-async fn reload_on_sighup(now: Arc<tokio::sync::Notify>) {
-    #[cfg(unix)]
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(mut hangups) => {
-            while hangups.recv().await.is_some() {
-                info!("SIGHUP received: reading the write keys again");
-                now.notify_one();
-            }
-        }
-        Err(e) => error!("cannot listen for SIGHUP (the keys are still read every --keys-reload-secs): {e}"),
-    }
-    #[cfg(not(unix))]
-    drop(now);
+/// SIGHUP, from now on (its default action would end the process).
+#[cfg(unix)]
+fn hangups() -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .inspect_err(|e| error!("cannot listen for SIGHUP (the keys are still read every --keys-reload-secs): {e}"))
+        .ok()
 }
+
+#[cfg(not(unix))]
+fn hangups() -> Option<()> {
+    None
+}
+
+/// Asks for the keys to be read again at every SIGHUP.
+#[cfg(unix)]
+async fn reload_on_sighup(hangups: Option<tokio::signal::unix::Signal>, now: Arc<tokio::sync::Notify>) {
+    let Some(mut hangups) = hangups else { return };
+    while hangups.recv().await.is_some() {
+        info!("SIGHUP received: reading the write keys again");
+        now.notify_one();
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_hangups: Option<()>, _now: Arc<tokio::sync::Notify>) {}
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -124,30 +137,43 @@ fn install_prometheus() -> Result<PrometheusHandle, Box<dyn std::error::Error>> 
     Ok(handle)
 }
 
-/// Resolves at the first SIGTERM (what ECS and Kubernetes send) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let interrupt = async {
+/// Resolves at the first SIGTERM (what ECS and Kubernetes send) or SIGINT (Ctrl-C). The
+/// handlers are installed when this is called, not when the future is first polled: a signal that
+/// comes while the collector is still starting is kept, and stops it as soon as it serves.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                error!("cannot listen for {name}: {e}");
+                None
+            }
+        };
+        let mut interrupt = listen(SignalKind::interrupt(), "SIGINT");
+        let mut terminate = listen(SignalKind::terminate(), "SIGTERM");
+        async move {
+            let wait = |signal: Option<tokio::signal::unix::Signal>| async move {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt.take()) => info!("SIGINT received"),
+                () = wait(terminate.take()) => info!("SIGTERM received"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
-            error!("cannot listen for SIGINT: {e}");
+            error!("cannot listen for Ctrl-C: {e}");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => info!("SIGINT received"),
-        () = terminate => info!("SIGTERM received"),
+        info!("Ctrl-C received");
     }
 }

@@ -84,7 +84,7 @@ ls_venv_stamp() {
 ls_health_ok() {
   local body svc
   body="$(curl -sS --max-time 3 "$LS_URL/_localstack/health" 2>/dev/null)" || return 1
-  for svc in kinesis dynamodb s3; do
+  for svc in kinesis dynamodb s3 secretsmanager; do
     grep -Eq "\"$svc\": *\"(running|available)\"" <<<"$body" || return 1
   done
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure LocalStack answers on 127.0.0.1:$KTK_LOCALSTACK_PORT (default 4566) with kinesis,
-# dynamodb and s3 usable. Reuses a healthy LocalStack that already runs on that port (host mode or
-# Docker); otherwise starts the host-mode one (no Docker) in the background, installing it first if
+# dynamodb, s3 and secretsmanager usable. Reuses a healthy LocalStack that already runs on that
+# port (host mode or Docker; one that lacks a service is restarted when up.sh started it);
+# otherwise starts the host-mode one (no Docker) in the background, installing it first if
 # needed, and waits until it is ready. Records the PID in $KTK_CACHE/localstack.pid, and in
 # $KTK_CACHE/localstack.started-by-up only if this very call started it (down.sh --if-started reads
 # that); on another port those files (and log, lock, FILESYSTEM_ROOT) are suffixed -PORT.

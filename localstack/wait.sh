@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Waits until LocalStack on 127.0.0.1:$KTK_LOCALSTACK_PORT (default 4566) is really usable: init
-# stage completed, health lists kinesis/dynamodb/s3 as running/available, and a real DynamoDB
+# stage completed, health lists kinesis/dynamodb/s3/secretsmanager as running/available, and a real DynamoDB
 # ListTables and Kinesis ListStreams both answer 200 (health says "available" before DynamoDB
 # Local's JVM is up).
 # Works for the host-mode LocalStack of up.sh and for the Docker one alike.
@@ -56,7 +56,7 @@ ready_and_healthy() {
   ready="$(curl -sS --max-time 3 "$LS_URL/_localstack/init/ready" 2>&1)" || { last="init/ready: $ready"; return 1; }
   grep -Eq '"completed": *true' <<<"$ready" || { last="init/ready: $ready"; return 1; }
   health="$(curl -sS --max-time 3 "$LS_URL/_localstack/health" 2>&1)" || { last="health: $health"; return 1; }
-  for svc in kinesis dynamodb s3; do
+  for svc in kinesis dynamodb s3 secretsmanager; do
     grep -Eq "\"$svc\": *\"(running|available)\"" <<<"$health" || { last="health: $svc not running/available: $health"; return 1; }
   done
 }
@@ -82,6 +82,6 @@ wait_for() {
 }
 
 log "waiting up to ${timeout}s for LocalStack at $LS_URL"
-wait_for "init ready + health (kinesis, dynamodb, s3)" ready_and_healthy
+wait_for "init ready + health (kinesis, dynamodb, s3, secretsmanager)" ready_and_healthy
 wait_for "DynamoDB ListTables + Kinesis ListStreams answer 200" smoke_ok
 log "LocalStack is ready ($(elapsed "$T0"))"

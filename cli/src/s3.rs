@@ -80,6 +80,7 @@ mod tests {
             r#type: EventType::Play as i32,
             occurred_at_ms: 1_772_359_200_000,
             attributes: [("b".to_owned(), "2".to_owned()), ("a".to_owned(), "1".to_owned())].into(),
+            app_id: "tv-roku".into(),
             ..Event::default()
         };
         let record = EventRecord {
@@ -98,8 +99,8 @@ mod tests {
         print_events(&read(), false, &mut out, &mut err).expect("print");
         assert_eq!(
             String::from_utf8(out).expect("utf-8"),
-            "{\"attributes\":{\"a\":\"1\",\"b\":\"2\"},\"eventId\":\"e-1\",\"occurredAtMs\":\"1772359200000\",\
-             \"type\":\"EVENT_TYPE_PLAY\"}\n"
+            "{\"appId\":\"tv-roku\",\"attributes\":{\"a\":\"1\",\"b\":\"2\"},\"eventId\":\"e-1\",\
+             \"occurredAtMs\":\"1772359200000\",\"type\":\"EVENT_TYPE_PLAY\"}\n"
         );
         assert_eq!(
             String::from_utf8(err).expect("utf-8"),
@@ -117,5 +118,6 @@ mod tests {
         assert_eq!(line["sub_sequence_number"], 2);
         assert_eq!(line["arrival_ms"], serde_json::Value::Null);
         assert_eq!(line["event"]["eventId"], "e-1");
+        assert_eq!(line["event"]["appId"], "tv-roku");
     }
 }

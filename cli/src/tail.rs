@@ -737,10 +737,10 @@ mod tests {
                 "data": "aGVsbG8=",
             })
         );
-        let event = Event { event_id: "e-1".into(), user_id: "u".into(), ..Event::default() };
+        let event = Event { event_id: "e-1".into(), user_id: "u".into(), app_id: "tv-ios".into(), ..Event::default() };
         let line: serde_json::Value =
             serde_json::from_str(&render("s", &record(&event.encode_to_vec()), true)).expect("JSON");
-        assert_eq!(line["event"], serde_json::json!({"eventId": "e-1", "userId": "u"}));
+        assert_eq!(line["event"], serde_json::json!({"eventId": "e-1", "userId": "u", "appId": "tv-ios"}));
         assert!(line.get("data").is_none() && line.get("error").is_none(), "{line}");
         let line: serde_json::Value = serde_json::from_str(&render("s", &record(&[0xff, 0xff]), true)).expect("JSON");
         assert_eq!(line["data"], "//8=");

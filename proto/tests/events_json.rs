@@ -32,7 +32,7 @@ fn full_event() -> Event {
         geo: Some(Geo { lat: 40.7128, lon: -74.006, country: "US".into(), region: "US-NY".into() }),
         attributes: HashMap::from([("ab_test".to_owned(), "b".to_owned()), ("cdn".to_owned(), "edge-3".to_owned())]),
         schema_version: "1.0".into(),
-        app_id: String::new(),
+        app_id: "tv-firetv".into(),
     }
 }
 
@@ -59,6 +59,8 @@ fn serialization_is_canonical_proto3_json() {
     assert_eq!(object["userId"], "user-42");
     assert_eq!(object["adBreak"], "midroll-2");
     assert_eq!(object["schemaVersion"], "1.0");
+    assert_eq!(object["appId"], "tv-firetv");
+    assert!(!object.contains_key("app_id"));
     // Enum values by name.
     assert_eq!(object["type"], "EVENT_TYPE_AD_IMPRESSION");
     assert_eq!(object["platform"], "PLATFORM_FIRE_TV");
@@ -69,7 +71,7 @@ fn serialization_is_canonical_proto3_json() {
     // Nested messages, maps and doubles as plain JSON.
     assert_eq!(object["geo"], json!({"lat": 40.7128, "lon": -74.006, "country": "US", "region": "US-NY"}));
     assert_eq!(object["attributes"], json!({"ab_test": "b", "cdn": "edge-3"}));
-    assert_eq!(object.len(), 24, "every field is written once: {object:?}");
+    assert_eq!(object.len(), 25, "every field is written once: {object:?}");
 
     // Fields at their default value are left out.
     assert_eq!(serde_json::to_value(Event::default()).expect("serializes"), json!({}));
@@ -81,11 +83,11 @@ fn serialization_is_canonical_proto3_json() {
 fn parsing_accepts_snake_case_and_camel_case_names() {
     let camel = json!({
         "eventId": "e-1", "type": "EVENT_TYPE_PLAY", "occurredAtMs": "1730000000000",
-        "userId": "u", "deviceId": "d", "contentId": "c", "positionMs": 5
+        "userId": "u", "deviceId": "d", "contentId": "c", "positionMs": 5, "appId": "tv-web"
     });
     let snake = json!({
         "event_id": "e-1", "type": "EVENT_TYPE_PLAY", "occurred_at_ms": "1730000000000",
-        "user_id": "u", "device_id": "d", "content_id": "c", "position_ms": 5
+        "user_id": "u", "device_id": "d", "content_id": "c", "position_ms": 5, "app_id": "tv-web"
     });
     let from_camel: Event = serde_json::from_value(camel).expect("camelCase parses");
     let from_snake: Event = serde_json::from_value(snake).expect("snake_case parses");
@@ -95,6 +97,7 @@ fn parsing_accepts_snake_case_and_camel_case_names() {
     assert_eq!(from_camel.occurred_at_ms, 1_730_000_000_000);
     assert_eq!((from_camel.user_id.as_str(), from_camel.device_id.as_str()), ("u", "d"));
     assert_eq!(from_camel.position_ms, 5);
+    assert_eq!(from_camel.app_id, "tv-web");
 
     let batch: EventBatch =
         serde_json::from_str(r#"{"events": [{"event_id": "a"}, {"eventId": "b"}], "sent_at_ms": 7}"#).expect("parses");

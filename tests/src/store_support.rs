@@ -46,7 +46,7 @@ pub fn event(i: u32) -> Event {
             ("bitrate_kbps".to_owned(), (3000 + i).to_string()),
         ]),
         schema_version: "1.0".to_owned(),
-        app_id: String::new(),
+        app_id: "tv-firetv".to_owned(),
     }
 }
 
@@ -141,8 +141,8 @@ impl RowReader<'_> {
             } else {
                 serde_json::from_str(&attributes).expect("a JSON object")
             },
-            app_id: String::new(),
             schema_version: text("schema_version"),
+            app_id: text("app_id"),
         }
     }
 }

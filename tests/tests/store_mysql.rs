@@ -265,6 +265,70 @@ async fn migrate_twice_is_fine_and_adds_missing_columns_to_an_older_table() {
     drop_tables(&sink).await;
 }
 
+/// A table the previous version created (every column but `app_id`) gets `app_id` from
+/// `migrate`: its rows read NULL there, new rows carry theirs, and a duplicate still stores nothing
+/// but bumps `duplicate_count`.
+#[tokio::test]
+async fn a_table_from_before_app_id_gains_the_column_and_keeps_its_rows() {
+    let sink = sink("noappid").await;
+    let table = sink.table();
+    // The previous version's table: this version's, less the one column it added.
+    sqlx::query(&format!("ALTER TABLE `{table}` DROP COLUMN app_id")).execute(sink.pool()).await.expect("drop");
+    let position = batch([event(0)]).events.remove(0);
+    sqlx::query(&format!(
+        "INSERT INTO `{table}` (event_id, event_type, user_id, stream, shard_id, sequence_number, \
+         sub_sequence_number) VALUES ('event-000000', 'EVENT_TYPE_PLAY', 'user-0', 'ktk-events', ?, ?, ?)"
+    ))
+    .bind(&position.shard_id)
+    .bind(&position.sequence_number)
+    .bind(position.sub_sequence_number)
+    .execute(sink.pool())
+    .await
+    .expect("a row of the previous version");
+    // Before the migration the sink cannot write, and says what to do.
+    let error = sink.write(&batch([event(1)])).await.expect_err("no app_id column yet");
+    assert!(!error.is_retryable() && error.message().contains("1054"), "{error}");
+    assert!(error.message().contains("run migrate() to add the missing columns"), "{error}");
+
+    let report = sink.migrate().await.expect("migrate");
+    assert_eq!(report.added_columns, vec![format!("{table}.app_id")], "{report:?}");
+    assert!(report.created_tables.is_empty(), "{report:?}");
+    let (data_type, nullable): (String, String) = sqlx::query_as(
+        "SELECT CAST(DATA_TYPE AS CHAR), CAST(IS_NULLABLE AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'app_id'",
+    )
+    .bind(&table)
+    .fetch_one(sink.pool())
+    .await
+    .expect("the column is there");
+    assert_eq!((data_type.as_str(), nullable.as_str()), ("longtext", "YES"));
+
+    // New rows carry their app id; event 0 was stored by the previous version and stays as it was.
+    let events = (0..4).map(|i| Event { app_id: format!("tv-app-{i}"), ..event(i) });
+    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 3, duplicates: 1 });
+    let stored: Vec<(String, Option<String>, u64)> = sqlx::query_as(&format!(
+        "SELECT CAST(event_id AS CHAR), app_id, duplicate_count FROM `{table}` ORDER BY event_id"
+    ))
+    .fetch_all(sink.pool())
+    .await
+    .expect("read app ids");
+    let expected: Vec<(String, Option<String>, u64)> =
+        (0..4).map(|i| (format!("event-{i:06}"), (i > 0).then(|| format!("tv-app-{i}")), u64::from(i == 0))).collect();
+    assert_eq!(stored, expected);
+    let (old, _) = read_back(&sink, "event-000000").await;
+    assert_eq!((old.app_id.as_str(), old.user_id.as_str()), ("", "user-0"));
+    let (new, _) = read_back(&sink, "event-000002").await;
+    assert_eq!(new, Event { app_id: "tv-app-2".to_owned(), ..event(2) });
+
+    // A duplicate with another app id stores nothing: the first write of an event is the one kept.
+    let again = batch([Event { app_id: "tv-other".to_owned(), ..event(2) }]);
+    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 1 });
+    assert_eq!(read_back(&sink, "event-000002").await.0.app_id, "tv-app-2");
+    let again = sink.migrate().await.expect("migrate again");
+    assert!(again.added_columns.is_empty() && again.created_tables.is_empty(), "{again:?}");
+    drop_tables(&sink).await;
+}
+
 #[tokio::test]
 async fn migrate_names_a_column_of_the_wrong_type_and_a_missing_key() {
     let url = database_url();
@@ -371,7 +435,7 @@ async fn batch_write_time_for_1000_events_and_a_batch_split_in_statements() {
     println!("mysql: 1,000 new events in {insert_time:?}, 1,000 duplicates in {duplicate_time:?}");
     assert!(insert_time < Duration::from_secs(10), "{insert_time:?}");
 
-    // 5,000 events are three statements (at most 2,047 rows each), half of them stored already.
+    // 5,000 events are three statements (at most 1,985 rows each), half of them stored already.
     let large = batch((1000..6000).map(event));
     let started = Instant::now();
     let report = sink.write(&large).await.expect("write a large batch");

@@ -68,6 +68,9 @@ pub const CATALOG: [Title; 16] = [
 #[derive(Debug)]
 struct PlatformProfile {
     platform: Platform,
+    /// The app's id (`tv-ios`), which its events carry in `app_id`. A collector that takes write
+    /// keys sets `app_id` from the request's key instead, whatever the event says.
+    app_id: &'static str,
     /// Relative share of devices.
     share: u32,
     /// Sends canonical JSON (web and smart-TV apps) rather than protobuf (native apps).
@@ -86,6 +89,7 @@ struct PlatformProfile {
 const PLATFORMS: [PlatformProfile; 8] = [
     PlatformProfile {
         platform: Platform::Ios,
+        app_id: "tv-ios",
         share: 22,
         json: false,
         anonymous_percent: 5,
@@ -97,6 +101,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::Android,
+        app_id: "tv-android",
         share: 24,
         json: false,
         anonymous_percent: 8,
@@ -108,6 +113,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::FireTv,
+        app_id: "tv-firetv",
         share: 10,
         json: false,
         anonymous_percent: 0,
@@ -119,6 +125,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::Roku,
+        app_id: "tv-roku",
         share: 12,
         json: false,
         anonymous_percent: 0,
@@ -130,6 +137,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::Web,
+        app_id: "tv-web",
         share: 18,
         json: true,
         anonymous_percent: 35,
@@ -141,6 +149,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::AppleTv,
+        app_id: "tv-appletv",
         share: 5,
         json: false,
         anonymous_percent: 0,
@@ -152,6 +161,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::AndroidTv,
+        app_id: "tv-androidtv",
         share: 4,
         json: false,
         anonymous_percent: 0,
@@ -163,6 +173,7 @@ const PLATFORMS: [PlatformProfile; 8] = [
     },
     PlatformProfile {
         platform: Platform::SmartTv,
+        app_id: "tv-smarttv",
         share: 5,
         json: true,
         anonymous_percent: 0,
@@ -662,6 +673,7 @@ impl Audience {
             device_model: device.model.to_owned(),
             geo: Some(device.geo.clone()),
             schema_version: "1.0".to_owned(),
+            app_id: device.profile.app_id.to_owned(),
             ..Event::default()
         };
         event.attributes.insert("network".into(), device.network.to_owned());
@@ -779,6 +791,8 @@ mod tests {
             let event = &outgoing.event;
             *types.entry(event.r#type).or_default() += 1;
             platforms.insert(event.platform);
+            let profile = PLATFORMS.iter().find(|p| p.platform as i32 == event.platform).expect("a platform");
+            assert_eq!(event.app_id, profile.app_id, "each platform's app sends its own app id");
             assert!(!event.event_id.is_empty() && !event.device_id.is_empty() && !event.session_id.is_empty());
             assert!(event.occurred_at_ms <= NOW + 50_000 && event.occurred_at_ms > NOW - 60_000);
             if event.r#type == EventType::Play as i32 {
@@ -803,6 +817,8 @@ mod tests {
             assert!(types.get(&(kind as i32)).copied().unwrap_or(0) > 0, "no {kind:?} in {types:?}");
         }
         assert_eq!(platforms.len(), PLATFORMS.len(), "every platform sends");
+        let app_ids: HashSet<&str> = PLATFORMS.iter().map(|p| p.app_id).collect();
+        assert_eq!(app_ids.len(), PLATFORMS.len(), "one app id per platform");
         // Skewed popularity: the top title is played far more than the last.
         let top = titles.get(CATALOG[0].name).copied().unwrap_or(0);
         let last = titles.get(CATALOG[CATALOG.len() - 1].name).copied().unwrap_or(0);

@@ -48,7 +48,7 @@ pub(super) fn record(index: u64, occurred_at_ms: i64) -> EventRecord {
             }),
             attributes,
             schema_version: "1.0".into(),
-            app_id: String::new(),
+            app_id: "tv-roku".into(),
         },
         shard_id: "shardId-000000000003".into(),
         sequence_number: format!("4963{index:052}"),
@@ -119,8 +119,8 @@ prop_compose! {
             error_message: texts[10].clone(),
             geo: geo.map(|(lat, lon, country, region)| Geo { lat, lon, country, region }),
             attributes,
-            app_id: String::new(),
             schema_version: texts[11].clone(),
+            app_id: texts[12].clone(),
         }
     }
 }

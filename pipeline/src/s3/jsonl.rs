@@ -150,4 +150,19 @@ mod tests {
         assert_eq!(value["occurredAtMs"], json!(T_10_59.to_string()));
         assert_eq!(event_from_json(&value).expect("event"), event);
     }
+
+    #[test]
+    fn the_app_id_is_written_as_app_id_and_a_line_without_it_reads_empty() {
+        let record = record(1, T_10_59);
+        let line = event_line(&record).expect("json");
+        assert_eq!(line["event"]["appId"], json!("tv-roku"));
+        assert_eq!(event_from_line(&line).expect("read back"), record);
+
+        // A line written before the field existed.
+        let mut older = line.clone();
+        older["event"].as_object_mut().expect("an object").remove("appId");
+        let read = event_from_line(&older).expect("an older line reads");
+        assert_eq!(read.event.app_id, "");
+        assert_eq!(read.event.event_id, record.event.event_id);
+    }
 }

@@ -32,14 +32,22 @@
 //!   name, or by number for a value this build does not know; `geo_lat`, `geo_lon`, `geo_country`,
 //!   `geo_region`, null when the event has no geo; `attributes` as a `MAP<STRING, STRING>`), then
 //!   the record's position: `shard_id`, `sequence_number`, `sub_sequence_number` (unsigned) and
-//!   `arrival_ms` (timestamp, null when unknown). Pages are zstd-compressed. See
-//!   [`PARQUET_SCHEMA`].
+//!   `arrival_ms` (timestamp, null when unknown), then the fields added to the schema since, in
+//!   the order they were added: `app_id`. Pages are zstd-compressed. See [`PARQUET_SCHEMA`].
+//!   New columns only ever come last, and the reader goes by column name: an object written
+//!   before a column existed reads with that field at its default (an empty `app_id`).
 //! - gzip JSON Lines ([`S3Format::JsonLinesGzip`]): one object per event,
 //!   `{"arrival_ms", "event": <canonical proto3 JSON>, "sequence_number", "shard_id",
 //!   "sub_sequence_number"}` (see [`event_line`]); dead letters likewise, `{"arrival_ms", "data"
 //!   (base64), "partition_key", "reason", "sequence_number", "shard_id", "sub_sequence_number"}`.
+//!   The event's fields have their proto3 JSON names (`appId`) and a field at its default is
+//!   left out, so a line written before a field existed reads with it empty.
 //!   JSON has no NaN or infinity: such a geo coordinate is written as `null` and reads back as 0
 //!   (Parquet keeps it).
+//!
+//! A field added to the schema changes the bytes a batch makes (a Parquet column more; in JSON
+//! Lines, a key more where it is set): a batch written again by a newer build, across an upgrade,
+//! finds its object "different" ([`WriteOutcome`]) and keeps it as it is.
 //!
 //! Objects above a threshold ([`DEFAULT_MULTIPART_THRESHOLD`]) go up in parts; a failed multipart
 //! upload is aborted, so no parts are left behind to be billed.
@@ -181,8 +189,9 @@ impl S3Sink {
                 WriteOutcome::AlreadyExisted { identical: false } => "different",
             };
             // `identical`: a batch written again after a crash or a hand-off found its object
-            // already there with the same bytes; `different` would mean batches are not
-            // reproducible and needs a look.
+            // already there with the same bytes; `different` means a build with fewer event
+            // fields wrote it (around an upgrade), or else that batches are not reproducible,
+            // which needs a look.
             metrics::counter!("S3Objects", "bucket" => self.config.bucket().to_owned(), "outcome" => label)
                 .increment(1);
             match outcome {

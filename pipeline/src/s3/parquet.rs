@@ -1,6 +1,7 @@
 //! Parquet events objects: the schema ([`PARQUET_SCHEMA`]), the writer (one row group, zstd pages,
-//! a fixed `created_by`, columns written in schema order) and the reader (by column name, so
-//! columns added later are skipped and missing ones leave their field at its default).
+//! a fixed `created_by`, each of the schema's columns written in schema order, found by name) and
+//! the reader (by column name, so columns added later are skipped and missing ones leave their
+//! field at its default: an object written before `app_id` existed reads with an empty `app_id`).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::file::writer::{SerializedFileWriter, SerializedRowGroupWriter};
 use parquet::record::Field;
 use parquet::schema::parser::parse_message_type;
-use parquet::schema::types::ColumnPath;
+use parquet::schema::types::{ColumnPath, SchemaDescriptor};
 
 use crate::EventRecord;
 use crate::time::{from_unix_millis as ms_system_time, unix_millis as system_time_ms};
@@ -66,6 +67,7 @@ message events_v1 {
   required binary sequence_number (STRING);
   required int64 sub_sequence_number (INTEGER(64,false));
   optional int64 arrival_ms (TIMESTAMP(MILLIS,true));
+  required binary app_id (STRING);
 }
 ";
 
@@ -100,45 +102,25 @@ pub(super) fn encode_parquet(records: &[&EventRecord]) -> Result<Vec<u8>, String
 }
 
 fn write_parquet(records: &[&EventRecord]) -> Result<Vec<u8>, ParquetError> {
-    let schema = Arc::new(parse_message_type(PARQUET_SCHEMA)?);
+    write_parquet_as(PARQUET_SCHEMA, records)
+}
+
+/// Writes `records` as a Parquet file of `schema`: [`PARQUET_SCHEMA`], or (in tests) an earlier
+/// version of it, to check that the reader still reads what older builds wrote. Each of the
+/// schema's leaf columns is written in schema order, its values chosen by its name; a column this
+/// writer does not know is an error.
+fn write_parquet_as(schema: &str, records: &[&EventRecord]) -> Result<Vec<u8>, ParquetError> {
+    let schema = Arc::new(parse_message_type(schema)?);
+    let columns: Vec<String> =
+        SchemaDescriptor::new(schema.clone()).columns().iter().map(|c| c.path().string()).collect();
     let mut buffer = Vec::new();
     let mut file = SerializedFileWriter::new(&mut buffer, schema, Arc::new(writer_properties()?))?;
     let mut group = file.next_row_group()?;
     let events: Vec<&Event> = records.iter().map(|r| &r.event).collect();
-    let g = &mut group;
-    strings(g, events.iter().map(|e| e.event_id.as_str()))?;
-    owned_strings(g, events.iter().map(|e| type_name(e.r#type)))?;
-    longs(g, events.iter().map(|e| e.occurred_at_ms))?;
-    longs(g, events.iter().map(|e| e.received_at_ms))?;
-    strings(g, events.iter().map(|e| e.user_id.as_str()))?;
-    strings(g, events.iter().map(|e| e.device_id.as_str()))?;
-    strings(g, events.iter().map(|e| e.session_id.as_str()))?;
-    owned_strings(g, events.iter().map(|e| platform_name(e.platform)))?;
-    strings(g, events.iter().map(|e| e.app_version.as_str()))?;
-    strings(g, events.iter().map(|e| e.os_version.as_str()))?;
-    strings(g, events.iter().map(|e| e.device_model.as_str()))?;
-    strings(g, events.iter().map(|e| e.content_id.as_str()))?;
-    strings(g, events.iter().map(|e| e.content_title.as_str()))?;
-    longs(g, events.iter().map(|e| e.position_ms))?;
-    longs(g, events.iter().map(|e| e.duration_ms))?;
-    strings(g, events.iter().map(|e| e.ad_id.as_str()))?;
-    strings(g, events.iter().map(|e| e.ad_break.as_str()))?;
-    strings(g, events.iter().map(|e| e.page.as_str()))?;
-    strings(g, events.iter().map(|e| e.target.as_str()))?;
-    strings(g, events.iter().map(|e| e.error_code.as_str()))?;
-    strings(g, events.iter().map(|e| e.error_message.as_str()))?;
 
     // Geo: all four columns null when the event has none.
     let geo_levels: Vec<i16> = events.iter().map(|e| i16::from(e.geo.is_some())).collect();
     let geos: Vec<&Geo> = events.iter().filter_map(|e| e.geo.as_ref()).collect();
-    let lats: Vec<f64> = geos.iter().map(|geo| geo.lat).collect();
-    let lons: Vec<f64> = geos.iter().map(|geo| geo.lon).collect();
-    let countries: Vec<ByteArray> = geos.iter().map(|geo| ByteArray::from(geo.country.as_str())).collect();
-    let regions: Vec<ByteArray> = geos.iter().map(|geo| ByteArray::from(geo.region.as_str())).collect();
-    write_column::<DoubleType, _>(g, &lats, Some(&geo_levels), None)?;
-    write_column::<DoubleType, _>(g, &lons, Some(&geo_levels), None)?;
-    write_column::<ByteArrayType, _>(g, &countries, Some(&geo_levels), None)?;
-    write_column::<ByteArrayType, _>(g, &regions, Some(&geo_levels), None)?;
 
     // Attributes: a map, entries in key order. Per event, one level entry for an empty map
     // (definition 0), else one per entry (definition 1; repetition 0 opens the event's map).
@@ -157,17 +139,67 @@ fn write_parquet(records: &[&EventRecord]) -> Result<Vec<u8>, ParquetError> {
             repetitions.push(i16::from(index > 0));
         }
     }
-    write_column::<ByteArrayType, _>(g, &keys, Some(&definitions), Some(&repetitions))?;
-    write_column::<ByteArrayType, _>(g, &values, Some(&definitions), Some(&repetitions))?;
 
-    strings(g, events.iter().map(|e| e.schema_version.as_str()))?;
-    strings(g, records.iter().map(|r| r.shard_id.as_str()))?;
-    strings(g, records.iter().map(|r| r.sequence_number.as_str()))?;
-    // The bits of an unsigned 64-bit integer (the column's logical type says so).
-    longs(g, records.iter().map(|r| r.sub_sequence_number as i64))?;
-    let arrival_levels: Vec<i16> = records.iter().map(|r| i16::from(r.arrival.is_some())).collect();
-    let arrivals: Vec<i64> = records.iter().filter_map(|r| r.arrival.map(system_time_ms)).collect();
-    write_column::<Int64Type, _>(g, &arrivals, Some(&arrival_levels), None)?;
+    let g = &mut group;
+    for column in &columns {
+        match column.as_str() {
+            "event_id" => strings(g, events.iter().map(|e| e.event_id.as_str()))?,
+            "type" => owned_strings(g, events.iter().map(|e| type_name(e.r#type)))?,
+            "occurred_at_ms" => longs(g, events.iter().map(|e| e.occurred_at_ms))?,
+            "received_at_ms" => longs(g, events.iter().map(|e| e.received_at_ms))?,
+            "user_id" => strings(g, events.iter().map(|e| e.user_id.as_str()))?,
+            "device_id" => strings(g, events.iter().map(|e| e.device_id.as_str()))?,
+            "session_id" => strings(g, events.iter().map(|e| e.session_id.as_str()))?,
+            "platform" => owned_strings(g, events.iter().map(|e| platform_name(e.platform)))?,
+            "app_version" => strings(g, events.iter().map(|e| e.app_version.as_str()))?,
+            "os_version" => strings(g, events.iter().map(|e| e.os_version.as_str()))?,
+            "device_model" => strings(g, events.iter().map(|e| e.device_model.as_str()))?,
+            "content_id" => strings(g, events.iter().map(|e| e.content_id.as_str()))?,
+            "content_title" => strings(g, events.iter().map(|e| e.content_title.as_str()))?,
+            "position_ms" => longs(g, events.iter().map(|e| e.position_ms))?,
+            "duration_ms" => longs(g, events.iter().map(|e| e.duration_ms))?,
+            "ad_id" => strings(g, events.iter().map(|e| e.ad_id.as_str()))?,
+            "ad_break" => strings(g, events.iter().map(|e| e.ad_break.as_str()))?,
+            "page" => strings(g, events.iter().map(|e| e.page.as_str()))?,
+            "target" => strings(g, events.iter().map(|e| e.target.as_str()))?,
+            "error_code" => strings(g, events.iter().map(|e| e.error_code.as_str()))?,
+            "error_message" => strings(g, events.iter().map(|e| e.error_message.as_str()))?,
+            "geo_lat" => {
+                let lats: Vec<f64> = geos.iter().map(|geo| geo.lat).collect();
+                write_column::<DoubleType, _>(g, &lats, Some(&geo_levels), None)?;
+            }
+            "geo_lon" => {
+                let lons: Vec<f64> = geos.iter().map(|geo| geo.lon).collect();
+                write_column::<DoubleType, _>(g, &lons, Some(&geo_levels), None)?;
+            }
+            "geo_country" => {
+                let countries: Vec<ByteArray> = geos.iter().map(|geo| ByteArray::from(geo.country.as_str())).collect();
+                write_column::<ByteArrayType, _>(g, &countries, Some(&geo_levels), None)?;
+            }
+            "geo_region" => {
+                let regions: Vec<ByteArray> = geos.iter().map(|geo| ByteArray::from(geo.region.as_str())).collect();
+                write_column::<ByteArrayType, _>(g, &regions, Some(&geo_levels), None)?;
+            }
+            "attributes.key_value.key" => {
+                write_column::<ByteArrayType, _>(g, &keys, Some(&definitions), Some(&repetitions))?;
+            }
+            "attributes.key_value.value" => {
+                write_column::<ByteArrayType, _>(g, &values, Some(&definitions), Some(&repetitions))?;
+            }
+            "schema_version" => strings(g, events.iter().map(|e| e.schema_version.as_str()))?,
+            "shard_id" => strings(g, records.iter().map(|r| r.shard_id.as_str()))?,
+            "sequence_number" => strings(g, records.iter().map(|r| r.sequence_number.as_str()))?,
+            // The bits of an unsigned 64-bit integer (the column's logical type says so).
+            "sub_sequence_number" => longs(g, records.iter().map(|r| r.sub_sequence_number as i64))?,
+            "arrival_ms" => {
+                let arrival_levels: Vec<i16> = records.iter().map(|r| i16::from(r.arrival.is_some())).collect();
+                let arrivals: Vec<i64> = records.iter().filter_map(|r| r.arrival.map(system_time_ms)).collect();
+                write_column::<Int64Type, _>(g, &arrivals, Some(&arrival_levels), None)?;
+            }
+            "app_id" => strings(g, events.iter().map(|e| e.app_id.as_str()))?,
+            other => return Err(ParquetError::General(format!("the writer has no values for column {other}"))),
+        }
+    }
 
     group.close()?;
     file.close()?;
@@ -295,6 +327,7 @@ pub(super) fn read_parquet(body: Bytes) -> Result<Vec<EventRecord>, ParquetError
                     }
                 }
                 "arrival_ms" => record.arrival = Some(ms_system_time(long()?)),
+                "app_id" => event.app_id = string()?,
                 // A column added after this build: its field is unknown here.
                 _ => {}
             }
@@ -338,5 +371,52 @@ mod tests {
         ));
         let compression = reader.metadata().row_group(0).column(0).compression();
         assert!(matches!(compression, Compression::ZSTD(_)), "{compression:?}");
+        assert!(matches!(column("app_id").logical_type_ref(), Some(LogicalType::String)));
+        assert_eq!(schema.column(schema.num_columns() - 1).path().string(), "app_id", "columns are added at the end");
+    }
+
+    /// The schema of the builds before `app_id`: [`PARQUET_SCHEMA`] without its last column.
+    fn schema_before_app_id() -> String {
+        let line = "  required binary app_id (STRING);\n";
+        assert!(PARQUET_SCHEMA.contains(line), "the app_id column moved: update this test");
+        PARQUET_SCHEMA.replace(line, "")
+    }
+
+    #[test]
+    fn objects_written_before_app_id_existed_read_with_an_empty_app_id() {
+        let mut records: Vec<EventRecord> = (0..6).map(|i| record(i, T_10_59 + i as i64)).collect();
+        let older = write_parquet_as(&schema_before_app_id(), &records.iter().collect::<Vec<_>>()).expect("write");
+        let older = Bytes::from(older);
+        let reader = SerializedFileReader::new(older.clone()).expect("parquet");
+        let schema = reader.metadata().file_metadata().schema_descr();
+        let names: Vec<String> = (0..schema.num_columns()).map(|i| schema.column(i).path().string()).collect();
+        assert!(!names.iter().any(|name| name == "app_id"), "{names:?}");
+        assert_eq!(names.last().map(String::as_str), Some("arrival_ms"));
+
+        let read = read_parquet(older).expect("an older object reads");
+        assert!(records.iter().all(|r| r.event.app_id == "tv-roku"));
+        for record in &mut records {
+            record.event.app_id.clear();
+        }
+        assert_eq!(read, records, "every other field as written, app_id empty");
+    }
+
+    #[test]
+    fn current_objects_carry_the_app_id() {
+        let mut records: Vec<EventRecord> = (0..3).map(|i| record(i, T_10_59)).collect();
+        records[1].event.app_id = "tv-web".into();
+        records[2].event.app_id.clear();
+        let bytes = write_parquet(&records.iter().collect::<Vec<_>>()).expect("write");
+        let read = read_parquet(Bytes::from(bytes)).expect("read");
+        let app_ids: Vec<&str> = read.iter().map(|r| r.event.app_id.as_str()).collect();
+        assert_eq!(app_ids, ["tv-roku", "tv-web", ""]);
+    }
+
+    #[test]
+    fn a_column_the_writer_has_no_values_for_is_an_error() {
+        let schema =
+            PARQUET_SCHEMA.replace("message events_v1 {", "message events_v1 {\n  required binary mood (STRING);");
+        let error = write_parquet_as(&schema, &[&record(1, T_10_59)]).expect_err("no values for mood");
+        assert!(error.to_string().contains("column mood"), "{error}");
     }
 }

@@ -45,6 +45,9 @@
 //! - `geo_*` columns are all NULL when the event has no `geo`; when it has, `geo_lat` and
 //!   `geo_lon` are numbers (NULL only if not finite) and the rest follows the rule above.
 //! - `attributes` is a JSON object with its keys sorted.
+//! - `app_id` (the app whose write key the collector took the event with) follows the rule above:
+//!   NULL for an event that came without a key, and in rows stored before `migrate` added the
+//!   column.
 //! - text never holds NUL: each NUL character is replaced by U+FFFD (PostgreSQL refuses NUL in
 //!   `TEXT` and `JSONB`, and both stores get the same text).
 //! - `stream`, `shard_id`, `sequence_number`, `sub_sequence_number` and `arrival` say where in

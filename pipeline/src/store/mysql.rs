@@ -5,8 +5,8 @@
 //!
 //! # How a batch flows
 //! [`MySqlSink::write`] maps each event to its column values and inserts the batch as multi-row
-//! INSERTs of at most [`MYSQL_MAX_PLACEHOLDERS`] parameters (2,047 events) and about
-//! [`MYSQL_MAX_STATEMENT_BYTES`] each; a batch of ordinary events under 2,047 is one statement.
+//! INSERTs of at most [`MYSQL_MAX_PLACEHOLDERS`] parameters (1,985 events) and about
+//! [`MYSQL_MAX_STATEMENT_BYTES`] each; a batch of ordinary events under 1,985 is one statement.
 //! The statement is prepared once per connection and batch size and then cached, so a repeated
 //! batch size is one round trip.
 //!
@@ -553,7 +553,7 @@ mod tests {
         assert!(sql.starts_with("INSERT INTO `events` (`event_id`, `event_type`,"), "{sql}");
         assert!(sql.ends_with("ON DUPLICATE KEY UPDATE `duplicate_count` = `duplicate_count` + 1"), "{sql}");
         assert!(!sql.contains("IGNORE"));
-        assert_eq!(MYSQL_MAX_PLACEHOLDERS / EVENT_COLUMNS.len(), 2047);
+        assert_eq!(MYSQL_MAX_PLACEHOLDERS / EVENT_COLUMNS.len(), 1985);
         let columns: Vec<Column> = EVENT_COLUMNS.iter().chain(&[DUPLICATE_COUNT, STORED_AT]).copied().collect();
         let create = mysql_create_table_sql(&table, &columns, &["event_id"]);
         assert!(

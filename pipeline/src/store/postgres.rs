@@ -12,7 +12,7 @@
 //! ```
 //!
 //! The statement's text depends only on the table, so each connection parses it once and every
-//! later batch is one round trip, whatever its size; it has one parameter per column (32), never
+//! later batch is one round trip, whatever its size; it has one parameter per column (33), never
 //! one per value, so the protocol's limit of 65,535 parameters never applies. The only split is
 //! by size: a batch over [`POSTGRES_MAX_STATEMENT_BYTES`] of event data becomes several
 //! statements. The rows PostgreSQL reports as inserted are [`SinkReport::written`]; the rest of
@@ -447,7 +447,7 @@ mod tests {
     fn the_insert_has_one_array_per_column_and_ignores_conflicts() {
         let sql = pg_insert_sql(&TableName::parse("events").expect("valid"), &EVENT_COLUMNS, &["event_id"]);
         assert!(sql.starts_with("INSERT INTO \"events\" (\"event_id\", \"event_type\""), "{sql}");
-        assert!(sql.contains("$32::int8[]") && !sql.contains("$33"), "{sql}");
+        assert!(sql.contains("$33::int8[]") && !sql.contains("$34"), "{sql}");
         assert!(sql.contains("timestamptz 'epoch' + r.\"occurred_at\" * interval '1 millisecond'"), "{sql}");
         assert!(sql.contains("r.\"attributes\"::jsonb"), "{sql}");
         assert!(sql.ends_with("ON CONFLICT (\"event_id\") DO NOTHING"), "{sql}");

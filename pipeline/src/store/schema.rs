@@ -166,9 +166,13 @@ pub(crate) const STORED_AT: Column = column(
     "DATETIME(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)",
 );
 
+/// How many columns the sinks write to the events table.
+pub(crate) const EVENT_COLUMN_COUNT: usize = 33;
+
 /// The events table's columns, in the order of [`event_values`]. [`STORED_AT`] (and MySQL's
-/// `duplicate_count`) come on top, filled by the store.
-pub(crate) const EVENT_COLUMNS: [Column; 32] = [
+/// `duplicate_count`) come on top, filled by the store. A table created before a column existed
+/// gets it from `migrate` (nullable, so its older rows hold NULL there).
+pub(crate) const EVENT_COLUMNS: [Column; EVENT_COLUMN_COUNT] = [
     // The key: the MySQL sink refuses longer ids (MAX_EVENT_ID_CHARS), and compares them byte for
     // byte like PostgreSQL does.
     column(
@@ -204,6 +208,7 @@ pub(crate) const EVENT_COLUMNS: [Column; 32] = [
     // MariaDB's JSON is LONGTEXT with a JSON_VALID check.
     column("attributes", ColumnKind::Json, "JSONB", "JSON"),
     text("schema_version"),
+    text("app_id"),
     column("stream", ColumnKind::Text, "TEXT", MYSQL_KINESIS_ID),
     column("shard_id", ColumnKind::Text, "TEXT", MYSQL_KINESIS_ID),
     column("sequence_number", ColumnKind::Text, "TEXT", MYSQL_KINESIS_ID),
@@ -351,7 +356,10 @@ fn arrival_value(arrival: Option<SystemTime>) -> Value<'static> {
 
 /// The values of one event's row, in the order of [`EVENT_COLUMNS`]. An event without an id
 /// cannot be stored (the decoder sends those to the dead letters): an error saying so.
-pub(crate) fn event_values<'a>(stream: &'a str, record: &'a EventRecord) -> Result<[Value<'a>; 32], String> {
+pub(crate) fn event_values<'a>(
+    stream: &'a str,
+    record: &'a EventRecord,
+) -> Result<[Value<'a>; EVENT_COLUMN_COUNT], String> {
     let event: &Event = &record.event;
     if event.event_id.is_empty() {
         return Err(format!(
@@ -395,6 +403,7 @@ pub(crate) fn event_values<'a>(stream: &'a str, record: &'a EventRecord) -> Resu
         geo.map_or(Value::Text(None), |g| text_value(&g.region)),
         Value::Json(attributes),
         text_value(&event.schema_version),
+        text_value(&event.app_id),
         text_value(stream),
         text_value(&record.shard_id),
         text_value(&record.sequence_number),
@@ -404,7 +413,10 @@ pub(crate) fn event_values<'a>(stream: &'a str, record: &'a EventRecord) -> Resu
 }
 
 /// Every event's values, or the first event that cannot be stored.
-pub(crate) fn event_rows<'a>(stream: &'a str, events: &'a [EventRecord]) -> Result<Vec<[Value<'a>; 32]>, String> {
+pub(crate) fn event_rows<'a>(
+    stream: &'a str,
+    events: &'a [EventRecord],
+) -> Result<Vec<[Value<'a>; EVENT_COLUMN_COUNT]>, String> {
     events.iter().map(|record| event_values(stream, record)).collect()
 }
 
@@ -610,11 +622,11 @@ mod tests {
             geo: Some(Geo { lat: 40.7, lon: -74.0, country: "US".to_owned(), region: "US-NY".to_owned() }),
             attributes: HashMap::from([("z".to_owned(), "1".to_owned()), ("a".to_owned(), "\"q\"".to_owned())]),
             schema_version: "1.0".to_owned(),
-            app_id: String::new(),
+            app_id: "tv-roku".to_owned(),
         }
     }
 
-    fn value<'r>(row: &'r [Value<'_>; 32], name: &str) -> &'r Value<'r> {
+    fn value<'r>(row: &'r [Value<'_>; EVENT_COLUMN_COUNT], name: &str) -> &'r Value<'r> {
         let index = EVENT_COLUMNS.iter().position(|c| c.name == name).expect("a column of that name");
         &row[index]
     }
@@ -664,6 +676,7 @@ mod tests {
         assert_eq!(value(&row, "geo_lat"), &Value::Double(Some(40.7)));
         assert_eq!(value(&row, "geo_lon"), &Value::Double(Some(-74.0)));
         assert_eq!(value(&row, "geo_region"), &text("US-NY"));
+        assert_eq!(value(&row, "app_id"), &text("tv-roku"));
         // Keys sorted, values escaped.
         assert_eq!(value(&row, "attributes"), &Value::Json(Some(r#"{"a":"\"q\"","z":"1"}"#.to_owned())));
         assert_eq!(value(&row, "stream"), &text("clicks"));
@@ -686,6 +699,7 @@ mod tests {
         }
         assert_eq!(value(&row, "geo_country"), &Value::Text(None));
         assert_eq!(value(&row, "attributes"), &Value::Json(None));
+        assert_eq!(value(&row, "app_id"), &Value::Text(None));
     }
 
     #[test]
@@ -769,6 +783,6 @@ mod tests {
         assert_eq!(ranges.last().map(|r| r.end), Some(10));
         // A row larger than the limit is a chunk of its own, never dropped.
         assert_eq!(chunk_ranges(&rows, usize::MAX, 10).len(), 10);
-        assert!(chunk_ranges::<32>(&[], 1, 1).is_empty());
+        assert!(chunk_ranges::<EVENT_COLUMN_COUNT>(&[], 1, 1).is_empty());
     }
 }

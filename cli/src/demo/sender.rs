@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
 use serde_json::Value;
 
-use super::traffic::{Outgoing, Request, encode_body};
+use super::traffic::{Outgoing, Request, app_id_of, encode_body};
 
 /// Attempts per request: the first, then resends of what was refused as retryable (or of the
 /// whole request when no answer came).
@@ -125,10 +125,9 @@ impl AppKeys {
         AppKeys { by_platform }
     }
 
-    /// The app id of `platform`'s app: `tv-` and the platform's name (`tv-fire-tv`).
+    /// The app id of `platform`'s app (`tv-firetv`, see [`app_id_of`]).
     pub fn app_id(platform: Platform) -> String {
-        let name = platform.as_str_name().trim_start_matches("PLATFORM_").to_ascii_lowercase().replace('_', "-");
-        format!("tv-{name}")
+        app_id_of(platform)
     }
 
     /// The collector's keys document (JSON).
@@ -349,7 +348,8 @@ mod tests {
             let app = document.authenticate(Some(keys.key_for(platform as i32))).expect("a known key");
             assert_eq!(app.app_id(), AppKeys::app_id(platform));
         }
-        assert_eq!(AppKeys::app_id(Platform::FireTv), "tv-fire-tv");
+        assert_eq!(AppKeys::app_id(Platform::FireTv), "tv-firetv");
+        assert_eq!(AppKeys::app_id(Platform::Other), "tv-other");
         assert_eq!(keys.key_for(999), keys.key_for(Platform::Other as i32), "an unknown platform sends as other");
         assert_ne!(AppKeys::generate().key_for(1), keys.key_for(1), "fresh keys for each run");
     }

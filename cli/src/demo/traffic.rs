@@ -203,6 +203,20 @@ const PAGES: [&str; 5] = ["home", "browse/movies", "browse/series", "my-list", "
 const SEARCHES: [&str; 6] = ["harbor", "kitchen wars", "otter", "space", "thriller", "football"];
 const NETWORKS: [&str; 3] = ["wifi", "cellular", "ethernet"];
 
+/// The app id of the demo's app on `platform` (`tv-firetv`): the profile's, else `tv-` and the
+/// platform's name (`tv-other`). The demo's write keys name these apps.
+pub fn app_id_of(platform: Platform) -> String {
+    PLATFORMS.iter().find(|p| p.platform == platform).map_or_else(
+        || {
+            format!(
+                "tv-{}",
+                platform.as_str_name().trim_start_matches("PLATFORM_").to_ascii_lowercase().replace('_', "")
+            )
+        },
+        |p| p.app_id.to_owned(),
+    )
+}
+
 /// The short name of a platform, for reports ("Fire TV").
 pub fn platform_label(name: &str) -> String {
     match name {

@@ -6,7 +6,10 @@
 //! - [`worker`](Worker): the [`Worker`] loop and its [`WorkerConfig`]: shard sync, a table scan
 //!   every second that takes unowned and expired leases, balancing by hand-off (the owner finishes
 //!   and checkpoints before the next one starts), renewals, one shard consumer task per lease, and
-//!   a graceful shutdown that releases every lease at once. Timings default to the KCL's.
+//!   a graceful shutdown that releases every lease at once. Timings default to the KCL's. The
+//!   worker's [`WorkerStatus`] (leases held and free, the latest lease-table scan, the outcome of
+//!   its Kinesis calls) tells a health check why it is unhealthy
+//!   ([`WorkerSnapshot::unhealthy_reasons`]).
 //! - [`lease`]: the lease model and its KCL-compatible item layout, the [`LeaseTable`](lease::LeaseTable)
 //!   (every write conditional on the lease's counter and owners), the taker, the
 //!   [`LeaseRenewer`](lease::LeaseRenewer) and the [`ShardSyncer`](lease::ShardSyncer) (leases for
@@ -49,4 +52,4 @@ pub use processor::{
     Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, ProcessorFactory, RecordProcessor,
 };
 pub use retrieval::{ConsumerRecord, RegistrationError, RetrievalError};
-pub use worker::{Worker, WorkerConfig, WorkerReport};
+pub use worker::{CallHealth, Worker, WorkerConfig, WorkerReport, WorkerSnapshot, WorkerStatus};

@@ -3,10 +3,22 @@
 //! - `GET /live` (liveness): 200 while the process answers at all; restart it when this fails.
 //! - `GET /ready` (readiness): 200 while the worker runs (settings, stream and sinks checked,
 //!   leases being taken), 503 before and after.
-//! - `GET /health` (the health check ECS uses): 200 when ready and no sink has failed every write
-//!   for longer than `--unhealthy-after-ms` (`KTK_UNHEALTHY_AFTER_MS`); otherwise 503 with the
-//!   reasons (`"reasons": ["sink s3 has failed every write for 75 s: ..."]`). Both answers carry
-//!   the pipeline's counts.
+//! - `GET /health`: 200 while the worker runs and nothing below has lasted longer than
+//!   `--unhealthy-after-ms` (`KTK_UNHEALTHY_AFTER_MS`, 60 s by default); otherwise 503 with one
+//!   reason per condition, each a sentence with how long it has lasted and the latest error:
+//!   - a sink has failed every write (`"sink s3 has failed every write for 75 s: ..."`);
+//!   - the lease table has failed every scan, or every renewal of a held lease has failed
+//!     (DynamoDB unreachable, the table gone);
+//!   - the worker has held no lease while the table had leases it could take (unowned or
+//!     expired); a worker with none because live workers hold them all (more tasks than shards) is
+//!     healthy;
+//!   - every Kinesis call (`ListShards`, `GetShardIterator`, `GetRecords`, `SubscribeToShard`) has
+//!     failed (the stream deleted or unreachable).
+//!
+//!   The worker's conditions are defined by `ktk_consumer::WorkerSnapshot::unhealthy_reasons`.
+//!   Both answers carry the pipeline's counts and the worker's view (`"worker"`: leases held, in
+//!   the table, free to take, workers seen, and how long ago the latest lease-table scan and
+//!   Kinesis call succeeded).
 //! - `GET /metrics`: the Prometheus text.
 
 use std::future::Future;
@@ -14,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ktk_consumer::{Worker, WorkerReport};
+use ktk_consumer::{Worker, WorkerReport, WorkerSnapshot, WorkerStatus};
 use ktk_pipeline::postgres::StoreConfig;
 use ktk_pipeline::{Pipeline, PipelineStats};
 use tokio_util::sync::CancellationToken;
@@ -22,10 +34,11 @@ use tokio_util::sync::CancellationToken;
 use crate::processor::DeliveryProcessor;
 use crate::settings::Settings;
 
-/// What `/health` reports.
+/// What `/health` reports: whether the worker runs, and its live status.
 #[derive(Debug, Default)]
 pub struct Health {
     running: AtomicBool,
+    worker: WorkerStatus,
 }
 
 impl Health {
@@ -54,7 +67,7 @@ pub async fn run(
         move |shard: &str| DeliveryProcessor::new(&pipeline, &stream, shard)
     };
     let worker = Worker::new(worker_config, aws, factory)?;
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health { running: AtomicBool::new(false), worker: worker.status() });
     let stop = CancellationToken::new();
     let server = {
         let unhealthy_after = std::time::Duration::from_millis(settings.unhealthy_after_ms);
@@ -135,12 +148,21 @@ pub async fn check_stream(aws: &aws_config::SdkConfig, stream: &str) -> Result<(
     Ok(())
 }
 
-/// Why the consumer is unhealthy: the worker does not run, or a sink has failed every write for
-/// longer than `unhealthy_after`. Empty when healthy.
-pub fn unhealthy_reasons(running: bool, pipeline: &Pipeline, unhealthy_after: std::time::Duration) -> Vec<String> {
+/// Why the consumer is unhealthy: the worker does not run, a sink has failed every write for
+/// longer than `unhealthy_after`, or the worker is (see
+/// [`WorkerSnapshot::unhealthy_reasons`]: the lease table, leases it should hold, the stream).
+/// Empty when healthy.
+pub fn unhealthy_reasons(
+    running: bool,
+    worker: &WorkerSnapshot,
+    pipeline: &Pipeline,
+    unhealthy_after: std::time::Duration,
+) -> Vec<String> {
     let mut reasons = Vec::new();
     if !running {
         reasons.push("the worker is not running".to_owned());
+    } else {
+        reasons.extend(worker.unhealthy_reasons(tokio::time::Instant::now(), unhealthy_after));
     }
     for writes in pipeline.sink_writes() {
         let Some(since) = writes.failing_since else { continue };
@@ -186,7 +208,8 @@ fn router(
                 let (health, pipeline) = (Arc::clone(&health), pipeline.clone());
                 async move {
                     let stats = pipeline.stats();
-                    let reasons = unhealthy_reasons(health.is_running(), &pipeline, unhealthy_after);
+                    let worker = health.worker.snapshot();
+                    let reasons = unhealthy_reasons(health.is_running(), &worker, &pipeline, unhealthy_after);
                     let status = if !health.is_running() {
                         "stopped"
                     } else if reasons.is_empty() {
@@ -201,6 +224,7 @@ fn router(
                         "duplicates": stats.duplicates(),
                         "dead_letters": stats.dead_letters,
                         "sink_errors": stats.sink_errors,
+                        "worker": worker_json(&worker),
                         "at_ms": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
                     });
                     let code = if reasons.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -215,4 +239,19 @@ fn router(
                 async move { metrics.map(|m| m.render()).unwrap_or_default() }
             }),
         )
+}
+
+/// The worker's view in `/health`: counts, and how long ago things last worked (milliseconds;
+/// `null` for never).
+fn worker_json(worker: &WorkerSnapshot) -> serde_json::Value {
+    let now = tokio::time::Instant::now();
+    let ago = |at: Option<tokio::time::Instant>| at.map(|at| now.saturating_duration_since(at).as_millis() as u64);
+    serde_json::json!({
+        "leases_held": worker.leases_held,
+        "leases_in_table": worker.leases_in_table,
+        "leases_takeable": worker.leases_takeable,
+        "workers_seen": worker.workers_seen,
+        "last_scan_ms_ago": ago(worker.lease_scans.last_success),
+        "last_kinesis_success_ms_ago": ago(worker.kinesis.last_success),
+    })
 }

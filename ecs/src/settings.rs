@@ -96,7 +96,7 @@ pub struct Settings {
         help_heading = "Process"
     )]
     pub listen: SocketAddr,
-    /// GET /health answers 503 once a sink has failed every write for this long, in milliseconds.
+    /// GET /health answers 503 once a sink has failed every write, the lease table or the stream has failed every call, or the worker has held no lease while some were free, for this long, in milliseconds.
     #[arg(long = "unhealthy-after-ms", env = "KTK_UNHEALTHY_AFTER_MS", value_name = "MS", default_value_t = 60_000, value_parser = millis(), help_heading = "Process")]
     pub unhealthy_after_ms: u64,
     /// Log format.

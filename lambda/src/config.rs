@@ -36,6 +36,9 @@ pub struct LambdaSettings {
     /// Connections per store pool and container (a container runs one invocation at a time).
     #[arg(long = "store-max-connections", env = "KTK_STORE_MAX_CONNECTIONS", value_name = "CONNECTIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100), help_heading = "Lambda")]
     pub store_max_connections: u32,
+    /// The CloudWatch namespace of the metrics each invocation logs in embedded metric format (1 to 255 printable ASCII characters, not AWS/...).
+    #[arg(long = "metrics-namespace", env = "KTK_METRICS_NAMESPACE", value_name = "NAMESPACE", default_value = crate::emf::DEFAULT_NAMESPACE, value_parser = crate::emf::parse_namespace, help_heading = "Lambda")]
+    pub metrics_namespace: String,
 }
 
 impl LambdaSettings {
@@ -78,6 +81,7 @@ mod tests {
         assert_eq!(handler.deadline_margin(), Duration::from_secs(1));
         assert_eq!(handler, HandlerConfig::default());
         assert_eq!(s.store_config().max_connections(), 2);
+        assert_eq!(s.metrics_namespace, "ktk/lambda");
 
         let s = settings(&[
             "--postgres-url",
@@ -92,6 +96,8 @@ mod tests {
             "2500",
             "--store-max-connections",
             "4",
+            "--metrics-namespace",
+            "analytics/delivery",
         ])
         .expect("valid");
         let handler = s.handler_config();
@@ -100,6 +106,7 @@ mod tests {
         assert_eq!(handler.max_attempts(), 3);
         assert_eq!(handler.deadline_margin(), Duration::from_millis(2500));
         assert_eq!(s.store_max_connections, 4);
+        assert_eq!(s.metrics_namespace, "analytics/delivery");
     }
 
     #[test]
@@ -113,6 +120,7 @@ mod tests {
             ("--sink-max-attempts", "-1"),
             ("--deadline-margin-ms", "1s"),
             ("--store-max-connections", "0"),
+            ("--metrics-namespace", "AWS/Lambda"),
         ] {
             let error = settings(&["--s3-bucket", "b", &format!("{flag}={value}")]).expect_err("bad");
             assert!(error.to_string().contains(flag), "{flag}: {error}");

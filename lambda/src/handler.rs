@@ -19,6 +19,11 @@
 //!
 //! A poison record is never a failure: it is delivered as a dead letter (S3's `dead-letters/`
 //! objects, the stores' `<table>_dead_letters`), or it would block its shard until it expired.
+//!
+//! Each report carries the invocation's health verdict ([`InvocationHealth`]): the sinks whose
+//! latest write in this container failed, with how long every write of theirs has failed. The
+//! binary logs it as an embedded-metric-format line ([`crate::emf`]) that CloudWatch turns into
+//! the `SinkFailing` metric an alarm watches.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +34,7 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
 use ktk_pipeline::{
     Acknowledge, BatchEnd, ConfigError, DeliveryError, EventEncoding, Pipeline, PipelineConfig, PipelineStats,
-    ShardPipeline, Sink, SinkError, UserRecord,
+    ShardPipeline, Sink, SinkError, SinkWrites, UserRecord,
 };
 use ktk_proto::aggregation::{DeaggregatedRecord, Deaggregator};
 use tokio::time::Instant;
@@ -147,6 +152,64 @@ pub struct InvocationReport {
     /// Per shard that stopped on a sink failure, the sequence number of its first Kinesis record
     /// not delivered: the response's `batchItemFailures`.
     pub failures: Vec<String>,
+    /// The sinks failing when the invocation ended.
+    pub health: InvocationHealth,
+}
+
+/// The health verdict of an invocation: the sinks whose latest write in this container (in this
+/// invocation or an earlier one) failed. A sink that failed and then took a write is not failing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvocationHealth {
+    /// The failing sinks, in the pipeline's order.
+    pub failing_sinks: Vec<FailingSink>,
+}
+
+/// A sink whose every write has failed for a while.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailingSink {
+    /// `s3`, `postgres`, `mysql`.
+    pub sink: String,
+    /// How long every write of it has failed in this container, at the end of the invocation.
+    pub failing_for: Duration,
+    /// The latest failure's error.
+    pub last_error: String,
+}
+
+impl InvocationHealth {
+    /// The verdict from the pipeline's `sink_writes` as of `now`.
+    pub fn from_sink_writes(writes: &[SinkWrites], now: std::time::Instant) -> Self {
+        let failing_sinks = writes
+            .iter()
+            .filter_map(|w| {
+                Some(FailingSink {
+                    sink: w.sink.clone(),
+                    failing_for: now.saturating_duration_since(w.failing_since?),
+                    last_error: w.last_error.clone().unwrap_or_else(|| "unknown error".to_owned()),
+                })
+            })
+            .collect();
+        InvocationHealth { failing_sinks }
+    }
+
+    /// Whether a sink is failing.
+    pub fn is_sink_failing(&self) -> bool {
+        !self.failing_sinks.is_empty()
+    }
+
+    /// The longest time a sink has been failing (zero when none is).
+    pub fn longest_failing(&self) -> Duration {
+        self.failing_sinks.iter().map(|f| f.failing_for).max().unwrap_or_default()
+    }
+
+    /// One sentence per failing sink, as the ECS consumer's `/health` words it.
+    pub fn reasons(&self) -> Vec<String> {
+        self.failing_sinks
+            .iter()
+            .map(|f| {
+                format!("sink {} has failed every write for {} s: {}", f.sink, f.failing_for.as_secs(), f.last_error)
+            })
+            .collect()
+    }
 }
 
 impl InvocationReport {
@@ -239,6 +302,7 @@ impl KinesisHandler {
                 report.failures.push(failed);
             }
         }
+        report.health = InvocationHealth::from_sink_writes(&self.pipeline.sink_writes(), std::time::Instant::now());
         report
     }
 
@@ -367,6 +431,7 @@ impl KinesisHandler {
                 batches = report.delivery.batches,
                 sink_errors = report.delivery.sink_errors,
                 failures = ?report.failures,
+                unhealthy = ?report.health.reasons(),
                 "batch partly delivered; the mapping retries from the first failure"
             );
         }

@@ -11,15 +11,19 @@
 //!   `batchItemFailures`. Nothing of the pipeline is copied here.
 //! - [`config`]: [`LambdaSettings`], flags and `KTK_*` variables (the sink and batch settings are
 //!   the pipeline's, read the same way by the ECS consumer).
+//! - [`emf`]: the invocation's one CloudWatch embedded-metric-format line (`SinkFailing`,
+//!   `UserRecords`, `Failures`, ...), which an alarm watches: a Lambda has no `/health` to ask.
 //! - `main.rs` (the `bootstrap` binary): builds the clients and pools once per container, reports
-//!   a bad setting to the Runtime API's `/init/error`, runs the handler, and closes the pools on
+//!   a bad setting to the Runtime API's `/init/error`, runs the handler, logs each invocation's
+//!   report and its EMF line, and closes the pools on
 //!   the SIGTERM Lambda sends before it shuts a container down.
 //!
 //! See `lambda/README.md` for packaging and the mapping's settings.
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod emf;
 pub mod handler;
 
 pub use config::LambdaSettings;
-pub use handler::{HandlerConfig, InvocationReport, KinesisHandler, parse_event};
+pub use handler::{FailingSink, HandlerConfig, InvocationHealth, InvocationReport, KinesisHandler, parse_event};

@@ -6,6 +6,8 @@
 //! and the stores' pools (connected and migrated). A bad setting or an unreachable store is
 //! reported to the Runtime API's `/init/error`, naming the variable, and the process exits (2 for a
 //! bad setting or an unknown `KTK_*` variable, 1 for an unreachable store).
+//! Each invocation logs its report and one CloudWatch embedded-metric-format line
+//! (`ktk_lambda::emf`: `SinkFailing`, `UserRecords`, `Failures`, ... in `KTK_METRICS_NAMESPACE`).
 //! On SIGTERM (Lambda's shutdown of an idle container) the stores' pools are closed and the logs
 //! flushed before the process exits.
 
@@ -15,7 +17,7 @@ use std::sync::Arc;
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use clap::{CommandFactory, Parser};
-use ktk_lambda::{KinesisHandler, LambdaSettings, parse_event};
+use ktk_lambda::{KinesisHandler, LambdaSettings, emf, parse_event};
 use lambda_runtime::{LambdaEvent, service_fn};
 use lambda_runtime_api_client::body::Body;
 use tracing::{error, info};
@@ -65,8 +67,9 @@ async fn main() -> ExitCode {
     })
     .await;
 
+    let namespace: Arc<str> = Arc::from(settings.metrics_namespace.as_str());
     let function = service_fn(move |invocation: LambdaEvent<serde_json::Value>| {
-        let handler = Arc::clone(&handler);
+        let (handler, namespace) = (Arc::clone(&handler), Arc::clone(&namespace));
         async move {
             let request_id = invocation.context.request_id.clone();
             // Not a Kinesis event at all: a function error (the mapping retries, then bisects).
@@ -74,6 +77,8 @@ async fn main() -> ExitCode {
                 .map_err(|e| format!("the event is not a Kinesis event source mapping batch: {e}"))?;
             let report = handler.handle_until(event, invocation.context.deadline()).await;
             KinesisHandler::log(&report, &request_id);
+            // The invocation's metrics and health verdict, for CloudWatch (and its alarm).
+            emf::emit(&report, &namespace, &invocation.context.env_config.function_name, &request_id);
             Ok::<KinesisEventResponse, lambda_runtime::Error>(report.response())
         }
     });

@@ -22,9 +22,15 @@ fn bootstrap(vars: &[(&str, &str)], args: &[&str]) -> (i32, String) {
 fn help_lists_every_setting_with_its_variable() {
     let (code, help) = bootstrap(&[], &["--help"]);
     assert_eq!(code, 0, "{help}");
-    for variable in ["KTK_STREAM", "KTK_SINK_MAX_ATTEMPTS", "KTK_DEADLINE_MARGIN_MS", "KTK_STORE_MAX_CONNECTIONS"]
-        .into_iter()
-        .chain(ktk_pipeline::settings::SHARED_VARIABLES)
+    for variable in [
+        "KTK_STREAM",
+        "KTK_SINK_MAX_ATTEMPTS",
+        "KTK_DEADLINE_MARGIN_MS",
+        "KTK_STORE_MAX_CONNECTIONS",
+        "KTK_METRICS_NAMESPACE",
+    ]
+    .into_iter()
+    .chain(ktk_pipeline::settings::SHARED_VARIABLES)
     {
         assert!(help.contains(&format!("env: {variable}")), "{variable} missing from --help:\n{help}");
     }

@@ -1,6 +1,7 @@
 //! The handler on event fixtures, with in-process sinks: a plain record, a KPL aggregate, poison
-//! records, duplicates, and sink failures in the middle of a batch (exact `batchItemFailures` and
-//! exactly what each sink was given). Time is paused, so retries take no real time.
+//! records, duplicates, and sink failures in the middle of a batch (exact `batchItemFailures`,
+//! exactly what each sink was given, and the health verdict naming the failing sink). Time is
+//! paused, so retries take no real time.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use futures::future::BoxFuture;
-use ktk_lambda::{HandlerConfig, InvocationReport, KinesisHandler};
+use ktk_lambda::{HandlerConfig, InvocationHealth, InvocationReport, KinesisHandler};
 use ktk_pipeline::{Batch, Sink, SinkError, SinkReport};
 use prost::Message as _;
 use serde_json::json;
@@ -217,6 +218,12 @@ async fn a_sink_failure_in_the_middle_reports_the_first_record_of_the_first_unwr
     assert_eq!(store.attempts.load(Ordering::Relaxed), 1 + 3, "one write of batch 1, three of batch 2");
     assert_eq!((report.delivery.batches, report.delivery.events_delivered, report.delivery.sink_errors), (1, 2, 3));
     assert!(started.elapsed() < Duration::from_secs(10), "retried with a short backoff: {:?}", started.elapsed());
+    // The health verdict: the store is failing, S3 is not.
+    let failing: Vec<&str> = report.health.failing_sinks.iter().map(|f| f.sink.as_str()).collect();
+    assert_eq!(failing, ["postgres"], "{report:?}");
+    assert!(report.health.is_sink_failing());
+    let reasons = report.health.reasons();
+    assert!(reasons[0].starts_with("sink postgres has failed every write for "), "{reasons:?}");
 
     // The mapping retries from record 2. The store works again: everything from there is
     // written. S3 already had batch 2 but the store did not: an event is a sink duplicate only
@@ -224,6 +231,7 @@ async fn a_sink_failure_in_the_middle_reports_the_first_record_of_the_first_unwr
     store.failures_left.store(0, Ordering::Relaxed);
     let report = handler.handle(retried_from(kinesis_event(&data), 2), in_a_minute()).await;
     assert!(report.failures.is_empty(), "{report:?}");
+    assert!(!report.health.is_sink_failing(), "the store took a write since: {report:?}");
     assert_eq!(store.event_ids(), vec![vec!["e-0", "e-1"], vec!["e-2", "e-3"], vec!["e-4", "e-5"]]);
     assert_eq!(s3.event_ids()[2..], [vec!["e-2", "e-3"], vec!["e-4", "e-5"]]);
     assert_eq!((report.delivery.events_delivered, report.delivery.duplicates_in_sinks), (4, 0));
@@ -237,6 +245,7 @@ async fn a_transient_sink_failure_is_retried_within_the_invocation() {
     assert!(report.failures.is_empty());
     assert_eq!((report.delivery.sink_errors, report.delivery.events_delivered), (2, 2));
     assert_eq!(store.attempts.load(Ordering::Relaxed), 3);
+    assert_eq!(report.health, InvocationHealth::default(), "the latest write succeeded");
 }
 
 #[tokio::test(start_paused = true)]

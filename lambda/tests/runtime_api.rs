@@ -268,6 +268,25 @@ impl Function {
         (exit, self.output())
     }
 
+    /// The `n`th embedded-metric-format line the function logged (1 for the first), parsed;
+    /// waits up to 5 s for the output reader to get it.
+    async fn emf_line(&self, n: usize) -> Value {
+        let started = Instant::now();
+        loop {
+            let output = self.output();
+            let lines: Vec<Value> = output
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .filter(|json| json.get("_aws").is_some())
+                .collect();
+            if let Some(line) = lines.into_iter().nth(n - 1) {
+                return line;
+            }
+            assert!(started.elapsed() < Duration::from_secs(5), "no EMF line number {n} in:\n{output}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn exit_within(mut self, timeout: Duration) -> (ExitStatus, String) {
         let exit = tokio::time::timeout(timeout, self.child.wait()).await.expect("bootstrap exits").expect("wait");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -477,12 +496,26 @@ async fn a_sink_failure_reports_the_first_undelivered_record_and_the_retry_deliv
     );
     // The store took the first batch (sinks are written at once), nothing after it.
     assert_eq!(sinks.store_event_ids().await, ids(0..2, "f"));
+    // The invocation's metrics say a sink is failing, and why.
+    let emf = function.emf_line(1).await;
+    assert_eq!(emf["_aws"]["CloudWatchMetrics"][0]["Namespace"], "ktk/lambda", "{emf}");
+    assert_eq!(emf["FunctionName"], "ktk-lambda-test", "{emf}");
+    assert_eq!(
+        (&emf["SinkFailing"], &emf["Failures"], &emf["UserRecords"]),
+        (&json!(1), &json!(1), &json!(6)),
+        "{emf}"
+    );
+    assert_eq!(emf["failingSinks"], json!(["s3"]), "{emf}");
+    let reasons = emf["reasons"].to_string();
+    assert!(reasons.contains("sink s3 has failed every write for ") && reasons.contains("does not exist"), "{emf}");
 
     sinks.s3.create_bucket().bucket(&sinks.bucket).send().await.expect("create the bucket");
     let (posted, _) = api.invoke(batch_json(0, &data), Duration::from_secs(30)).await;
     assert_eq!(response_of(&posted), &no_failures(), "{}", function.output());
     assert_eq!(sinks.s3_event_ids().await.0, ids(0..6, "f").into_iter().collect());
     assert_eq!(sinks.store_event_ids().await, ids(0..6, "f"));
+    let emf = function.emf_line(2).await;
+    assert_eq!((&emf["SinkFailing"], &emf["Failures"], &emf["reasons"]), (&json!(0), &json!(0), &json!([])), "{emf}");
     drop(function);
     sinks.drop_tables().await;
 }

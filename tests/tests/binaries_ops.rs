@@ -3,6 +3,9 @@
 //!   with EPIPE), SIGTERM still stops each of them with exit status 0;
 //! - a consumer whose S3 bucket is missing answers /health 503 naming the sink once it has failed
 //!   for longer than KTK_UNHEALTHY_AFTER_MS, and 200 again once the bucket is created;
+//! - a consumer whose lease table is deleted under it answers 503 naming the lease table, and 200
+//!   again once the table is back and it holds its lease again;
+//! - a consumer whose stream is deleted under it answers 503 naming Kinesis;
 //! - a consumer pointed at a stream that does not exist exits at once with a message naming
 //!   KTK_STREAM, and creates no lease table.
 
@@ -173,4 +176,119 @@ async fn health_is_503_naming_the_sink_while_the_bucket_is_missing_and_200_once_
     }
     consumer.stop(Duration::from_secs(25)).await;
     delete_stream(&kinesis, &stream).await;
+}
+
+/// `/health` of the consumer on `port`: status code and JSON body, or `None` while it does not answer.
+async fn health_of(port: u16) -> Option<(u16, serde_json::Value)> {
+    let response = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.ok()?;
+    let code = response.status().as_u16();
+    Some((code, response.json::<serde_json::Value>().await.ok()?))
+}
+
+/// Polls `/health` every 250 ms until `done` says yes (returns that body); panics after `within`.
+async fn health_until(
+    port: u16,
+    within: Duration,
+    what: &str,
+    done: impl Fn(u16, &serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let health = health_of(port).await;
+        if let Some((code, body)) = &health
+            && done(*code, body)
+        {
+            return body.clone();
+        }
+        assert!(started.elapsed() < within, "{what} within {within:?}; /health is {health:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Whether `body` is a 200 `ok` with the worker holding `leases` leases.
+fn ok_holding(code: u16, body: &serde_json::Value, leases: u64) -> bool {
+    code == 200 && body["status"] == "ok" && body["worker"]["leases_held"] == leases
+}
+
+/// Whether `body` is a 503 `unhealthy` with a reason that contains `reason`.
+fn unhealthy_with(code: u16, body: &serde_json::Value, reason: &str) -> bool {
+    code == 503
+        && body["status"] == "unhealthy"
+        && body["reasons"].as_array().is_some_and(|r| r.iter().any(|r| r.as_str().is_some_and(|r| r.contains(reason))))
+}
+
+#[tokio::test]
+async fn health_is_503_naming_the_lease_table_while_it_is_deleted_and_200_once_it_is_back() {
+    let kinesis = kinesis().await;
+    let dynamodb = dynamodb().await;
+    let stream = unique_name("ktk-ops-table");
+    create_stream(&kinesis, &stream, 1).await;
+    wait_stream_active(&kinesis, &stream).await;
+    let application = unique_name("ktk-ops-table-app");
+    // No record is put: no sink is written, so only the worker can make it unhealthy.
+    let spec = ConsumerSpec::new(&stream, &application, "w1", &unique_name("ktk-ops-none"), "p", "ops_table")
+        .with_env("KTK_UNHEALTHY_AFTER_MS", "2000");
+    let consumer = ConsumerProcess::spawn(&spec);
+    let port = consumer.port;
+    let healthy = health_until(port, Duration::from_secs(30), "healthy with the shard's lease", |code, body| {
+        ok_holding(code, body, 1)
+    })
+    .await;
+    assert_eq!(healthy["worker"]["leases_in_table"], 1, "{healthy}");
+    assert_eq!(healthy["worker"]["workers_seen"], 1, "{healthy}");
+
+    dynamodb.delete_table().table_name(&application).send().await.expect("delete the lease table");
+    let unhealthy = health_until(port, Duration::from_secs(30), "503 naming the lease table", |code, body| {
+        unhealthy_with(code, body, "the lease table has failed every scan for ")
+    })
+    .await;
+    let reasons = unhealthy["reasons"].to_string();
+    assert!(
+        reasons.contains(&application) && reasons.contains("does not exist"),
+        "the reason carries the error: {unhealthy}"
+    );
+    assert!(!reasons.contains("Kinesis"), "the stream is fine: {unhealthy}");
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/ready")).await.expect("ready");
+    assert_eq!(ready.status().as_u16(), 200, "/ready is about the worker running: {unhealthy}");
+
+    // The table back (empty): the shard sync creates the lease again, and the worker takes it.
+    let aws = ktk_tests::aws_config().await;
+    ktk_consumer::lease::LeaseTable::new(&aws, &application).ensure_table().await.expect("create the lease table");
+    health_until(port, Duration::from_secs(40), "healthy again, holding the lease", |code, body| {
+        ok_holding(code, body, 1)
+    })
+    .await;
+    consumer.stop(Duration::from_secs(25)).await;
+    delete_stream(&kinesis, &stream).await;
+    let _ = dynamodb.delete_table().table_name(&application).send().await;
+}
+
+#[tokio::test]
+async fn health_is_503_naming_kinesis_once_the_stream_is_deleted() {
+    let kinesis = kinesis().await;
+    let dynamodb = dynamodb().await;
+    let stream = unique_name("ktk-ops-gone");
+    create_stream(&kinesis, &stream, 1).await;
+    wait_stream_active(&kinesis, &stream).await;
+    let application = unique_name("ktk-ops-gone-app");
+    let spec = ConsumerSpec::new(&stream, &application, "w1", &unique_name("ktk-ops-none"), "p", "ops_gone")
+        .with_env("KTK_UNHEALTHY_AFTER_MS", "2000");
+    let consumer = ConsumerProcess::spawn(&spec);
+    let port = consumer.port;
+    let healthy = health_until(port, Duration::from_secs(30), "healthy with the shard's lease", |code, body| {
+        ok_holding(code, body, 1)
+    })
+    .await;
+    assert!(healthy["worker"]["last_kinesis_success_ms_ago"].is_u64(), "{healthy}");
+
+    delete_stream(&kinesis, &stream).await;
+    let unhealthy = health_until(port, Duration::from_secs(30), "503 naming Kinesis", |code, body| {
+        unhealthy_with(code, body, "every Kinesis call has failed for ")
+    })
+    .await;
+    let reasons = unhealthy["reasons"].to_string();
+    assert!(reasons.contains("ResourceNotFound"), "the reason carries Kinesis's error: {unhealthy}");
+    assert!(!reasons.contains("lease table"), "the lease table is fine: {unhealthy}");
+    consumer.stop(Duration::from_secs(25)).await;
+    let _ = dynamodb.delete_table().table_name(&application).send().await;
 }

@@ -1,14 +1,16 @@
 //! An in-memory [`ItemStore`] for unit tests: the lease table's items in a map, with the same
 //! conditional writes DynamoDB applies (the conditions come from
-//! [`LeaseTable`](crate::lease::LeaseTable), as for the real table).
+//! [`LeaseTable`](crate::lease::LeaseTable), as for the real table), and an [`Outage`] switch that
+//! makes its calls fail as an unreachable DynamoDB's would.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lease::item_store::{Condition, Failure, ItemStore, ScanPage, Update};
 use crate::lease::serializer::{self, Item, attr};
 use crate::lease::{Lease, TableSetup};
@@ -17,9 +19,38 @@ use crate::lease::{Lease, TableSetup};
 #[derive(Debug, Default)]
 pub(crate) struct MemoryItems {
     items: Mutex<BTreeMap<String, Item>>,
+    outage: AtomicU8,
+}
+
+/// Which calls of a [`MemoryItems`] fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Outage {
+    None = 0,
+    /// Writes (puts, updates, deletes) fail; scans and gets work.
+    Writes = 1,
+    /// Every call fails.
+    All = 2,
 }
 
 impl MemoryItems {
+    /// From now on, the calls `outage` names fail with a retryable service error.
+    pub(crate) fn set_outage(&self, outage: Outage) {
+        self.outage.store(outage as u8, Ordering::Relaxed);
+    }
+
+    /// The error of a call made during an outage that covers it.
+    fn refused(&self, write: bool, action: &'static str) -> Option<Error> {
+        let outage = self.outage.load(Ordering::Relaxed);
+        (outage == Outage::All as u8 || (write && outage == Outage::Writes as u8)).then(|| Error::Service {
+            table: "memory".into(),
+            action,
+            code: "ServiceUnavailable".into(),
+            message: "the table does not answer (a test's outage)".into(),
+            retryable: true,
+        })
+    }
+
     fn items(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Item>> {
         self.items.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -43,16 +74,25 @@ impl ItemStore for MemoryItems {
     }
 
     fn scan(&self, _start: Option<Item>) -> BoxFuture<'_, Result<ScanPage>> {
+        if let Some(error) = self.refused(false, "Scan") {
+            return Box::pin(async move { Err(error) });
+        }
         let items = self.items().values().cloned().collect();
         Box::pin(async move { Ok(ScanPage { items, last_key: None }) })
     }
 
     fn get_item<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Item>>> {
+        if let Some(error) = self.refused(false, "GetItem") {
+            return Box::pin(async move { Err(error) });
+        }
         let item = self.items().get(key).cloned();
         Box::pin(async move { Ok(item) })
     }
 
     fn put_if_absent(&self, item: Item) -> BoxFuture<'_, Result<bool>> {
+        if let Some(error) = self.refused(true, "PutItem") {
+            return Box::pin(async move { Err(error) });
+        }
         let mut items = self.items();
         let key = key_of(&item);
         let created = !items.contains_key(&key);
@@ -63,6 +103,9 @@ impl ItemStore for MemoryItems {
     }
 
     fn update_item<'a>(&'a self, key: &'a str, update: Update) -> BoxFuture<'a, std::result::Result<Item, Failure>> {
+        if let Some(error) = self.refused(true, "UpdateItem") {
+            return Box::pin(async move { Err(Failure::Error(error)) });
+        }
         let mut items = self.items();
         let current = items.get(key);
         let result = if update.conditions.iter().all(|c| c.holds(current)) {
@@ -81,6 +124,9 @@ impl ItemStore for MemoryItems {
         key: &'a str,
         conditions: Vec<Condition>,
     ) -> BoxFuture<'a, std::result::Result<(), Failure>> {
+        if let Some(error) = self.refused(true, "DeleteItem") {
+            return Box::pin(async move { Err(Failure::Error(error)) });
+        }
         let mut items = self.items();
         let current = items.get(key);
         let result = match current {

@@ -186,6 +186,9 @@ pub struct RenewReport {
     pub lost: Vec<String>,
     /// Renewals that failed for another reason and will be tried again next round.
     pub failed: usize,
+    /// The latest error of a renewal that failed for another reason than another worker taking
+    /// the lease (counted in `failed`, or a lease given up after the failover time).
+    pub last_error: Option<String>,
 }
 
 /// Renews the leases a worker holds.
@@ -263,6 +266,7 @@ impl LeaseRenewer {
                     report.lost.push(held.shard_id.clone());
                 }
                 Err(error) => {
+                    report.last_error = Some(error.to_string());
                     let last = *held.last_renewed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     if last.elapsed() >= self.failover_time {
                         warn!(shard = %held.shard_id, %error, "no renewal for the failover time: giving the lease up");

@@ -91,6 +91,8 @@ pub(crate) struct TakePlan {
     pub steal: Vec<Lease>,
     /// This worker's share this cycle.
     pub target: usize,
+    /// Live workers: owners of unexpired leases, and this worker.
+    pub workers: usize,
 }
 
 impl TakePlan {
@@ -146,7 +148,7 @@ impl LeaseTaker {
         let workers = held.len();
         let target = active.len().div_ceil(workers).min(self.config.max_leases_per_worker);
         let mine = held.get(self.worker_id.as_str()).copied().unwrap_or(0);
-        let mut plan = TakePlan { target, ..TakePlan::default() };
+        let mut plan = TakePlan { target, workers, ..TakePlan::default() };
         let mut wanted = target.saturating_sub(mine);
         if wanted == 0 {
             return plan;

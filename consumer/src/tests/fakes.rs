@@ -3,7 +3,7 @@
 //! ([`MemoryItems`](crate::lease::memory::MemoryItems)), plus a recording processor.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aws_sdk_kinesis::primitives::Blob;
@@ -27,20 +27,42 @@ struct FakeShard {
 }
 
 /// A stream in memory. Iterators are `"{shard}/{position}"`; sequence numbers grow across the
-/// stream, as in Kinesis.
+/// stream, as in Kinesis. While [`deleted`](FakeKinesis::set_deleted), every call fails as on a
+/// deleted stream.
 #[derive(Debug)]
 pub(crate) struct FakeKinesis {
     shards: Mutex<BTreeMap<String, FakeShard>>,
     next_sequence: AtomicU64,
+    deleted: AtomicBool,
 }
 
 impl Default for FakeKinesis {
     fn default() -> Self {
-        FakeKinesis { shards: Mutex::default(), next_sequence: AtomicU64::new(100_000) }
+        FakeKinesis {
+            shards: Mutex::default(),
+            next_sequence: AtomicU64::new(100_000),
+            deleted: AtomicBool::new(false),
+        }
     }
 }
 
 impl FakeKinesis {
+    /// Every call fails with `ResourceNotFoundException` while `deleted`.
+    pub(crate) fn set_deleted(&self, deleted: bool) {
+        self.deleted.store(deleted, Ordering::Relaxed);
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Relaxed)
+    }
+
+    fn gone(shard: &str) -> RetrievalError {
+        RetrievalError::NotFound {
+            shard: shard.to_owned(),
+            message: "ResourceNotFoundException: no such stream".into(),
+        }
+    }
+
     fn shards(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, FakeShard>> {
         self.shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -78,7 +100,15 @@ impl FakeKinesis {
 }
 
 impl KinesisReads for FakeKinesis {
-    fn list_shards<'a>(&'a self, _stream: &'a str) -> BoxFuture<'a, Result<Vec<Shard>>> {
+    fn list_shards<'a>(&'a self, stream: &'a str) -> BoxFuture<'a, Result<Vec<Shard>>> {
+        if self.is_deleted() {
+            let error = crate::Error::ListShards {
+                stream: stream.to_owned(),
+                message: "ResourceNotFoundException: no such stream".into(),
+                retryable: false,
+            };
+            return Box::pin(async move { Err(error) });
+        }
         let shards = self
             .shards()
             .iter()
@@ -98,6 +128,10 @@ impl KinesisReads for FakeKinesis {
         shard: &'a str,
         start: &'a IteratorStart,
     ) -> BoxFuture<'a, Result<Option<String>, RetrievalError>> {
+        if self.is_deleted() {
+            let error = Self::gone(shard);
+            return Box::pin(async move { Err(error) });
+        }
         let shards = self.shards();
         let result = match shards.get(shard) {
             None => Err(RetrievalError::NotFound { shard: shard.to_owned(), message: "no such shard".into() }),
@@ -131,6 +165,10 @@ impl KinesisReads for FakeKinesis {
         iterator: &'a str,
         limit: i32,
     ) -> BoxFuture<'a, Result<RecordsPage, GetRecordsFailure>> {
+        if self.is_deleted() {
+            let error = GetRecordsFailure::Failed(Self::gone(shard));
+            return Box::pin(async move { Err(error) });
+        }
         let shards = self.shards();
         let position = iterator.rsplit_once('/').and_then(|(_, p)| p.parse::<usize>().ok());
         let result = match (shards.get(shard), position) {

@@ -6,9 +6,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::fakes::{CheckpointWhen, Event, FakeKinesis, Log, Recorder};
 use crate::error::{Error, Result};
-use crate::lease::memory::MemoryItems;
+use crate::lease::memory::{MemoryItems, Outage};
 use crate::lease::{ExtendedSequenceNumber, Lease, LeaseTable};
-use crate::worker::{Worker, WorkerConfig, WorkerReport};
+use crate::worker::{Worker, WorkerConfig, WorkerReport, WorkerStatus};
 
 const APP: &str = "app";
 
@@ -24,6 +24,7 @@ struct Harness {
 struct Running {
     shutdown: CancellationToken,
     handle: JoinHandle<Result<WorkerReport>>,
+    status: WorkerStatus,
 }
 
 impl Running {
@@ -71,9 +72,10 @@ impl Harness {
             batches: 0,
         };
         let worker = Worker::with_api(config, Arc::clone(&self.kinesis) as _, self.table(), factory).expect("config");
+        let status = worker.status();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(worker.run(shutdown.clone()));
-        Running { shutdown, handle }
+        Running { shutdown, handle, status }
     }
 }
 
@@ -343,4 +345,106 @@ async fn a_gracefully_stopped_workers_leases_are_taken_by_another_within_a_secon
     assert_eq!(h.log.processed_by("w1"), pairs("s0", &first));
     assert_eq!(h.log.processed_by("w2"), pairs("s0", &second), "from w1's shutdown checkpoint");
     w2.stop().await;
+}
+
+/// What a health check with a 5 s threshold says of `worker` now.
+fn reasons(worker: &Running) -> Vec<String> {
+    worker.status.snapshot().unhealthy_reasons(tokio::time::Instant::now(), Duration::from_secs(5))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_whose_lease_table_stops_answering_is_unhealthy_after_the_time_and_healthy_once_it_answers() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(3).await;
+    let snapshot = w1.status.snapshot();
+    assert_eq!((snapshot.leases_held, snapshot.leases_in_table, snapshot.workers_seen), (1, 1, 1));
+    assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+
+    h.items.set_outage(Outage::All);
+    wait(3).await;
+    assert!(reasons(&w1).is_empty(), "3 s of failures is not over 5 s: {:?}", reasons(&w1));
+    wait(5).await;
+    let now = reasons(&w1);
+    assert!(
+        now.iter()
+            .any(|r| r.starts_with("the lease table has failed every scan for ") && r.contains("ServiceUnavailable")),
+        "{now:?}"
+    );
+    assert!(now.iter().all(|r| !r.contains("Kinesis")), "the stream answers: {now:?}");
+
+    h.items.set_outage(Outage::None);
+    wait(4).await;
+    assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+    assert_eq!(w1.status.snapshot().leases_held, 1);
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_cannot_take_a_free_lease_is_unhealthy() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    h.table().create_if_absent(&Lease::new("s0", ExtendedSequenceNumber::TRIM_HORIZON)).await.expect("lease");
+    // The table answers scans, but refuses the write that takes the lease.
+    h.items.set_outage(Outage::Writes);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(3).await;
+    let snapshot = w1.status.snapshot();
+    assert_eq!((snapshot.leases_held, snapshot.leases_takeable), (0, 1), "{snapshot:?}");
+    assert!(reasons(&w1).is_empty(), "not for longer than 5 s yet: {:?}", reasons(&w1));
+    wait(5).await;
+    assert_eq!(
+        reasons(&w1),
+        ["the worker has held no lease for 8 s while the lease table has 1 it could take (unowned or expired)"]
+    );
+    h.items.set_outage(Outage::None);
+    wait(2).await;
+    assert_eq!(w1.status.snapshot().leases_held, 1);
+    assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_without_a_lease_because_live_workers_hold_them_all_is_healthy() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(2).await;
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    // Past several taking intervals and failover times.
+    wait(60).await;
+    let snapshot = w2.status.snapshot();
+    assert_eq!(
+        (snapshot.leases_held, snapshot.leases_in_table, snapshot.leases_takeable, snapshot.workers_seen),
+        (0, 1, 0, 2),
+        "{snapshot:?}"
+    );
+    assert!(reasons(&w2).is_empty(), "{:?}", reasons(&w2));
+    assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+    w2.stop().await;
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_whose_stream_is_gone_is_unhealthy_naming_kinesis() {
+    let h = Harness::default();
+    h.kinesis.add_shard("s0", &[]);
+    h.kinesis.put("s0", 2);
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(3).await;
+    assert!(w1.status.snapshot().kinesis.last_success.is_some());
+    assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+
+    h.kinesis.set_deleted(true);
+    wait(10).await;
+    let now = reasons(&w1);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(now[0].starts_with("every Kinesis call has failed for "), "{now:?}");
+    assert!(now[0].contains("ResourceNotFoundException"), "{now:?}");
+
+    h.kinesis.set_deleted(false);
+    wait(5).await;
+    assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+    w1.stop().await;
 }

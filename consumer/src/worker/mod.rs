@@ -7,6 +7,7 @@
 
 mod config;
 mod shard_consumer;
+mod status;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -20,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub use config::WorkerConfig;
+pub use status::{CallHealth, WorkerSnapshot, WorkerStatus};
 
 use crate::error::{Error, Result};
-use crate::lease::taker::{LeaseTaker, TakerConfig};
+use crate::lease::taker::{LeaseTaker, TakePlan, TakerConfig};
 use crate::lease::{Lease, LeaseRenewer, LeaseTable, ShardSyncer, TableCalls};
 use crate::processor::ProcessorFactory;
 use crate::retrieval::kinesis::KinesisReads;
@@ -80,6 +82,7 @@ pub struct Worker<F> {
     fan_out_client: Option<aws_sdk_kinesis::Client>,
     table: LeaseTable,
     factory: Arc<F>,
+    status: WorkerStatus,
 }
 
 impl<F: ProcessorFactory> Worker<F> {
@@ -111,6 +114,7 @@ impl<F: ProcessorFactory> Worker<F> {
             fan_out_client: Some(kinesis),
             table,
             factory: Arc::new(factory),
+            status: WorkerStatus::new(),
         })
     }
 
@@ -123,11 +127,25 @@ impl<F: ProcessorFactory> Worker<F> {
         factory: F,
     ) -> Result<Self> {
         config.validate()?;
-        Ok(Worker { config, kinesis, fan_out_client: None, table, factory: Arc::new(factory) })
+        Ok(Worker {
+            config,
+            kinesis,
+            fan_out_client: None,
+            table,
+            factory: Arc::new(factory),
+            status: WorkerStatus::new(),
+        })
     }
 
     pub fn config(&self) -> &WorkerConfig {
         &self.config
+    }
+
+    /// The worker's live status (leases held and seen, the latest lease-table scan, the outcome
+    /// of its Kinesis calls), for a health check: take it before [`run`](Self::run) and read
+    /// [`WorkerStatus::snapshot`] while the worker runs.
+    pub fn status(&self) -> WorkerStatus {
+        self.status.clone()
     }
 
     /// Runs until `shutdown` is cancelled, then shuts down gracefully: no more leases are taken,
@@ -148,8 +166,11 @@ impl<F: ProcessorFactory> Worker<F> {
         );
         let mut backoff = Backoff::new(config.retry_min, config.retry_max);
         // The first sync must work (it says whether the stream is there at all).
+        let status = &self.status;
         loop {
-            match syncer.sync().await {
+            let synced = syncer.sync().await;
+            observe_sync(status, &synced);
+            match synced {
                 Ok(_) => break,
                 Err(error) if error.is_retryable() => {
                     warn!(stream = %config.stream, %error, "shard sync failed; retrying");
@@ -222,6 +243,7 @@ impl<F: ProcessorFactory> Worker<F> {
             retry_max: config.retry_max,
             shutdown: shard_shutdown.clone(),
             shard_ended: Arc::clone(&shard_ended),
+            status: status.clone(),
         });
 
         // Renewals run on their own so a slow scan or sync never delays them. The task lives in a
@@ -235,6 +257,7 @@ impl<F: ProcessorFactory> Worker<F> {
             config.renew_interval(),
             renewals_stop.clone(),
             config.stream.clone(),
+            status.clone(),
         ));
 
         let mut state = Loop {
@@ -253,6 +276,7 @@ impl<F: ProcessorFactory> Worker<F> {
             tasks: JoinSet::new(),
             report: WorkerReport::default(),
             labels: vec![("stream", config.stream.clone()), ("worker", worker.clone())],
+            status: status.clone(),
         };
         let mut next_sync = Instant::now() + config.shard_sync_interval;
         // The first round balances at once (a worker that joins a group asks for its share right
@@ -276,7 +300,9 @@ impl<F: ProcessorFactory> Worker<F> {
             if sync_now || now >= next_sync {
                 sync_now = false;
                 next_sync = now + config.shard_sync_interval;
-                match syncer.sync().await {
+                let synced = syncer.sync().await;
+                observe_sync(status, &synced);
+                match synced {
                     Ok(report) if !report.orphaned.is_empty() => {
                         warn!(stream = %config.stream, orphaned = ?report.orphaned, "leases of shards no longer in the stream were never finished (their records expired unprocessed)");
                     }
@@ -328,12 +354,24 @@ impl<F: ProcessorFactory> Worker<F> {
     }
 }
 
+/// Records a shard sync's `ListShards` in the status: a sync that got past it heard from
+/// Kinesis; one that failed on it did not (a sync that failed on the lease table says nothing
+/// about the stream).
+fn observe_sync<T>(status: &WorkerStatus, synced: &Result<T>) {
+    match synced {
+        Ok(_) => status.kinesis_answered(),
+        Err(error @ Error::ListShards { .. }) => status.kinesis_failed(error.to_string()),
+        Err(_) => {}
+    }
+}
+
 /// Renews every `interval` until stopped; returns (renewals written, renewals skipped).
 async fn renew_loop(
     renewer: Arc<LeaseRenewer>,
     interval: Duration,
     stop: CancellationToken,
     stream: String,
+    status: WorkerStatus,
 ) -> (u64, u64) {
     let lost = metrics::counter!("LostLeases", "stream" => stream.clone());
     let mut ticker = tokio::time::interval(interval);
@@ -347,6 +385,14 @@ async fn renew_loop(
         let report = renewer.renew_all().await;
         renewed += report.renewed as u64;
         skipped += report.skipped as u64;
+        // A lease skipped because a checkpoint just wrote it counts as renewed: the write succeeded.
+        if report.renewed + report.skipped > 0 {
+            status.renewed();
+        } else if let Some(error) = report.last_error {
+            status.renewal_failed(error);
+        } else {
+            status.nothing_to_renew();
+        }
         if !report.lost.is_empty() {
             lost.increment(report.lost.len() as u64);
             info!(stream, shards = ?report.lost, "leases lost");
@@ -367,6 +413,7 @@ struct Loop<'a> {
     tasks: JoinSet<(String, Ending)>,
     report: WorkerReport,
     labels: Vec<(&'static str, String)>,
+    status: WorkerStatus,
 }
 
 impl Loop<'_> {
@@ -393,21 +440,56 @@ impl Loop<'_> {
             }
         }
         metrics::gauge!("CurrentLeases", &self.labels).set(self.running.len() as f64);
+        self.status.set_held(self.running.len());
     }
 
     /// One round: scan the table, take unowned and expired leases, adopt completed hand-offs,
-    /// and, when `steal`, ask for leases from workers above their share.
+    /// and, when `steal`, ask for leases from workers above their share. The status learns how
+    /// the scan went, what it showed, and how many leases the worker holds after the round.
     async fn take_leases<F: ProcessorFactory>(
         &mut self,
         steal: bool,
         ctx: &Arc<ShardContext>,
         factory: &Arc<F>,
     ) -> Result<()> {
-        let me = self.config.worker_id.clone();
-        let listing = self.table.list().await?;
+        let listing = match self.table.list().await {
+            Ok(listing) => listing,
+            Err(error) => {
+                self.status.scan_failed(error.to_string());
+                return Err(error);
+            }
+        };
         let now = Instant::now();
         let plan = self.taker.plan(&listing.leases, now);
-        let leases: BTreeMap<&str, &Lease> = listing.leases.iter().map(|l| (l.lease_key.as_str(), l)).collect();
+        let me = self.config.worker_id.as_str();
+        let active = listing.leases.iter().filter(|l| !l.is_finished()).count();
+        let takeable = listing
+            .leases
+            .iter()
+            .filter(|l| !l.is_finished() && !self.running.contains(&l.lease_key))
+            .filter(|l| {
+                self.taker.is_available(l, now) || (l.owner.as_deref() == Some(me) && l.checkpoint_owner.is_none())
+            })
+            .count();
+        let workers = plan.workers;
+        let result = self.take_planned(&listing.leases, plan, now, steal, ctx, factory).await;
+        self.status.scanned(active, takeable, workers, self.running.len());
+        result
+    }
+
+    /// Takes what `plan` (made from `listed` at `now`) names, and leases the table already gives
+    /// this worker; asks for hand-offs when `steal`.
+    async fn take_planned<F: ProcessorFactory>(
+        &mut self,
+        listed: &[Lease],
+        plan: TakePlan,
+        now: Instant,
+        steal: bool,
+        ctx: &Arc<ShardContext>,
+        factory: &Arc<F>,
+    ) -> Result<()> {
+        let me = self.config.worker_id.clone();
+        let leases: BTreeMap<&str, &Lease> = listed.iter().map(|l| (l.lease_key.as_str(), l)).collect();
         for held in self.renewer.held() {
             if let Some(seen) = leases.get(held.shard_id()) {
                 held.observe(seen);
@@ -518,5 +600,6 @@ impl Loop<'_> {
         });
         self.task_shards.insert(handle.id(), shard);
         metrics::gauge!("CurrentLeases", &self.labels).set(self.running.len() as f64);
+        self.status.set_held(self.running.len());
     }
 }

@@ -17,6 +17,7 @@ use crate::retrieval::kinesis::KinesisReads;
 use crate::retrieval::{
     FanOutConfig, FanOutReader, ReadResult, Reader, ReaderConfig, RetrievalError, ShardReader, StartingPosition,
 };
+use crate::worker::WorkerStatus;
 use ktk_backoff::Backoff;
 
 /// What every shard task of a worker shares.
@@ -42,6 +43,8 @@ pub(crate) struct ShardContext {
     /// Woken when a shard of this worker reached its end: children may start, and the worker
     /// syncs shards at once.
     pub(crate) shard_ended: Arc<Notify>,
+    /// Told how every read went (the worker's view of the stream, for health checks).
+    pub(crate) status: WorkerStatus,
 }
 
 /// How a shard task ended.
@@ -264,10 +267,17 @@ async fn consume<P: RecordProcessor>(
         };
         let ReadResult { records, millis_behind_latest, out_of_range: outside, shard_end, .. } = match read {
             Ok(result) => {
+                ctx.status.kinesis_answered();
                 read_backoff.reset();
                 result
             }
             Err(error) => {
+                // Throttling is Kinesis answering: the stream is there and reachable.
+                if matches!(error, RetrievalError::Throttled { .. }) {
+                    ctx.status.kinesis_answered();
+                } else {
+                    ctx.status.kinesis_failed(error.to_string());
+                }
                 read_errors.increment(1);
                 log_read_error(ctx, &shard, &error);
                 let delay = if error.is_retryable() { read_backoff.next_delay() } else { ctx.retry_max };

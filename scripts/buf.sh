@@ -98,11 +98,10 @@ check() {
     echo "buf breaking against main: nothing to compare (HEAD is main's tip)"
     return 0
   fi
-  local tmp
-  tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' RETURN
-  git -C "$root" archive "$base" proto/protos | tar -x -C "$tmp"
-  breaking_against "$dir" "$tmp/proto/protos" "main (merge base ${base:0:12})"
+  main_schema="$(mktemp -d)"
+  trap 'rm -rf "$main_schema"' EXIT
+  git -C "$root" archive "$base" proto/protos | tar -x -C "$main_schema"
+  breaking_against "$dir" "$main_schema/proto/protos" "main (merge base ${base:0:12})"
 }
 
 case "${1:-}" in

@@ -30,7 +30,7 @@ install_buf() {
   local lock="$root/scripts/buf-cli/package-lock.json"
   command -v npm >/dev/null || fail "npm not found: install Node.js 18 or later with npm (Debian: apt-get install nodejs npm)"
   local digest
-  digest="$(sha256sum "$root/scripts/buf-cli/package.json" "$lock" | sha256sum | cut -c1-16)"
+  digest="$(cat "$root/scripts/buf-cli/package.json" "$lock" | sha256sum | cut -c1-16)"
   local cache="${KTK_BUF_CACHE:-$HOME/.cache/ktk/buf-cli}"
   local dir="$cache/$digest"
   local buf="$dir/node_modules/.bin/buf"

@@ -10,15 +10,15 @@
 #   scripts/buf.sh ARGS...       runs buf with ARGS.
 #
 # The CLI is the npm package @bufbuild/buf at the version pinned by scripts/buf-cli/package.json
-# and package-lock.json, installed with `npm ci` into a cache outside the clone: $KTK_BUF_CACHE,
-# by default $HOME/.cache/ktk/buf-cli, one folder per lock file. Every buf run is bounded by a
-# timeout ($KTK_BUF_TIMEOUT seconds, 120 by default) and needs no network: proto/buf.yaml has no
-# remote dependencies.
+# and package-lock.json, installed with `npm ci` into a cache outside the clone,
+# $KTK_CACHE/buf-cli ($KTK_CACHE is $HOME/.cache/ktk by default, as for the LocalStack scripts),
+# one folder per pinned version. Every buf run is bounded by a timeout of 120 s and needs no
+# network: proto/buf.yaml has no remote dependencies.
 set -euo pipefail
 shopt -s inherit_errexit
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 baseline="$root/proto/baseline/schema.binpb"
-timeout_s="${KTK_BUF_TIMEOUT:-120}"
+timeout_s=120
 
 fail() {
   echo "scripts/buf.sh: $*" >&2
@@ -31,7 +31,7 @@ install_buf() {
   command -v npm >/dev/null || fail "npm not found: install Node.js 18 or later with npm (Debian: apt-get install nodejs npm)"
   local digest
   digest="$(cat "$root/scripts/buf-cli/package.json" "$lock" | sha256sum | cut -c1-16)"
-  local cache="${KTK_BUF_CACHE:-$HOME/.cache/ktk/buf-cli}"
+  local cache="${KTK_CACHE:-$HOME/.cache/ktk}/buf-cli"
   local dir="$cache/$digest"
   local buf="$dir/node_modules/.bin/buf"
   mkdir -p "$cache"

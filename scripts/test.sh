@@ -2,9 +2,10 @@
 # The project's test command (README, and what CI runs through .ci/run).
 #
 # On a fresh machine it installs and starts what the tests need: LocalStack (host mode, no
-# Docker), PostgreSQL and MariaDB. Then: rustfmt check, clippy with warnings as errors, and every
-# test of the workspace, integration tests included. Integration tests never skip: a missing
-# service fails them. LocalStack is stopped at the end if this script started it.
+# Docker), PostgreSQL and MariaDB. Then: rustfmt check, buf lint and buf breaking on the schemas,
+# clippy with warnings as errors, and every test of the workspace, integration tests included.
+# Integration tests never skip: a missing service fails them. LocalStack is stopped at the end if
+# this script started it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -57,6 +58,11 @@ export MYSQL_URL="${MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
 
 step "cargo fmt --check"
 cargo fmt --all --check
+
+step "buf lint and buf breaking"
+# The schemas in proto/ against the lint rules and the released schema (docs/schema.md); the
+# Buf CLI comes from the npm registry into a cache outside the clone.
+scripts/buf.sh check
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -205,7 +205,8 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def metrics_url() -> str:
-    return os.environ.get("COLLECTOR_URL", "http://127.0.0.1:18080").rstrip("/") + "/metrics"
+    # /metrics is on the collector's admin listener (--admin-listen), not the public one.
+    return os.environ.get("COLLECTOR_ADMIN_URL", "http://127.0.0.1:19090").rstrip("/") + "/metrics"
 
 
 def metrics(args: argparse.Namespace) -> None:

@@ -22,8 +22,9 @@
 # runs), ACKED_BATCH (100; empty: no ?wait=acked runs), SLOW_CLIENTS (500; 0: no b runs),
 # MIX_SECONDS (30), MIX_WORKERS (64), HELD_BODIES (256), SHARDS (4), PORT (the collector's; a free
 # one), LOCALSTACK_PORT (4568), MAX_OUTSTANDING (1000000, the producer's --max-outstanding-records),
-# COLLECTOR_ARGS (more flags for the collector, split on spaces), COLLECTOR_KEY (sent as
-# `Authorization: Bearer <key>` with every request when set), KTK_BENCH_WORK
+# COLLECTOR_ARGS (more flags for the collector, split on spaces), COLLECTOR_KEY (the one write key
+# of the run's keys file, sent as `Authorization: Bearer <key>` with every request; a fresh one
+# when unset), KTK_BENCH_WORK
 # ($HOME/.cache/ktk/bench-collector-load), CARGO_TARGET_DIR ($HOME/.cache/ktk/target).
 set -euo pipefail
 began=$SECONDS
@@ -43,7 +44,6 @@ SHARDS="${SHARDS:-4}"
 LOCALSTACK_PORT="${LOCALSTACK_PORT:-4568}"
 MAX_OUTSTANDING="${MAX_OUTSTANDING:-1000000}"
 COLLECTOR_ARGS="${COLLECTOR_ARGS:-}"
-if [[ -n "${COLLECTOR_KEY:-}" ]]; then export COLLECTOR_KEY; fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktk/target}"
 export AWS_ENDPOINT_URL="http://127.0.0.1:$LOCALSTACK_PORT"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
@@ -134,13 +134,24 @@ stream="ktk-bench-collector-$(date +%s)-$$"
 say "stream $stream ($SHARDS shards)"
 tools create "$stream" --shards "$SHARDS"
 
-port="${PORT:-$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+free_port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port="${PORT:-$(free_port)}"
+admin_port="$(free_port)"
 export COLLECTOR_URL="http://127.0.0.1:$port"
+export COLLECTOR_ADMIN_URL="http://127.0.0.1:$admin_port"
+# The write keys: one key for every client of the run, without a rate limit (COLLECTOR_KEY, or a
+# fresh one).
+if [[ -z "${COLLECTOR_KEY:-}" ]]; then
+  COLLECTOR_KEY="wk_bench_$("$python" -c 'import secrets; print(secrets.token_hex(16))')"
+fi
+export COLLECTOR_KEY
+printf '{"keys": [{"app_id": "bench", "key": "%s"}]}\n' "$COLLECTOR_KEY" >"$work/keys.json"
 # shellcheck disable=SC2206 # COLLECTOR_ARGS is a list of flags, split on spaces
 extra=($COLLECTOR_ARGS)
 # A collector (and the sampler that watches it), logging to $work/collector.log.
 start_collector() {
-  "$collector" --stream "$stream" --listen "127.0.0.1:$port" --max-outstanding-records "$MAX_OUTSTANDING" \
+  "$collector" --stream "$stream" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin_port" \
+    --keys-file "$work/keys.json" --max-outstanding-records "$MAX_OUTSTANDING" \
     --drain-timeout-secs 1 --flush-timeout-secs 1 "${extra[@]}" >>"$work/collector.log" 2>&1 &
   collector_pid=$!
   for _ in $(seq 1 100); do

@@ -1093,3 +1093,70 @@ async fn admin_health_reports_the_keys_and_the_public_listener_has_no_metrics() 
     assert_eq!(json_of(server.get("/health").await).await, json!({"status": "ok"}));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn bodies_in_flight_share_one_memory_budget_counted_as_bytes_arrive() {
+    use tokio::io::AsyncWriteExt;
+    // 20,000 bytes for every body being read; the body limit stays 1 MiB.
+    let config = CollectorConfig::default().with_max_body_bytes_in_flight(20_000);
+    let mut server = Server::start_with(FakeKinesis::new(1), producer_config(), config, None).await;
+    let address = address_of(&server);
+    let head = "POST /v1/events HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-protobuf\r\nContent-Length: 1000000\r\n\r\n";
+    // A valid request of about 1.5 KB.
+    let valid = |id: &str| {
+        batch(
+            (0..10)
+                .map(|i| Event { content_title: "x".repeat(100), ..event(&format!("{id}-{i}"), "u", "d") })
+                .collect(),
+        )
+    };
+    assert!(valid("v").encode_to_vec().len() > 1200);
+
+    // Four clients that declare 1 MB and send a byte: what they declared is not reserved (they
+    // hold 4 KiB each), so a valid request still gets through.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connects");
+        stream.write_all(head.as_bytes()).await.expect("writes");
+        stream.write_all(&[0x0a]).await.expect("writes");
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ok = server.post_protobuf("/v1/events", &valid("a")).await;
+    assert_eq!(ok.status(), 200, "four one-byte bodies hold 4 x 4 KiB");
+    drop(slow);
+
+    // A client that has sent 19,000 bytes of its body holds most of the budget: a request that
+    // needs room now is answered 503 busy with Retry-After.
+    let mut heavy = tokio::net::TcpStream::connect(&address).await.expect("connects");
+    heavy.write_all(head.as_bytes()).await.expect("writes");
+    heavy.write_all(&[0u8; 19_000]).await.expect("writes");
+    let busy = async {
+        loop {
+            let response = server.post_protobuf("/v1/events", &valid("b")).await;
+            if response.status() == 503 {
+                return response;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let response = tokio::time::timeout(BOUND, busy).await.expect("the budget runs out");
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(json_of(response).await["error"], "busy");
+    // Once it is gone, the budget is back.
+    drop(heavy);
+    let back = async {
+        loop {
+            let response = server.post_protobuf("/v1/events", &valid("c")).await;
+            if response.status() == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(BOUND, back).await.expect("the budget comes back");
+    server.stop().await;
+    let ids = server.fake.event_ids();
+    assert_eq!(ids.len(), 20, "{ids:?}");
+    assert!(ids.iter().all(|id| id.starts_with("a-") || id.starts_with("c-")), "{ids:?}");
+}

@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 /// Every variable the collector reads (see `ktk_producer::collector::Settings`).
-const VARIABLES: [&str; 22] = [
+const VARIABLES: [&str; 23] = [
     "KTK_STREAM",
     "KTK_LISTEN",
     "KTK_ADMIN_LISTEN",
@@ -13,6 +13,7 @@ const VARIABLES: [&str; 22] = [
     "KTK_KEYS_SECRET",
     "KTK_KEYS_RELOAD_SECS",
     "KTK_WRITE_TIMEOUT_SECS",
+    "KTK_MAX_BODY_BYTES_IN_FLIGHT",
     "KTK_MAX_BODY_BYTES",
     "KTK_MAX_EVENT_AGE_SECS",
     "KTK_RETRY_AFTER_SECS",

@@ -34,6 +34,7 @@ pub struct CollectorConfig {
     pub(crate) max_events_per_request: usize,
     pub(crate) max_event_bytes: usize,
     pub(crate) write_timeout: Duration,
+    pub(crate) max_body_bytes_in_flight: usize,
 }
 
 impl Default for CollectorConfig {
@@ -52,6 +53,7 @@ impl Default for CollectorConfig {
             max_events_per_request: 500,
             max_event_bytes: 32 * 1024,
             write_timeout: Duration::from_secs(10),
+            max_body_bytes_in_flight: 256 * 1024 * 1024,
         }
     }
 }
@@ -158,6 +160,16 @@ impl CollectorConfig {
         self
     }
 
+    /// Most bytes of request bodies held in memory at once, over all connections, counted as
+    /// they arrive; a request whose next bytes would go over it is answered 503 `busy` with
+    /// `Retry-After` and its connection closed (`KTK_MAX_BODY_BYTES_IN_FLIGHT`, default 256 MiB).
+    /// With it, what bodies being read can take is this budget, not `max_connections` times the
+    /// body limit.
+    pub fn with_max_body_bytes_in_flight(mut self, bytes: usize) -> Self {
+        self.max_body_bytes_in_flight = bytes;
+        self
+    }
+
     /// `Retry-After` in whole seconds, at least 1.
     pub(crate) fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0 || self.retry_after.is_zero())
@@ -185,6 +197,8 @@ pub enum LogFormat {
 
 /// Largest `--max-body-bytes`: 64 MiB. Memory is bounded by this times the concurrent requests.
 const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest `--max-body-bytes-in-flight`: 64 GiB.
+const MAX_BODY_BYTES_IN_FLIGHT: u64 = 64 * 1024 * 1024 * 1024;
 /// Largest `--max-event-age-secs`: 365 days, the longest a Kinesis stream retains records.
 const MAX_EVENT_AGE_SECS: u64 = 365 * 24 * 60 * 60;
 /// Largest value of every other duration setting: 1 day.
@@ -245,6 +259,12 @@ struct Flags {
     #[arg(long, env = "KTK_MAX_BODY_BYTES", value_name = "BYTES", default_value_t = 1024 * 1024,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_BODY_BYTES))]
     max_body_bytes: usize,
+
+    /// Most bytes of request bodies held in memory at once over all connections (up to 64 GiB);
+    /// past it, requests are answered 503.
+    #[arg(long, env = "KTK_MAX_BODY_BYTES_IN_FLIGHT", value_name = "BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_BODY_BYTES_IN_FLIGHT))]
+    max_body_bytes_in_flight: usize,
 
     /// Oldest `occurred_at_ms` accepted, in seconds before the server clock (up to 365 days).
     #[arg(long, env = "KTK_MAX_EVENT_AGE_SECS", value_name = "SECS", default_value_t = 7 * 24 * 60 * 60,
@@ -345,6 +365,7 @@ struct Flags {
 /// | `--keys-secret` | `KTK_KEYS_SECRET` | Secrets Manager secret holding that document | one of the two |
 /// | `--keys-reload-secs` | `KTK_KEYS_RELOAD_SECS` | how often the keys are read again | 30 |
 /// | `--max-body-bytes` | `KTK_MAX_BODY_BYTES` | [`CollectorConfig::with_max_body_bytes`] | 1048576 |
+/// | `--max-body-bytes-in-flight` | `KTK_MAX_BODY_BYTES_IN_FLIGHT` | [`CollectorConfig::with_max_body_bytes_in_flight`] | 268435456 |
 /// | `--max-event-age-secs` | `KTK_MAX_EVENT_AGE_SECS` | [`CollectorConfig::with_max_event_age`] | 604800 |
 /// | `--retry-after-secs` | `KTK_RETRY_AFTER_SECS` | [`CollectorConfig::with_retry_after`] | 1 |
 /// | `--max-concurrent-requests` | `KTK_MAX_CONCURRENT_REQUESTS` | [`CollectorConfig::with_max_concurrent_requests`] | 256 |
@@ -451,7 +472,8 @@ impl Flags {
             .with_idle_timeout(Duration::from_secs(self.idle_timeout_secs))
             .with_max_events_per_request(self.max_events_per_request)
             .with_max_event_bytes(self.max_event_bytes)
-            .with_write_timeout(Duration::from_secs(self.write_timeout_secs));
+            .with_write_timeout(Duration::from_secs(self.write_timeout_secs))
+            .with_max_body_bytes_in_flight(self.max_body_bytes_in_flight);
         let keys = match (self.keys_file, self.keys_secret) {
             (Some(path), None) => KeySetting::File(path),
             (None, Some(secret)) => KeySetting::Secret(secret),
@@ -593,6 +615,7 @@ mod tests {
             "--keys-secret=collector/keys",
             "--keys-reload-secs=5",
             "--write-timeout-secs=7",
+            "--max-body-bytes-in-flight=4096",
             "--max-body-bytes=2048",
             "--max-event-age-secs=3600",
             "--retry-after-secs=5",
@@ -630,6 +653,7 @@ mod tests {
                 .with_max_events_per_request(50)
                 .with_max_event_bytes(1000)
                 .with_write_timeout(Duration::from_secs(7))
+                .with_max_body_bytes_in_flight(4096)
         );
         assert_eq!(s.producer.stream(), "arn:aws:kinesis:us-east-1:123456789012:stream/events");
         assert_eq!(s.producer.record_max_buffered_time, Duration::from_millis(250));
@@ -650,7 +674,7 @@ mod tests {
                 long.to_owned()
             })
             .collect();
-        assert_eq!(variables.len(), 22, "{variables:?}");
+        assert_eq!(variables.len(), 23, "{variables:?}");
     }
 
     #[test]
@@ -671,6 +695,7 @@ mod tests {
             ("--body-timeout-secs", "0"),
             ("--idle-timeout-secs", "3601"),
             ("--write-timeout-secs", "0"),
+            ("--max-body-bytes-in-flight", "0"),
             ("--keys-reload-secs", "0"),
             ("--admin-listen", "9090"),
             ("--max-events-per-request", "100001"),

@@ -134,12 +134,17 @@
 //!
 //! # Bounded memory
 //! The collector keeps nothing between requests. A connection holds at most one request head
-//! (32 KiB) and one body (bounded by the body limit), so bodies being read take at most
-//! `max_connections` times the body limit; a request being handled holds at most
-//! `max_events_per_request` decoded events, each at most `max_event_bytes` as protobuf, and at
-//! most `max_concurrent_requests` are handled at once. The event count of a protobuf body is
-//! checked on its wire format before anything is decoded, and a JSON body's `events` are read
-//! no further than the limit.
+//! (32 KiB). Request bodies are read into buffers that grow as their bytes arrive (a declared
+//! `Content-Length` reserves nothing), and every byte of those buffers is first taken from one
+//! budget shared by all connections,
+//! [`max_body_bytes_in_flight`](CollectorConfig::with_max_body_bytes_in_flight) (256 MiB by
+//! default); a request that would go over it is answered 503 `busy` with `Retry-After`, and its
+//! body's share is held until the request is done (its decoded events take about as much).
+//! A request being handled holds at most `max_events_per_request` decoded events, each at most
+//! `max_event_bytes` as protobuf, and at most `max_concurrent_requests` are handled at once. The
+//! event count of a protobuf body is checked on its wire format before anything is decoded, and
+//! a JSON body's `events` are read no further than the limit. `bench/collector-load/` measures
+//! the peak RSS under the worst mix of requests it builds.
 //! Without `?wait=acked`, one task per request watches its receipts; each such task holds at
 //! least one record still outstanding in the producer, so there are never more of them than the
 //! producer's outstanding-records limit.
@@ -185,8 +190,12 @@ struct Shared {
     shutting_down: AtomicBool,
     /// One permit per `POST /v1/events` being handled (taken once its body has arrived).
     requests: Semaphore,
+    /// One permit per byte of request bodies held in memory, taken as the bytes arrive.
+    body_bytes: Arc<Semaphore>,
     /// The `producer_full` / `shutting_down` warning, at most once per interval.
     turned_away_warnings: LogLimit,
+    /// The warning for accepted events that failed later, at most once per interval.
+    failed_later_warnings: LogLimit,
 }
 
 impl Collector {
@@ -198,12 +207,14 @@ impl Collector {
         Collector {
             shared: Arc::new(Shared {
                 requests: Semaphore::new(config.max_concurrent_requests.clamp(1, Semaphore::MAX_PERMITS)),
+                body_bytes: Arc::new(Semaphore::new(config.max_body_bytes_in_flight.clamp(1, Semaphore::MAX_PERMITS))),
                 producer,
                 config,
                 keys,
                 prometheus,
                 shutting_down: AtomicBool::new(false),
                 turned_away_warnings: LogLimit::new(WARNING_INTERVAL),
+                failed_later_warnings: LogLimit::new(WARNING_INTERVAL),
             }),
         }
     }

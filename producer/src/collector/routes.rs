@@ -2,6 +2,7 @@
 //! listener, `GET /metrics` and `GET /health` on the admin one; write keys, body decoding, the
 //! answer.
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -19,6 +20,7 @@ use prost::Message;
 use serde::Serialize;
 use serde::de::Deserialize;
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::Collector;
@@ -274,10 +276,18 @@ fn rate_limited(wait: std::time::Duration) -> Response {
         .into_response()
 }
 
+/// A body as read, and its share of the collector's in-flight bytes budget (given back when
+/// dropped, once the request is done).
+struct ReadBody {
+    bytes: Bytes,
+    _budget: Option<OwnedSemaphorePermit>,
+}
+
 /// Reads the body within the body timeout, refusing to hold more than the body limit.
-async fn read_body_in_time(collector: &Collector, headers: &HeaderMap, body: Body) -> Result<Bytes, RequestError> {
+async fn read_body_in_time(collector: &Collector, headers: &HeaderMap, body: Body) -> Result<ReadBody, RequestError> {
     let config = collector.config();
-    match tokio::time::timeout(config.body_timeout, read_body(headers, body, config.max_body_bytes)).await {
+    let budget = &collector.shared.body_bytes;
+    match tokio::time::timeout(config.body_timeout, read_body(headers, body, config.max_body_bytes, budget)).await {
         Ok(read) => read,
         Err(_) => {
             counter!("collector_connections_timed_out", "phase" => "body").increment(1);
@@ -290,8 +300,18 @@ async fn read_body_in_time(collector: &Collector, headers: &HeaderMap, body: Bod
     }
 }
 
-/// Reads the body, refusing to hold more than `limit` bytes of it.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, RequestError> {
+/// First allocation for a body: a declared length is not trusted for more than this.
+const FIRST_BODY_ALLOCATION: usize = 4 * 1024;
+
+/// Reads the body, refusing to hold more than `limit` bytes of it. Every byte of buffer it
+/// allocates is first taken from `budget`; when the budget has no room, the request is answered
+/// 503 `busy`.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<ReadBody, RequestError> {
     let too_large = || {
         RequestError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -303,18 +323,40 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|length| length > limit as u64) {
         return Err(too_large());
     }
-    let mut buffer = BytesMut::with_capacity(declared.map_or(0, |length| length as usize));
+    let mut buffer = BytesMut::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| {
             RequestError::new(StatusCode::BAD_REQUEST, "body_unreadable", format!("the body could not be read: {e}"))
         })?;
-        if buffer.len() + chunk.len() > limit {
+        let needed = buffer.len() + chunk.len();
+        if needed > limit {
             return Err(too_large());
+        }
+        if needed > buffer.capacity() {
+            // Grow as the bytes come (doubling, within the limit), paying for the growth first.
+            let first = declared.map_or(FIRST_BODY_ALLOCATION, |length| (length as usize).min(FIRST_BODY_ALLOCATION));
+            let capacity = needed.max(buffer.capacity() * 2).max(first).min(limit);
+            let more = capacity - held.as_ref().map_or(0, |p| p.num_permits());
+            let Some(permit) = u32::try_from(more).ok().and_then(|n| budget.clone().try_acquire_many_owned(n).ok())
+            else {
+                counter!("collector_requests_refused", "reason" => "busy").increment(1);
+                return Err(RequestError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "the collector holds as many request bytes as it allows; send again after Retry-After",
+                ));
+            };
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            buffer.reserve(capacity - buffer.len());
         }
         buffer.extend_from_slice(&chunk);
     }
-    Ok(buffer.freeze())
+    Ok(ReadBody { bytes: buffer.freeze(), _budget: held })
 }
 
 /// One event of the batch as decoded: the event, or why it could not be read.
@@ -623,11 +665,15 @@ async fn post_events(
         Err(error) => return error.into_response(),
     };
     // The body first, within its timeout: a slow sender holds its connection, not a permit.
-    let body = match read_body_in_time(&collector, &headers, body).await {
+    let ReadBody { bytes: body, _budget: budget } = match read_body_in_time(&collector, &headers, body).await {
         Ok(body) => body,
         Err(error) if error.status == StatusCode::REQUEST_TIMEOUT => {
             // The rest of the body may still be on its way; the connection cannot be reused.
             return ([(header::CONNECTION, HeaderValue::from_static("close"))], error).into_response();
+        }
+        Err(error) if error.status == StatusCode::SERVICE_UNAVAILABLE => {
+            let close = [(header::CONNECTION, HeaderValue::from_static("close"))];
+            return (close, retry_after(&collector), error).into_response();
         }
         Err(error) => return error.into_response(),
     };
@@ -645,6 +691,8 @@ async fn post_events(
         Format::Json => decode_json(&body, limits),
     };
     drop(body);
+    // The body's share of the budget is kept until here: the decoded events take about as much.
+    drop(budget);
     let events = match decoded {
         Ok(events) => events,
         Err(error) => return error.into_response(),
@@ -763,7 +811,7 @@ async fn take_batch(collector: &Collector, app: &App, events: Vec<Decoded>, wait
         Some(acked)
     } else {
         if !receipts.is_empty() {
-            tokio::spawn(watch_receipts(receipts, receipt));
+            tokio::spawn(watch_receipts(collector.clone(), receipts, receipt));
         }
         None
     };
@@ -799,12 +847,21 @@ fn put_failed(index: usize, event_id: String, error: &PutError) -> Rejected {
 }
 
 /// Without `?wait=acked` the app has its answer already; a record that fails later is still
-/// never dropped silently: it is logged with its event id and counted.
-async fn watch_receipts(events: Vec<(usize, String)>, receipt: BatchReceipt) {
+/// never dropped silently: every one is counted in `collector_events_failed`, and logged with its
+/// event id at most once per interval (with the number of others since the last line).
+async fn watch_receipts(collector: Collector, events: Vec<(usize, String)>, receipt: BatchReceipt) {
     for ((_, event_id), result) in events.into_iter().zip(receipt.await) {
         if let Err(error) = result {
             counter!("collector_events_failed").increment(1);
-            warn!(event_id = %event_id, error = %error.kind(), "an accepted event could not be put into Kinesis");
+            if let Some(suppressed) = collector.shared.failed_later_warnings.admit() {
+                warn!(
+                    event_id = %event_id,
+                    error = %error.kind(),
+                    suppressed,
+                    "an accepted event could not be put into Kinesis (`suppressed` others since the last such line; \
+                     collector_events_failed counts every one)"
+                );
+            }
         }
     }
 }

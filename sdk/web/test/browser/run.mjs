@@ -412,8 +412,26 @@ const scenarios = {
     assert.equal(rejected[0].code, "occurred_in_future");
     const s = await stats(page);
     assert.deepEqual([s.sent, s.accepted, s.rejected, s.queued, s.retries], [6, 5, 1, 0, 0]);
-    assert.equal(proxy.posts.length - mark, 1, "one request, not retried");
+    const sends = sendCounts(proxy.posts.slice(mark));
+    assert.equal(sends.get(bad), 1, "the invalid event was sent once, not retried");
+    assert.ok(good.every((id) => sends.get(id) === 1), "each valid event was sent once");
     results.push({ name: "invalid", stored: good, not_stored: [bad], once_in_stream: true });
+  },
+
+  async offline(context) {
+    const page = await openPage(context);
+    await start(page, "offline");
+    await context.setOffline(true);
+    const mark = proxy.posts.length;
+    const ids = await track(page, 20, "offline");
+    await persisted(page);
+    await sleep(1500); // several batch delays: nothing may be tried while offline
+    const during = await stats(page);
+    assert.deepEqual([during.queued, during.sent, during.retries], [20, 0, 0], "nothing is sent while offline");
+    assert.equal(proxy.posts.length, mark);
+    await context.setOffline(false); // the "online" event sends at once
+    await settled(page, 20, 30_000);
+    results.push({ name: "offline", stored: ids, not_stored: [], once_in_stream: true });
   },
 
   async queue_cap(context) {

@@ -8,10 +8,11 @@
 //! and the scenarios, each asserting what the page sees: 1,000 events; the collector killed for
 //! 10 s while 500 are tracked; a reload with 200 queued and the collector unreachable; 503 and
 //! 429 with `Retry-After` (the gaps measured); an invalid event reported to `onRejected` and not
-//! retried; nothing sent while the browser is offline, everything once it is online; the queue
-//! cap with its drop counter; two tabs at once, one of them closing with events queued. The
-//! script writes, per scenario, which event ids must be stored, which must not,
-//! and whether the stream must hold each exactly once (no resend can have happened).
+//! retried; nothing sent while the browser is offline, everything once it is online; a page
+//! closed with events waiting (they leave in its keepalive request); the queue cap with its drop
+//! counter; two tabs at once, one of them closing with events queued. The script writes, per
+//! scenario, which event ids must be stored, which must not, and whether the stream must hold
+//! each exactly once (no resend can have happened).
 //!
 //! Needs what `sdk/web/scripts/setup.sh` prepares (scripts/test.sh runs it): `node`, the
 //! SDK built in `sdk/web/dist`, `sdk/web/node_modules` and `/usr/bin/chromium`. Missing, the test
@@ -113,7 +114,10 @@ async fn the_web_sdk_in_chromium_delivers_every_event_once_through_collector_and
         })
         .collect();
     let names: Vec<&str> = scenarios.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, ["thousand", "outage", "reload", "retry_after", "invalid", "offline", "queue_cap", "two_tabs"]);
+    assert_eq!(
+        names,
+        ["thousand", "outage", "reload", "retry_after", "invalid", "offline", "page_exit", "queue_cap", "two_tabs"]
+    );
     let expected: HashSet<&str> = scenarios.iter().flat_map(|s| s.stored.iter().map(String::as_str)).collect();
     let total: usize = scenarios.iter().map(|s| s.stored.len()).sum();
     assert_eq!(expected.len(), total, "event ids are unique across scenarios");

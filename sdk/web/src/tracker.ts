@@ -141,7 +141,8 @@ export class Tracker {
     this.presence = tabPresence(this.s.name, randomUuid(), kind !== "memory");
     this.ready = this.open(kind, storage);
     this.ready.catch(() => undefined);
-    this.ready.then(() => this.kick(0)).catch(() => undefined);
+    // Events left by a page that has gone (a reload, a closed tab) are sent at once.
+    this.ready.then(() => this.checkOrphans()).catch(() => undefined);
     this.orphanTimer = setInterval(() => void this.checkOrphans(), ORPHAN_CHECK_MS);
     this.listen();
   }
@@ -315,7 +316,7 @@ export class Tracker {
   }
 
   private async checkOrphans(): Promise<void> {
-    if (this.closed || this.inFlight || this.timer !== undefined) return;
+    if (this.closed || this.inFlight) return;
     try {
       const store = await this.ready;
       for (const owner of await store.owners()) {

@@ -434,6 +434,29 @@ const scenarios = {
     results.push({ name: "offline", stored: ids, not_stored: [], once_in_stream: true });
   },
 
+  async page_exit(context) {
+    const page = await openPage(context);
+    // Batches wait a minute: the events are still queued when the page closes.
+    await start(page, "page_exit", { batch: { maxEvents: 100, maxBytes: 256 * 1024, maxDelayMs: 60_000 } });
+    const mark = proxy.posts.length;
+    const ids = await track(page, 30, "page_exit");
+    await persisted(page);
+    assert.equal((await stats(page)).sent, 0);
+    await page.close();
+    // The keepalive request (JSON as text/plain, the key in the query) outlives the page.
+    await waitFor(
+      "the keepalive request's answer",
+      () => proxy.posts.slice(mark).some((p) => p.answeredAt > 0) || { posts: proxy.posts.length - mark },
+      30_000,
+    );
+    const posts = proxy.posts.slice(mark);
+    assert.equal(posts.length, 1);
+    assert.equal(posts[0].status, 200);
+    assert.equal(posts[0].keepalive, true);
+    assert.deepEqual(posts[0].ids, ids);
+    results.push({ name: "page_exit", stored: ids, not_stored: [], once_in_stream: true });
+  },
+
   async queue_cap(context) {
     proxy.mode = "down";
     const page = await openPage(context);

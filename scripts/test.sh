@@ -67,6 +67,22 @@ scripts/buf.sh check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# --- web SDK -------------------------------------------------------------------------------------
+# npm packages (npm ci, cached under ~/.cache/ktk/npm) and Debian's chromium, the SDK generated
+# from proto/protos and built, then its unit tests. Its browser tests run under cargo test
+# (tests/tests/web_sdk.rs), against the collector, LocalStack, a consumer and PostgreSQL.
+step "web SDK: install, build, unit tests"
+sdk/web/scripts/setup.sh
+web_log="$(mktemp)"
+if ! (cd sdk/web && npm run --silent test:unit) >"$web_log" 2>&1; then
+  cat "$web_log"
+  rm -f "$web_log"
+  echo "web SDK unit tests failed" >&2
+  exit 1
+fi
+grep -E '^# (tests|pass|fail) ' "$web_log"
+rm -f "$web_log"
+
 step "cargo test (unit, property, integration, doc)"
 log="$(mktemp)"
 set +e

@@ -844,7 +844,7 @@ def report(args: argparse.Namespace) -> None:
                 unput += b"could not be put into Kinesis" in line
         notes.append(
             f"collector log: {total:,} lines, {log.stat().st_size / 1e6:,.1f} MB; {unput:,} of them "
-            f"'an accepted event could not be put into Kinesis' (one line per event, not rate-limited)"
+            f"'an accepted event could not be put into Kinesis' (at most one per 10 s; collector_events_failed counts them all)"
         )
     load = [s["loadavg"] for s in samples]
     machine = (

@@ -402,7 +402,6 @@ async fn invalid_events_are_rejected_alone_with_index_and_reason() {
     let events = vec![
         event("ok-1", "u", "d"),
         event("", "u", "d"),
-        Event { r#type: 99, ..event("unknown-type", "u", "d") },
         Event { r#type: 0, ..event("no-type", "u", "d") },
         event(&"x".repeat(129), "u", "d"),
         Event { occurred_at_ms: now_ms() - 8 * 86_400_000, ..event("too-old", "u", "d") },
@@ -417,21 +416,20 @@ async fn invalid_events_are_rejected_alone_with_index_and_reason() {
     assert_eq!(answer["accepted"], 2);
     let expected = [
         (1, "missing_event_id"),
-        (2, "unknown_type"),
-        (3, "unspecified_type"),
-        (4, "event_id_too_long"),
-        (5, "too_old"),
-        (6, "occurred_in_future"),
-        (7, "missing_occurred_at"),
-        (8, "missing_user_and_device"),
+        (2, "unspecified_type"),
+        (3, "event_id_too_long"),
+        (4, "too_old"),
+        (5, "occurred_in_future"),
+        (6, "missing_occurred_at"),
+        (7, "missing_user_and_device"),
     ];
     assert_eq!(rejected(&answer), expected.map(|(i, c)| (i, c.to_owned())));
-    let unknown = &answer["rejected"][1];
-    assert_eq!(unknown["event_id"], "unknown-type");
-    assert_eq!(unknown["retryable"], false);
-    assert!(unknown["reason"].as_str().is_some_and(|r| r.contains("99")), "{unknown}");
+    let unspecified = &answer["rejected"][1];
+    assert_eq!(unspecified["event_id"], "no-type");
+    assert_eq!(unspecified["retryable"], false);
 
-    // In JSON, an unknown type name and an unreadable event are rejected alone as well.
+    // In JSON, a type name this build does not know and an unreadable event are rejected alone as
+    // well.
     let body = json!({"events": [
         {"eventId": "j-ok", "type": "EVENT_TYPE_PLAY", "occurredAtMs": now_ms(), "userId": "u"},
         {"eventId": "j-teleport", "type": "EVENT_TYPE_TELEPORT", "occurredAtMs": now_ms(), "userId": "u"},
@@ -1159,4 +1157,25 @@ async fn bodies_in_flight_share_one_memory_budget_counted_as_bytes_arrive() {
     let ids = server.fake.event_ids();
     assert_eq!(ids.len(), 20, "{ids:?}");
     assert!(ids.iter().all(|id| id.starts_with("a-") || id.starts_with("c-")), "{ids:?}");
+}
+
+#[tokio::test]
+async fn a_type_or_platform_number_of_a_later_schema_version_is_taken_and_passed_on() {
+    let mut server = Server::start(FakeKinesis::new(1)).await;
+    // Binary protobuf: the numbers as sent.
+    let newer = Event { r#type: 61, platform: 16, ..event("p-new", "u", "d") };
+    let answer = json_of(server.post_protobuf("/v1/events", &batch(vec![newer])).await).await;
+    assert_eq!(answer, json!({"accepted": 1, "rejected": []}));
+    // JSON numbers: kept as numbers (the generated reader would make them 0).
+    let body = json!({"events": [
+        {"eventId": "j-new", "type": 62, "platform": 17, "occurredAtMs": now_ms(), "userId": "u"},
+        {"eventId": "j-zero", "type": 0, "occurredAtMs": now_ms(), "userId": "u"},
+    ]});
+    let answer = json_of(server.post("/v1/events", "application/json", body.to_string()).await).await;
+    assert_eq!(answer["accepted"], 1);
+    assert_eq!(rejected(&answer), [(1, "unspecified_type".to_owned())]);
+    server.stop().await;
+    let stored: HashMap<String, (i32, i32)> =
+        server.fake.events().into_iter().map(|(_, _, _, e)| (e.event_id, (e.r#type, e.platform))).collect();
+    assert_eq!(stored, HashMap::from([("p-new".to_owned(), (61, 16)), ("j-new".to_owned(), (62, 17))]));
 }

@@ -562,7 +562,20 @@ fn decode_json_event(value: &Value) -> Decoded {
     let field = |camel: &str, snake: &str| value.get(camel).or_else(|| value.get(snake));
     let event_id = field("eventId", "event_id").and_then(Value::as_str).unwrap_or_default().to_owned();
     match Event::deserialize(value) {
-        Ok(event) => {
+        Ok(mut event) => {
+            // The generated reader turns an enum number it does not know into 0; a later schema
+            // version's value is passed on as its number instead (docs/schema.md).
+            let number = |name: &str| value.get(name).and_then(Value::as_i64).and_then(|n| i32::try_from(n).ok());
+            if event.r#type == 0
+                && let Some(n) = number("type")
+            {
+                event.r#type = n;
+            }
+            if event.platform == 0
+                && let Some(n) = number("platform")
+            {
+                event.platform = n;
+            }
             // Unknown type names and numbers read as UNSPECIFIED (the schema's evolution rule);
             // find them again to say what was wrong.
             let unknown_type = match value.get("type") {

@@ -33,7 +33,8 @@ pub enum RejectCode {
     DuplicateEventId,
     /// `type` absent or `EVENT_TYPE_UNSPECIFIED`.
     UnspecifiedType,
-    /// `type` is a value this build of the schema does not know.
+    /// `type` is a JSON name this build of the schema does not know (a number it does not know
+    /// is taken: a later schema version's type, passed on as the number).
     UnknownType,
     MissingOccurredAt,
     OccurredInFuture,
@@ -136,17 +137,10 @@ impl BatchValidator {
                 format!("type {given} is not a known EventType value"),
             ));
         }
-        match EventType::try_from(event.r#type) {
-            Ok(EventType::Unspecified) => {
-                return Err(Rejection::new(RejectCode::UnspecifiedType, "type is missing or EVENT_TYPE_UNSPECIFIED"));
-            }
-            Ok(_) => {}
-            Err(_) => {
-                return Err(Rejection::new(
-                    RejectCode::UnknownType,
-                    format!("type {} is not a known EventType value", event.r#type),
-                ));
-            }
+        // A number this build does not know is a type of a later schema version: it is taken and
+        // passed on as the number (docs/schema.md). Only a missing type is refused.
+        if event.r#type == EventType::Unspecified as i32 {
+            return Err(Rejection::new(RejectCode::UnspecifiedType, "type is missing or EVENT_TYPE_UNSPECIFIED"));
         }
         self.check_time(event.occurred_at_ms)?;
         let key = if event.user_id.is_empty() { event.device_id.as_str() } else { event.user_id.as_str() };
@@ -245,12 +239,10 @@ mod tests {
     }
 
     #[test]
-    fn type_must_be_known_and_specified() {
+    fn type_must_be_specified_and_a_json_name_known() {
         let mut v = validator();
         assert_eq!(code(check(&mut v, &Event { r#type: 0, ..valid("a") })), RejectCode::UnspecifiedType);
-        let unknown = check(&mut v, &Event { r#type: 99, ..valid("b") }).expect_err("rejected");
-        assert_eq!(unknown.code, RejectCode::UnknownType);
-        assert!(unknown.reason.contains("99"), "{}", unknown.reason);
+        assert!(check(&mut v, &Event { r#type: 99, ..valid("b") }).is_ok(), "a later version's type is taken");
         assert!(check(&mut v, &Event { r#type: EventType::Error as i32, ..valid("c") }).is_ok());
         // A JSON name this build does not know reads as UNSPECIFIED; the decoder passes it on.
         let named = v.check(&Event { r#type: 0, ..valid("d") }, Some("\"EVENT_TYPE_TELEPORT\"")).expect_err("rejected");

@@ -428,11 +428,11 @@ async fn invalid_events_are_rejected_alone_with_index_and_reason() {
     assert_eq!(unspecified["event_id"], "no-type");
     assert_eq!(unspecified["retryable"], false);
 
-    // In JSON, a type name this build does not know and an unreadable event are rejected alone as
+    // In JSON, a type that no version can name and an unreadable event are rejected alone as
     // well.
     let body = json!({"events": [
         {"eventId": "j-ok", "type": "EVENT_TYPE_PLAY", "occurredAtMs": now_ms(), "userId": "u"},
-        {"eventId": "j-teleport", "type": "EVENT_TYPE_TELEPORT", "occurredAtMs": now_ms(), "userId": "u"},
+        {"eventId": "j-teleport", "type": "teleport", "occurredAtMs": now_ms(), "userId": "u"},
         {"eventId": "j-bad", "type": "EVENT_TYPE_PLAY", "occurredAtMs": "soon", "userId": "u"},
         "not an object",
     ]});
@@ -442,7 +442,7 @@ async fn invalid_events_are_rejected_alone_with_index_and_reason() {
         rejected(&answer),
         [(1, "unknown_type".to_owned()), (2, "malformed_event".to_owned()), (3, "malformed_event".to_owned())]
     );
-    assert!(answer["rejected"][0]["reason"].as_str().is_some_and(|r| r.contains("EVENT_TYPE_TELEPORT")), "{answer}");
+    assert!(answer["rejected"][0]["reason"].as_str().is_some_and(|r| r.contains("teleport")), "{answer}");
     assert_eq!(answer["rejected"][1]["event_id"], "j-bad");
 
     server.stop().await;
@@ -1160,22 +1160,30 @@ async fn bodies_in_flight_share_one_memory_budget_counted_as_bytes_arrive() {
 }
 
 #[tokio::test]
-async fn a_type_or_platform_number_of_a_later_schema_version_is_taken_and_passed_on() {
+async fn a_type_or_platform_of_a_later_schema_version_is_taken_and_passed_on() {
     let mut server = Server::start(FakeKinesis::new(1)).await;
     // Binary protobuf: the numbers as sent.
     let newer = Event { r#type: 61, platform: 16, ..event("p-new", "u", "d") };
     let answer = json_of(server.post_protobuf("/v1/events", &batch(vec![newer])).await).await;
     assert_eq!(answer, json!({"accepted": 1, "rejected": []}));
-    // JSON numbers: kept as numbers (the generated reader would make them 0).
+    // JSON numbers: kept as numbers (the generated reader would make them 0). A JSON name of a
+    // later version: stored as UNSPECIFIED with the name in an attribute.
     let body = json!({"events": [
         {"eventId": "j-new", "type": 62, "platform": 17, "occurredAtMs": now_ms(), "userId": "u"},
         {"eventId": "j-zero", "type": 0, "occurredAtMs": now_ms(), "userId": "u"},
+        {"eventId": "j-named", "type": "EVENT_TYPE_WATCH_PARTY_JOIN", "occurredAtMs": now_ms(), "userId": "u"},
     ]});
     let answer = json_of(server.post("/v1/events", "application/json", body.to_string()).await).await;
-    assert_eq!(answer["accepted"], 1);
+    assert_eq!(answer["accepted"], 2);
     assert_eq!(rejected(&answer), [(1, "unspecified_type".to_owned())]);
     server.stop().await;
-    let stored: HashMap<String, (i32, i32)> =
-        server.fake.events().into_iter().map(|(_, _, _, e)| (e.event_id, (e.r#type, e.platform))).collect();
-    assert_eq!(stored, HashMap::from([("p-new".to_owned(), (61, 16)), ("j-new".to_owned(), (62, 17))]));
+    let stored: HashMap<String, Event> =
+        server.fake.events().into_iter().map(|(_, _, _, e)| (e.event_id.clone(), e)).collect();
+    let types: HashMap<&str, (i32, i32)> = stored.iter().map(|(id, e)| (id.as_str(), (e.r#type, e.platform))).collect();
+    assert_eq!(types, HashMap::from([("p-new", (61, 16)), ("j-new", (62, 17)), ("j-named", (0, 0))]));
+    assert_eq!(
+        stored["j-named"].attributes.get(collector::UNKNOWN_TYPE_ATTRIBUTE).map(String::as_str),
+        Some("EVENT_TYPE_WATCH_PARTY_JOIN")
+    );
+    assert!(stored["j-new"].attributes.is_empty());
 }

@@ -245,7 +245,8 @@ pub enum Malformed {
     MissingUserAndDevice,
     /// The `event_id` of an earlier event of the same batch.
     DuplicateInBatch,
-    /// JSON only: a `type` this schema version does not have (a newer app).
+    /// JSON only: a `type` that no schema version can have (`watch_party_join`, not an
+    /// `EVENT_TYPE_` name; a newer app's `EVENT_TYPE_...` name would be taken).
     UnknownType,
     /// JSON only: a field of the wrong JSON type (`"positionMs": "twelve"`).
     NotAnEvent,
@@ -304,7 +305,7 @@ impl Outgoing {
         if let Value::Object(fields) = &mut value {
             match self.malformed {
                 Some(Malformed::UnknownType) => {
-                    fields.insert("type".into(), Value::from("EVENT_TYPE_WATCH_PARTY_JOIN"));
+                    fields.insert("type".into(), Value::from("watch_party_join"));
                 }
                 Some(Malformed::NotAnEvent) => {
                     fields.insert("positionMs".into(), Value::from("twelve"));

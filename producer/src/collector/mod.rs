@@ -44,8 +44,8 @@
 //! {
 //!   "accepted": 2,
 //!   "rejected": [
-//!     {"index": 1, "event_id": "e-2", "code": "unknown_type",
-//!      "reason": "type 99 is not a known EventType value", "retryable": false}
+//!     {"index": 1, "event_id": "e-2", "code": "missing_user_and_device",
+//!      "reason": "user_id and device_id are both missing; at least one is needed", "retryable": false}
 //!   ],
 //!   "results": [
 //!     {"index": 0, "event_id": "e-1", "shard_id": "shardId-000000000000",
@@ -171,7 +171,9 @@ use log_limit::{LogLimit, WARNING_INTERVAL};
 
 pub use config::{CollectorConfig, KeySetting, LogFormat, Settings};
 pub use keys::{AuthError, KeySet, KeySource, Keys, KeysError};
-pub use validate::{MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, RejectCode, Rejection};
+pub use validate::{
+    MAX_EVENT_ID_CHARS, MAX_FUTURE_SKEW, MAX_TYPE_NAME_CHARS, RejectCode, Rejection, UNKNOWN_TYPE_ATTRIBUTE,
+};
 
 use crate::producer::{Producer, ProducerStats};
 

@@ -25,7 +25,9 @@ use tracing::{debug, warn};
 
 use super::Collector;
 use super::keys::{App, AuthError};
-use super::validate::{BatchValidator, MAX_EVENT_ID_CHARS, RejectCode, Rejection};
+use super::validate::{
+    BatchValidator, MAX_EVENT_ID_CHARS, RejectCode, Rejection, UNKNOWN_TYPE_ATTRIBUTE, later_type_name,
+};
 use crate::error::{PutError, PutErrorKind};
 use crate::producer::BatchTaken;
 use crate::record::{BatchReceipt, Record};
@@ -744,6 +746,10 @@ async fn take_batch(collector: &Collector, app: &App, events: Vec<Decoded>, wait
             }
         };
         event.received_at_ms = now;
+        if let Some(name) = unknown_type.as_deref().and_then(later_type_name) {
+            // A later version's type: stored as UNSPECIFIED, its name kept beside.
+            event.attributes.insert(UNKNOWN_TYPE_ATTRIBUTE.to_owned(), name.to_owned());
+        }
         // The key says which app this is; what the client wrote there does not count.
         app.app_id().clone_into(&mut event.app_id);
         records.push(Record::new(key, event.encode_to_vec()));

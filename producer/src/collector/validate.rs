@@ -33,8 +33,9 @@ pub enum RejectCode {
     DuplicateEventId,
     /// `type` absent or `EVENT_TYPE_UNSPECIFIED`.
     UnspecifiedType,
-    /// `type` is a JSON name this build of the schema does not know (a number it does not know
-    /// is taken: a later schema version's type, passed on as the number).
+    /// `type` is a JSON value that no version of the schema can have as an `EventType` name. (A
+    /// number this build does not know is taken and passed on; so is a name of a later version,
+    /// kept in the attribute [`UNKNOWN_TYPE_ATTRIBUTE`].)
     UnknownType,
     MissingOccurredAt,
     OccurredInFuture,
@@ -131,16 +132,25 @@ impl BatchValidator {
                 "event_id is used by an earlier event of this batch; only the first one was taken",
             ));
         }
-        if let Some(given) = unknown_type {
-            return Err(Rejection::new(
-                RejectCode::UnknownType,
-                format!("type {given} is not a known EventType value"),
-            ));
-        }
-        // A number this build does not know is a type of a later schema version: it is taken and
-        // passed on as the number (docs/schema.md). Only a missing type is refused.
-        if event.r#type == EventType::Unspecified as i32 {
-            return Err(Rejection::new(RejectCode::UnspecifiedType, "type is missing or EVENT_TYPE_UNSPECIFIED"));
+        // A type this build does not know is one of a later schema version: a number is taken and
+        // passed on as the number, a JSON name that could be an EventType name is taken too (the
+        // caller keeps the name). Only a missing type, or a name no version can have, is refused
+        // (docs/schema.md).
+        match unknown_type {
+            Some(given) if later_type_name(given).is_none() => {
+                return Err(Rejection::new(
+                    RejectCode::UnknownType,
+                    format!(
+                        "type {given} is not an EventType name (EVENT_TYPE_ and up to {MAX_TYPE_NAME_CHARS} characters \
+                         of A-Z 0-9 _)"
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None if event.r#type == EventType::Unspecified as i32 => {
+                return Err(Rejection::new(RejectCode::UnspecifiedType, "type is missing or EVENT_TYPE_UNSPECIFIED"));
+            }
+            None => {}
         }
         self.check_time(event.occurred_at_ms)?;
         let key = if event.user_id.is_empty() { event.device_id.as_str() } else { event.user_id.as_str() };
@@ -185,6 +195,24 @@ impl BatchValidator {
 
 fn duration_ms(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Longest type name of a later schema version that is taken.
+pub const MAX_TYPE_NAME_CHARS: usize = 100;
+
+/// The attribute that keeps the `type` name of a later schema version (the event itself carries
+/// `EVENT_TYPE_UNSPECIFIED`, having no number for it).
+pub const UNKNOWN_TYPE_ATTRIBUTE: &str = "ktk_unknown_type";
+
+/// `given` (a JSON value as text) when it is a name a later `EventType` value could have:
+/// a string of `EVENT_TYPE_` and `A-Z 0-9 _`, at most [`MAX_TYPE_NAME_CHARS`] long.
+pub(crate) fn later_type_name(given: &str) -> Option<&str> {
+    let name = given.strip_prefix('"')?.strip_suffix('"')?;
+    let rest = name.strip_prefix("EVENT_TYPE_")?;
+    let valid = !rest.is_empty()
+        && name.len() <= MAX_TYPE_NAME_CHARS
+        && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    valid.then_some(name)
 }
 
 #[cfg(test)]
@@ -245,9 +273,14 @@ mod tests {
         assert!(check(&mut v, &Event { r#type: 99, ..valid("b") }).is_ok(), "a later version's type is taken");
         assert!(check(&mut v, &Event { r#type: EventType::Error as i32, ..valid("c") }).is_ok());
         // A JSON name this build does not know reads as UNSPECIFIED; the decoder passes it on.
-        let named = v.check(&Event { r#type: 0, ..valid("d") }, Some("\"EVENT_TYPE_TELEPORT\"")).expect_err("rejected");
-        assert_eq!(named.code, RejectCode::UnknownType);
-        assert!(named.reason.contains("EVENT_TYPE_TELEPORT"), "{}", named.reason);
+        assert!(v.check(&Event { r#type: 0, ..valid("d") }, Some("\"EVENT_TYPE_TELEPORT\"")).is_ok());
+        for bad in ["\"teleport\"", "\"EVENT_TYPE_\"", "\"EVENT_TYPE_tele\"", "true", "\"PLAY\""] {
+            let refused = v.check(&Event { r#type: 0, ..valid(bad) }, Some(bad)).expect_err(bad);
+            assert_eq!(refused.code, RejectCode::UnknownType, "{bad}");
+        }
+        let long = format!("\"EVENT_TYPE_{}\"", "Z".repeat(MAX_TYPE_NAME_CHARS));
+        assert_eq!(later_type_name(&long), None);
+        assert_eq!(later_type_name("\"EVENT_TYPE_WATCH_PARTY_2\""), Some("EVENT_TYPE_WATCH_PARTY_2"));
     }
 
     #[test]

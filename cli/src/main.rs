@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod agg;
 mod demo;
+mod etl;
 mod leases;
 mod produce;
 mod s3;
@@ -76,6 +77,10 @@ enum Command {
     /// access) or, with --stream, when a shard's distance behind could not be read, 2 for bad
     /// options.
     Leases(LeasesArgs),
+    /// The daily ETL: versioned SQL jobs over the S3 sink's day partitions, computed into
+    /// derived tables (Parquet with an atomic manifest), their status, and dead-letter reports.
+    #[command(subcommand)]
+    Etl(etl::EtlCommand),
     /// Read what the consumer's S3 sink wrote.
     #[command(subcommand)]
     S3(S3Command),
@@ -243,6 +248,7 @@ fn main() -> ExitCode {
         Command::Leases(args) => return leases_main(args),
         Command::S3(S3Command::Read(args)) => return s3_read_main(args),
         Command::Demo(args) => return demo::main(args),
+        Command::Etl(command) => return etl::main(command),
         command => command,
     };
     let stdin = io::stdin().lock();
@@ -259,7 +265,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Agg(AggCommand::Decode) => agg::decode(stdin, &mut stdout, &mut stderr),
-        Command::Produce(_) | Command::Tail(_) | Command::Leases(_) | Command::S3(_) | Command::Demo(_) => {
+        Command::Produce(_)
+        | Command::Tail(_)
+        | Command::Leases(_)
+        | Command::S3(_)
+        | Command::Demo(_)
+        | Command::Etl(_) => {
             unreachable!("handled above")
         }
     };

@@ -94,7 +94,10 @@ pub use self::jsonl::{event_json, event_line};
 use self::keys::{dead_letters_key, events_key};
 use self::parquet::encode_parquet;
 pub use self::parquet::{PARQUET_CREATED_BY, PARQUET_SCHEMA};
-pub use self::reader::{ReadDeadLetters, ReadEvents, read_dead_letters, read_events};
+pub use self::reader::{
+    ReadDeadLetters, ReadEvents, decode_dead_letters_object, decode_events_object, is_dead_letters_object,
+    is_events_object, read_dead_letters, read_events,
+};
 pub use self::upload::{DIGEST_METADATA, MAX_PARTS, S3Error, WriteOutcome};
 use crate::time::MS_PER_HOUR;
 use crate::{Batch, DeadLetter, EventRecord, Sink, SinkError, SinkReport};

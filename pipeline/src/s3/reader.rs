@@ -30,6 +30,37 @@ pub(super) fn decode_events(key: &str, body: Bytes) -> Result<Vec<EventRecord>, 
     }
 }
 
+/// The events of one events object (`<prefix>/events/dt=.../hour=.../*.parquet` or `*.jsonl.gz`),
+/// in the order they were written, copies included. For readers that fetch objects themselves
+/// (the ETL fetches each input at the ETag it listed).
+pub fn decode_events_object(bucket: &str, key: &str, body: Bytes) -> Result<Vec<EventRecord>, S3Error> {
+    decode_events(key, body).map_err(|message| S3Error::Decode {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        message,
+    })
+}
+
+/// The dead letters of one dead-letters object (`<prefix>/dead-letters/dt=.../*.jsonl.gz`), in the
+/// order they were written, copies included.
+pub fn decode_dead_letters_object(bucket: &str, key: &str, body: &[u8]) -> Result<Vec<DeadLetter>, S3Error> {
+    decode_dead_letters(body).map_err(|message| S3Error::Decode {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        message,
+    })
+}
+
+/// Whether `key` names an events object (by its directory and extension).
+pub fn is_events_object(key: &str) -> bool {
+    object_kind(key).is_some_and(|(kind, _)| kind == ObjectKind::Events)
+}
+
+/// Whether `key` names a dead-letters object.
+pub fn is_dead_letters_object(key: &str) -> bool {
+    object_kind(key).is_some_and(|(kind, _)| kind == ObjectKind::DeadLetters)
+}
+
 /// Every event under a prefix, each once.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReadEvents {

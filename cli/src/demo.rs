@@ -20,11 +20,14 @@
 //! 5. **Report** ([`Report`]): the store is counted and compared id by id with what the collector
 //!    accepted, S3 is read back and compared with the store, the dead letters are counted in
 //!    both, and the store answers the top titles, the platforms and the collector-to-store delay.
+//!    The daily ETL jobs then run over the demo's S3 objects (`ktk etl`'s library, every day the
+//!    events fall on) and their plays per title are compared with the store's top titles.
 //!    Exit status 1 if any accepted event is missing (lost), S3 and the store disagree, a poison
-//!    record is not a dead letter, the collector answered against the plan, or a process did not
-//!    stop cleanly.
+//!    record is not a dead letter, the ETL fails or counts plays differently, the collector
+//!    answered against the plan, or a process did not stop cleanly.
 //! 6. **Clean-up**: everything created is deleted, unless `--keep`.
 
+mod etl;
 mod processes;
 mod resources;
 mod sender;
@@ -807,6 +810,11 @@ impl Run<'_> {
         let s3_ids: HashSet<&str> = s3_events.events.iter().map(|e| e.event.event_id.as_str()).collect();
         let s3_missing = store_ids.iter().filter(|id| !s3_ids.contains(id.as_str())).count() as u64;
         let s3_extra = s3_ids.iter().filter(|id| !store_ids.contains(**id)).count() as u64;
+        let top_titles = self.store.top_titles(TOP_TITLES).await.map_err(broken)?;
+        // The daily jobs over what the sink wrote: every day the events fall on (UTC).
+        let days =
+            s3_events.events.iter().map(|e| ktk_pipeline::time::date_and_hour(e.event.occurred_at_ms).0).collect();
+        let etl = etl::run(&self.s3, &names.bucket, &names.prefix, &days, &top_titles).await;
         Ok(Report {
             run: names.run.clone(),
             traffic_time,
@@ -824,7 +832,8 @@ impl Run<'_> {
             dead_in_store,
             dead_in_s3: s3_dead.dead_letters.len() as u64,
             delays: self.store.delays().await.map_err(broken)?,
-            top_titles: self.store.top_titles(TOP_TITLES).await.map_err(broken)?,
+            top_titles,
+            etl,
             platforms: self.store.platforms().await.map_err(broken)?,
             s3_location: format!("s3://{}/{}/", names.bucket, names.prefix),
             s3_objects: s3_events.objects + s3_dead.objects,
@@ -1070,6 +1079,8 @@ struct Report {
     delays: Option<Delays>,
     top_titles: Vec<Ranked>,
     platforms: Vec<Ranked>,
+    /// The daily jobs run over the demo's S3 objects.
+    etl: etl::EtlSummary,
     s3_location: String,
     s3_objects: usize,
     s3_dead_objects: usize,
@@ -1108,6 +1119,9 @@ impl Report {
                 "{} poison records put, but {} dead letters in PostgreSQL and {} in S3",
                 self.poison.put, self.dead_in_store, self.dead_in_s3
             ));
+        }
+        if let Some(problem) = self.etl.problem() {
+            problems.push(problem);
         }
         if self.tally.surprises > 0 {
             problems.push(format!(
@@ -1294,6 +1308,7 @@ impl Report {
                 },
             ),
         );
+        line("etl", self.etl.line());
         let names: Vec<&str> = self.processes.iter().map(|p| p.name.as_str()).collect();
         line(
             "processes",
@@ -1441,6 +1456,15 @@ mod tests {
             delays: Some(Delays { p50_ms: 1500.0, p99_ms: 2900.0, max_ms: 3000.0, span_ms: 10_000.0 }),
             top_titles: vec![Ranked { name: "Paper Moons".into(), count: 40, distinct: 30 }],
             platforms: vec![Ranked { name: "PLATFORM_ROKU".into(), count: 300, distinct: 20 }],
+            etl: etl::EtlSummary {
+                days: vec!["2026-03-01".into()],
+                jobs: vec![("plays_per_title".into(), 1, 12)],
+                elapsed: Duration::from_millis(900),
+                location: "s3://b/demo/0badcafe/derived/".into(),
+                mismatches: Vec::new(),
+                compared: 1,
+                error: None,
+            },
             s3_location: "s3://b/demo/0badcafe/".into(),
             s3_objects: 20,
             s3_dead_objects: 2,
@@ -1464,6 +1488,7 @@ mod tests {
         assert!(text.contains("sent 1,020 = delivered 1,000 + duplicates 12 + rejected 8 + lost 0"), "{text}");
         assert!(text.contains("6 of 6 poison records"), "{text}");
         assert!(text.contains("Roku"), "{text}");
+        assert!(text.contains("etl            1 jobs for 2026-03-01 in 0.9 s: plays_per_title v1 12 rows; plays of the top 1 titles equal the store's"), "{text}");
         assert!(text.contains("result         OK"), "{text}");
     }
 
@@ -1473,8 +1498,10 @@ mod tests {
         report.lost = 3;
         report.s3_missing = 2;
         report.dead_in_s3 = 5;
+        report.etl.mismatches.push(("Paper Moons".into(), 40, 39));
         let problems = report.problems();
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[3].contains("Paper Moons: store 40, ETL 39"), "{problems:?}");
         assert!(report.render().contains("result         FAILED: 3 accepted events are not in the store"));
     }
 }

@@ -1,4 +1,4 @@
-# Sourced by localstack/install.sh and infra/lint.sh: finding a Python to make a venv with.
+# Sourced by localstack/install.sh, infra/lint.sh and etl/lint-sql.sh: finding a Python to make a venv with.
 
 # python_ok PY MINOR: PY is a Python >= 3.MINOR with the venv and ensurepip modules.
 python_ok() {

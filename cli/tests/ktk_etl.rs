@@ -715,6 +715,42 @@ async fn runs_killed_at_any_point_leave_the_old_partition_or_the_new_one() {
     let last = run(&place, job, DAY_A, &[]).await;
     assert_eq!(last["outcome"], "up_to_date");
     assert_eq!(parts(&s3, &bucket, derived, job).await.len(), 1, "no data file left behind");
+
+    // A backfill killed in its second day resumes: the first day stays done, the rest is computed.
+    const DAY_C: &str = "2026-03-03";
+    write_batch(&sink, "shardId-000000000000", 90_000, day_events(DAY_B, "b", 0..40)).await;
+    write_batch(&sink, "shardId-000000000000", 91_000, day_events(DAY_C, "c", 0..40)).await;
+    let backfill = ["etl", "backfill", "--job", job, "--from", DAY_A, "--to", DAY_C];
+    let mut child = ktk()
+        .args(backfill)
+        .args(place)
+        .env("KTK_ETL_FAILPOINT", format!("manifest-committed@{DAY_B}"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start ktk");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    let reached = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let stop = line.contains("failpoint");
+            seen.push(line);
+            if stop {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(reached, "the backfill reached {DAY_B}'s commit: {seen:?}");
+    assert!(seen.iter().any(|l| l.contains(&format!("{DAY_A}: up to date"))), "{seen:?}");
+    child.start_kill().expect("SIGKILL");
+    let _ = child.wait().await;
+    let output = ktk().args(backfill).args(place).output().await.expect("run ktk");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("3 days: 1 computed, 2 up to date, 0 failed"), "{stdout}");
 }
 
 #[tokio::test]

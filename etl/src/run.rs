@@ -43,8 +43,9 @@ pub struct EtlConfig {
     pub max_output_rows: usize,
     pub read_concurrency: usize,
     /// For tests of crashes: at the named point of a run (`listed`, `loaded`, `computed`,
-    /// `part-written`, `manifest-committed`, `symlink-written`), print
-    /// `ktk etl: failpoint <name> reached` on stderr and wait forever (to be killed there).
+    /// `part-written`, `manifest-committed`, `symlink-written`), or at that point of the run of
+    /// one day only (`<point>@<YYYY-MM-DD>`), print `ktk etl: failpoint <name> reached` on
+    /// stderr and wait forever (to be killed there).
     pub failpoint: Option<String>,
 }
 
@@ -168,8 +169,13 @@ impl Etl {
         &self.store
     }
 
-    async fn failpoint(&self, point: &str) {
-        if self.config.failpoint.as_deref() == Some(point) {
+    async fn failpoint(&self, point: &str, day: Day) {
+        let Some(failpoint) = self.config.failpoint.as_deref() else { return };
+        let (name, only_day) = match failpoint.split_once('@') {
+            Some((name, only_day)) => (name, Some(only_day)),
+            None => (failpoint, None),
+        };
+        if name == point && only_day.is_none_or(|d| d == day.to_string()) {
             eprintln!("ktk etl: failpoint {point} reached");
             std::future::pending::<()>().await;
         }
@@ -249,18 +255,18 @@ impl Etl {
                 changes.rows_before = Some(manifest.rows);
             }
         }
-        self.failpoint("listed").await;
+        self.failpoint("listed", day).await;
 
         let (counts, rows) = self.compute(job, day, &inputs).await?;
         let body = write_parquet(&format!("{}_v{}", job.job, job.version), &job.columns, &rows)?;
         let sha256 = hex::encode(Sha256::digest(&body));
         let output =
             OutputObject { key: layout.part(&job.job, job.version, day, &sha256), size: body.len() as u64, sha256 };
-        self.failpoint("computed").await;
+        self.failpoint("computed", day).await;
 
         // Content-addressed: the same rows make the same key, so writing it again is harmless.
         self.store.put(&output.key, body.clone(), "application/vnd.apache.parquet", Condition::None).await?;
-        self.failpoint("part-written").await;
+        self.failpoint("part-written", day).await;
 
         let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -282,7 +288,7 @@ impl Etl {
             None => Condition::Absent,
         };
         self.store.put(&manifest_key, manifest.to_json(), "application/json", condition).await?;
-        self.failpoint("manifest-committed").await;
+        self.failpoint("manifest-committed", day).await;
 
         // A concurrent run's clean-up may have removed this run's data file before the commit
         // (it was not named by the manifest then): write it again if so.
@@ -307,7 +313,7 @@ impl Etl {
             self.store.put(&symlink, pointer.into_bytes(), "text/plain", Condition::None).await?;
             fixed.push(format!("Athena pointer {symlink}"));
         }
-        self.failpoint("symlink-written").await;
+        self.failpoint("symlink-written", day).await;
         // The manifest as it is now: a concurrent run may have committed since.
         let named = match self.manifest(&job.job, job.version, day).await? {
             Some((Ok(now), _)) => now.output.key,
@@ -368,7 +374,7 @@ impl Etl {
         let engine = loader.await.map_err(|e| EtlError::Engine(format!("the loader thread failed: {e}")))?;
         let mut engine = engine?;
         fetch_result?;
-        self.failpoint("loaded").await;
+        self.failpoint("loaded", day).await;
         let job = job.clone();
         let max_rows = self.config.max_output_rows;
         let (counts, rows) = tokio::task::spawn_blocking(move || -> Result<_, EtlError> {

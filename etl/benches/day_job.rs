@@ -1,6 +1,6 @@
 //! The embedded engine's share of a day's job: 100,000 events of a synthetic day, encoded as the
 //! S3 sink's Parquet objects (one per hour), decoded and loaded into SQLite, then each shipped
-//! job's query. S3 is left out here; `bench/etl/run.sh` measures whole runs over LocalStack.
+//! job's query (and the decoding alone, to tell the two apart). S3 is left out here; `bench/etl/run.sh` measures whole runs over LocalStack.
 //!
 //! `cargo bench -p ktk-etl --bench day_job`
 
@@ -34,6 +34,14 @@ fn day_job(c: &mut Criterion) {
     let mut group = c.benchmark_group("day_job");
     group.sample_size(10);
     group.throughput(Throughput::Elements(EVENTS as u64));
+    group.bench_function("decode_100k", |b| {
+        b.iter(|| {
+            objects
+                .iter()
+                .map(|(key, body)| decode_events_object("bench", key, body.clone()).expect("decode").len())
+                .sum::<usize>()
+        })
+    });
     group.bench_function("decode_and_load_100k", |b| {
         b.iter(|| {
             let mut engine = Engine::open(64).expect("engine");

@@ -1,22 +1,24 @@
 //! Parquet events objects: the schema ([`PARQUET_SCHEMA`]), the writer (one row group, zstd pages,
 //! a fixed `created_by`, each of the schema's columns written in schema order, found by name) and
-//! the reader (by column name, so columns added later are skipped and missing ones leave their
-//! field at its default: an object written before `app_id` existed reads with an empty `app_id`).
+//! the reader (columnar: each row group's column chunks decoded by parquet's column readers into
+//! the rows' records; by column name, so columns added later are skipped and missing ones leave
+//! their field at its default: an object written before `app_id` existed reads with an empty
+//! `app_id`).
 
 use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use ktk_proto::events::v1::{Event, EventType, Geo, Platform};
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, ConvertedType, ZstdLevel};
+use parquet::column::reader::{ColumnReader, ColumnReaderImpl};
 use parquet::data_type::{ByteArray, ByteArrayType, DataType, DoubleType, Int64Type};
 use parquet::errors::ParquetError;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
 use parquet::file::writer::{SerializedFileWriter, SerializedRowGroupWriter};
-use parquet::record::Field;
 use parquet::schema::parser::parse_message_type;
-use parquet::schema::types::{ColumnPath, SchemaDescriptor};
+use parquet::schema::types::{ColumnDescriptor, ColumnPath, SchemaDescriptor};
 
 use crate::EventRecord;
 use crate::time::{from_unix_millis as ms_system_time, unix_millis as system_time_ms};
@@ -106,16 +108,38 @@ fn write_parquet(records: &[&EventRecord]) -> Result<Vec<u8>, ParquetError> {
 }
 
 /// Writes `records` as a Parquet file of `schema`: [`PARQUET_SCHEMA`], or (in tests) an earlier
-/// version of it, to check that the reader still reads what older builds wrote. Each of the
+/// version of it, to check that the reader still reads what older builds wrote.
+fn write_parquet_as(schema: &str, records: &[&EventRecord]) -> Result<Vec<u8>, ParquetError> {
+    write_row_groups(schema, writer_properties()?, &[records])
+}
+
+/// Writes a Parquet file of `schema` with one row group per item of `groups` (the sink writes one;
+/// tests write several, and small pages, to check that the reader reads them all). Each of the
 /// schema's leaf columns is written in schema order, its values chosen by its name; a column this
 /// writer does not know is an error.
-fn write_parquet_as(schema: &str, records: &[&EventRecord]) -> Result<Vec<u8>, ParquetError> {
+fn write_row_groups(
+    schema: &str,
+    properties: WriterProperties,
+    groups: &[&[&EventRecord]],
+) -> Result<Vec<u8>, ParquetError> {
     let schema = Arc::new(parse_message_type(schema)?);
     let columns: Vec<String> =
         SchemaDescriptor::new(schema.clone()).columns().iter().map(|c| c.path().string()).collect();
     let mut buffer = Vec::new();
-    let mut file = SerializedFileWriter::new(&mut buffer, schema, Arc::new(writer_properties()?))?;
-    let mut group = file.next_row_group()?;
+    let mut file = SerializedFileWriter::new(&mut buffer, schema, Arc::new(properties))?;
+    for records in groups {
+        let group = file.next_row_group()?;
+        write_row_group(group, &columns, records)?;
+    }
+    file.close()?;
+    Ok(buffer)
+}
+
+fn write_row_group<W: Write + Send>(
+    mut group: SerializedRowGroupWriter<'_, W>,
+    columns: &[String],
+    records: &[&EventRecord],
+) -> Result<(), ParquetError> {
     let events: Vec<&Event> = records.iter().map(|r| &r.event).collect();
 
     // Geo: all four columns null when the event has none.
@@ -141,7 +165,7 @@ fn write_parquet_as(schema: &str, records: &[&EventRecord]) -> Result<Vec<u8>, P
     }
 
     let g = &mut group;
-    for column in &columns {
+    for column in columns {
         match column.as_str() {
             "event_id" => strings(g, events.iter().map(|e| e.event_id.as_str()))?,
             "type" => owned_strings(g, events.iter().map(|e| type_name(e.r#type)))?,
@@ -202,8 +226,7 @@ fn write_parquet_as(schema: &str, records: &[&EventRecord]) -> Result<Vec<u8>, P
     }
 
     group.close()?;
-    file.close()?;
-    Ok(buffer)
+    Ok(())
 }
 
 fn strings<'a, W: Write + Send>(
@@ -242,99 +265,350 @@ fn write_column<T: DataType, W: Write + Send>(
     column.close()
 }
 
+/// How many records a column reader decodes at a time: bounds the reader's buffers whatever the
+/// size of a row group.
+const READ_BATCH: usize = 4096;
+
+/// Reads an events object column by column: each row group's records are made empty, then each
+/// column this build knows fills its field in every record (found by its leaf path; a column this
+/// build does not know is not decoded; a column that is missing leaves its field at its default).
 pub(super) fn read_parquet(body: Bytes) -> Result<Vec<EventRecord>, ParquetError> {
     let reader = SerializedFileReader::new(body)?;
     let mut records = Vec::new();
-    for row in reader.get_row_iter(None)? {
-        let mut record = EventRecord {
-            event: Event::default(),
-            shard_id: String::new(),
-            sequence_number: String::new(),
-            sub_sequence_number: 0,
-            arrival: None,
-        };
-        let event = &mut record.event;
-        for (name, field) in row?.into_columns() {
-            if matches!(field, Field::Null) {
-                continue;
-            }
-            let bad = |what: &str| ParquetError::General(format!("column {name}: expected {what}, found {field:?}"));
-            let string = || match &field {
-                Field::Str(s) => Ok(s.clone()),
-                _ => Err(bad("a string")),
-            };
-            let long = || match &field {
-                Field::Long(n) | Field::TimestampMillis(n) => Ok(*n),
-                _ => Err(bad("a 64-bit integer")),
-            };
-            let double = || match &field {
-                Field::Double(n) => Ok(*n),
-                _ => Err(bad("a double")),
-            };
-            match name.as_str() {
-                "event_id" => event.event_id = string()?,
-                "type" => {
-                    let name = string()?;
-                    let known = EventType::from_str_name(&name).map(|t| t as i32);
-                    event.r#type = enum_value(&name, known).ok_or_else(|| bad("an event type"))?;
-                }
-                "occurred_at_ms" => event.occurred_at_ms = long()?,
-                "received_at_ms" => event.received_at_ms = long()?,
-                "user_id" => event.user_id = string()?,
-                "device_id" => event.device_id = string()?,
-                "session_id" => event.session_id = string()?,
-                "platform" => {
-                    let name = string()?;
-                    let known = Platform::from_str_name(&name).map(|p| p as i32);
-                    event.platform = enum_value(&name, known).ok_or_else(|| bad("a platform"))?;
-                }
-                "app_version" => event.app_version = string()?,
-                "os_version" => event.os_version = string()?,
-                "device_model" => event.device_model = string()?,
-                "content_id" => event.content_id = string()?,
-                "content_title" => event.content_title = string()?,
-                "position_ms" => event.position_ms = long()?,
-                "duration_ms" => event.duration_ms = long()?,
-                "ad_id" => event.ad_id = string()?,
-                "ad_break" => event.ad_break = string()?,
-                "page" => event.page = string()?,
-                "target" => event.target = string()?,
-                "error_code" => event.error_code = string()?,
-                "error_message" => event.error_message = string()?,
-                "geo_lat" => event.geo.get_or_insert_default().lat = double()?,
-                "geo_lon" => event.geo.get_or_insert_default().lon = double()?,
-                "geo_country" => event.geo.get_or_insert_default().country = string()?,
-                "geo_region" => event.geo.get_or_insert_default().region = string()?,
-                "attributes" => {
-                    let Field::MapInternal(map) = &field else { return Err(bad("a map")) };
-                    for (key, value) in map.entries() {
-                        match (key, value) {
-                            (Field::Str(key), Field::Str(value)) => {
-                                event.attributes.insert(key.clone(), value.clone());
-                            }
-                            _ => return Err(bad("a map of strings")),
-                        }
-                    }
-                }
-                "schema_version" => event.schema_version = string()?,
-                "shard_id" => record.shard_id = string()?,
-                "sequence_number" => record.sequence_number = string()?,
-                "sub_sequence_number" => {
-                    record.sub_sequence_number = match &field {
-                        Field::ULong(n) => *n,
-                        Field::Long(n) => *n as u64,
-                        _ => return Err(bad("an unsigned 64-bit integer")),
-                    }
-                }
-                "arrival_ms" => record.arrival = Some(ms_system_time(long()?)),
-                "app_id" => event.app_id = string()?,
-                // A column added after this build: its field is unknown here.
-                _ => {}
-            }
+    for index in 0..reader.num_row_groups() {
+        let group = reader.get_row_group(index)?;
+        let rows = usize::try_from(group.metadata().num_rows())
+            .map_err(|_| ParquetError::General(format!("row group {index}: a negative number of rows")))?;
+        let start = records.len();
+        records.resize_with(start + rows, empty_record);
+        if let Some(rows) = records.get_mut(start..) {
+            read_row_group(group.as_ref(), rows)?;
         }
-        records.push(record);
     }
     Ok(records)
+}
+
+fn empty_record() -> EventRecord {
+    EventRecord {
+        event: Event::default(),
+        shard_id: String::new(),
+        sequence_number: String::new(),
+        sub_sequence_number: 0,
+        arrival: None,
+    }
+}
+
+/// Fills `records`, the row group's rows, from the columns of the row group this build knows.
+fn read_row_group(group: &dyn RowGroupReader, records: &mut [EventRecord]) -> Result<(), ParquetError> {
+    let schema = group.metadata().schema_descr();
+    let (mut keys, mut values) = (None, None);
+    for index in 0..schema.num_columns() {
+        let column = schema.column(index);
+        let c = column.as_ref();
+        let reader = || group.get_column_reader(index);
+        match column.path().string().as_str() {
+            "event_id" => text_field(c, reader()?, records, |r| &mut r.event.event_id)?,
+            "type" => each_text(c, reader()?, records, |record, text| {
+                let known = EventType::from_str_name(text).map(|t| t as i32);
+                record.event.r#type = enum_value(text, known).ok_or_else(|| bad_value(c, "an event type", text))?;
+                Ok(())
+            })?,
+            "occurred_at_ms" => long_field(c, reader()?, records, |r| &mut r.event.occurred_at_ms)?,
+            "received_at_ms" => long_field(c, reader()?, records, |r| &mut r.event.received_at_ms)?,
+            "user_id" => text_field(c, reader()?, records, |r| &mut r.event.user_id)?,
+            "device_id" => text_field(c, reader()?, records, |r| &mut r.event.device_id)?,
+            "session_id" => text_field(c, reader()?, records, |r| &mut r.event.session_id)?,
+            "platform" => each_text(c, reader()?, records, |record, text| {
+                let known = Platform::from_str_name(text).map(|p| p as i32);
+                record.event.platform = enum_value(text, known).ok_or_else(|| bad_value(c, "a platform", text))?;
+                Ok(())
+            })?,
+            "app_version" => text_field(c, reader()?, records, |r| &mut r.event.app_version)?,
+            "os_version" => text_field(c, reader()?, records, |r| &mut r.event.os_version)?,
+            "device_model" => text_field(c, reader()?, records, |r| &mut r.event.device_model)?,
+            "content_id" => text_field(c, reader()?, records, |r| &mut r.event.content_id)?,
+            "content_title" => text_field(c, reader()?, records, |r| &mut r.event.content_title)?,
+            "position_ms" => long_field(c, reader()?, records, |r| &mut r.event.position_ms)?,
+            "duration_ms" => long_field(c, reader()?, records, |r| &mut r.event.duration_ms)?,
+            "ad_id" => text_field(c, reader()?, records, |r| &mut r.event.ad_id)?,
+            "ad_break" => text_field(c, reader()?, records, |r| &mut r.event.ad_break)?,
+            "page" => text_field(c, reader()?, records, |r| &mut r.event.page)?,
+            "target" => text_field(c, reader()?, records, |r| &mut r.event.target)?,
+            "error_code" => text_field(c, reader()?, records, |r| &mut r.event.error_code)?,
+            "error_message" => text_field(c, reader()?, records, |r| &mut r.event.error_message)?,
+            // Any defined geo value makes the event's geo (its other fields at their default).
+            "geo_lat" => double_field(c, reader()?, records, |r| &mut r.event.geo.get_or_insert_default().lat)?,
+            "geo_lon" => double_field(c, reader()?, records, |r| &mut r.event.geo.get_or_insert_default().lon)?,
+            "geo_country" => text_field(c, reader()?, records, |r| &mut r.event.geo.get_or_insert_default().country)?,
+            "geo_region" => text_field(c, reader()?, records, |r| &mut r.event.geo.get_or_insert_default().region)?,
+            "attributes.key_value.key" => keys = Some((column.clone(), reader()?)),
+            "attributes.key_value.value" => values = Some((column.clone(), reader()?)),
+            "schema_version" => text_field(c, reader()?, records, |r| &mut r.event.schema_version)?,
+            "shard_id" => text_field(c, reader()?, records, |r| &mut r.shard_id)?,
+            "sequence_number" => text_field(c, reader()?, records, |r| &mut r.sequence_number)?,
+            "sub_sequence_number" => match reader()? {
+                // The bits of an unsigned 64-bit integer, or (not so annotated) a signed one.
+                ColumnReader::Int64ColumnReader(reader)
+                    if matches!(
+                        c.converted_type(),
+                        ConvertedType::NONE | ConvertedType::INT_64 | ConvertedType::UINT_64
+                    ) =>
+                {
+                    scan(c, reader, records, |record, value| {
+                        record.sub_sequence_number = *value as u64;
+                        Ok(())
+                    })?
+                }
+                _ => return Err(wrong_type(c, "an unsigned 64-bit integer")),
+            },
+            "arrival_ms" => {
+                each_long(c, reader()?, records, |record, millis| record.arrival = Some(ms_system_time(millis)))?
+            }
+            "app_id" => text_field(c, reader()?, records, |r| &mut r.event.app_id)?,
+            // A column added after this build: its field is unknown here.
+            _ => {}
+        }
+    }
+    match (keys, values) {
+        (Some((key_column, keys)), Some((value_column, values))) => {
+            attributes(MapColumn::new(&key_column, keys)?, MapColumn::new(&value_column, values)?, records)
+        }
+        (None, None) => Ok(()),
+        (Some((column, _)), None) | (None, Some((column, _))) => {
+            Err(column_error(&column, "the map attributes has only this one of its key and value columns"))
+        }
+    }
+}
+
+fn column_error(column: &ColumnDescriptor, message: impl std::fmt::Display) -> ParquetError {
+    ParquetError::General(format!("column {}: {message}", column.path().string()))
+}
+
+fn wrong_type(column: &ColumnDescriptor, what: &str) -> ParquetError {
+    let found = format!("{:?} {:?}", column.physical_type(), column.converted_type());
+    column_error(column, format_args!("expected {what}, found a column of type {found}"))
+}
+
+fn bad_value(column: &ColumnDescriptor, what: &str, text: &str) -> ParquetError {
+    column_error(column, format_args!("expected {what}, found {text:?}"))
+}
+
+/// Text: a BYTE_ARRAY column annotated as a string (or an enum or JSON), each value UTF-8.
+fn is_text(column: &ColumnDescriptor) -> bool {
+    matches!(column.converted_type(), ConvertedType::UTF8 | ConvertedType::ENUM | ConvertedType::JSON)
+}
+
+fn utf8<'a>(column: &ColumnDescriptor, value: &'a ByteArray) -> Result<&'a str, ParquetError> {
+    value.as_utf8().map_err(|e| column_error(column, format_args!("not UTF-8: {e}")))
+}
+
+/// Calls `visit` with each row's defined value of a text column.
+fn each_text(
+    column: &ColumnDescriptor,
+    reader: ColumnReader,
+    records: &mut [EventRecord],
+    mut visit: impl FnMut(&mut EventRecord, &str) -> Result<(), ParquetError>,
+) -> Result<(), ParquetError> {
+    match reader {
+        ColumnReader::ByteArrayColumnReader(reader) if is_text(column) => {
+            scan(column, reader, records, |record, value| visit(record, utf8(column, value)?))
+        }
+        _ => Err(wrong_type(column, "a string")),
+    }
+}
+
+fn text_field(
+    column: &ColumnDescriptor,
+    reader: ColumnReader,
+    records: &mut [EventRecord],
+    field: fn(&mut EventRecord) -> &mut String,
+) -> Result<(), ParquetError> {
+    each_text(column, reader, records, |record, text| {
+        text.clone_into(field(record));
+        Ok(())
+    })
+}
+
+/// Calls `visit` with each row's defined value of a 64-bit integer column (plain or millisecond
+/// timestamps; INT96 timestamps as milliseconds).
+fn each_long(
+    column: &ColumnDescriptor,
+    reader: ColumnReader,
+    records: &mut [EventRecord],
+    mut visit: impl FnMut(&mut EventRecord, i64),
+) -> Result<(), ParquetError> {
+    match reader {
+        ColumnReader::Int64ColumnReader(reader)
+            if matches!(
+                column.converted_type(),
+                ConvertedType::NONE | ConvertedType::INT_64 | ConvertedType::TIMESTAMP_MILLIS
+            ) =>
+        {
+            scan(column, reader, records, |record, value| {
+                visit(record, *value);
+                Ok(())
+            })
+        }
+        ColumnReader::Int96ColumnReader(reader) => scan(column, reader, records, |record, value| {
+            visit(record, value.to_millis());
+            Ok(())
+        }),
+        _ => Err(wrong_type(column, "a 64-bit integer")),
+    }
+}
+
+fn long_field(
+    column: &ColumnDescriptor,
+    reader: ColumnReader,
+    records: &mut [EventRecord],
+    field: fn(&mut EventRecord) -> &mut i64,
+) -> Result<(), ParquetError> {
+    each_long(column, reader, records, |record, value| *field(record) = value)
+}
+
+fn double_field(
+    column: &ColumnDescriptor,
+    reader: ColumnReader,
+    records: &mut [EventRecord],
+    field: fn(&mut EventRecord) -> &mut f64,
+) -> Result<(), ParquetError> {
+    match reader {
+        ColumnReader::DoubleColumnReader(reader) => scan(column, reader, records, |record, value| {
+            *field(record) = *value;
+            Ok(())
+        }),
+        _ => Err(wrong_type(column, "a double")),
+    }
+}
+
+/// Reads a column of one value per row, calling `visit` with each row's record and its value
+/// when it is defined (a null leaves the record as it is). The column must have exactly one
+/// value or null per record.
+fn scan<T: DataType>(
+    column: &ColumnDescriptor,
+    mut reader: ColumnReaderImpl<T>,
+    records: &mut [EventRecord],
+    mut visit: impl FnMut(&mut EventRecord, &T::T) -> Result<(), ParquetError>,
+) -> Result<(), ParquetError> {
+    if column.max_rep_level() != 0 {
+        return Err(column_error(column, "expected one value per row, found a repeated column"));
+    }
+    let max_definition = column.max_def_level();
+    let (mut definitions, mut values) = (Vec::new(), Vec::new());
+    let mut rows = records.iter_mut();
+    loop {
+        definitions.clear();
+        values.clear();
+        let (read, _, _) = reader
+            .read_records(READ_BATCH, Some(&mut definitions), None, &mut values)
+            .map_err(|e| column_error(column, e))?;
+        if read == 0 {
+            break;
+        }
+        let too_many = || column_error(column, "more values than the row group has rows");
+        if max_definition == 0 {
+            for value in &values {
+                visit(rows.next().ok_or_else(too_many)?, value)?;
+            }
+        } else {
+            let mut values = values.iter();
+            for &definition in &definitions {
+                let record = rows.next().ok_or_else(too_many)?;
+                if definition == max_definition {
+                    let value =
+                        values.next().ok_or_else(|| column_error(column, "fewer values than definition levels"))?;
+                    visit(record, value)?;
+                }
+            }
+        }
+    }
+    match rows.len() {
+        0 => Ok(()),
+        missing => Err(column_error(column, format_args!("{missing} rows of the row group have no value"))),
+    }
+}
+
+/// One of the two leaf columns of the attributes map, read a batch of records at a time.
+struct MapColumn<'a> {
+    column: &'a ColumnDescriptor,
+    reader: ColumnReaderImpl<ByteArrayType>,
+    definitions: Vec<i16>,
+    repetitions: Vec<i16>,
+    values: Vec<ByteArray>,
+}
+
+impl<'a> MapColumn<'a> {
+    fn new(column: &'a ColumnDescriptor, reader: ColumnReader) -> Result<Self, ParquetError> {
+        match reader {
+            ColumnReader::ByteArrayColumnReader(reader) if is_text(column) && column.max_rep_level() == 1 => {
+                Ok(Self { column, reader, definitions: Vec::new(), repetitions: Vec::new(), values: Vec::new() })
+            }
+            _ => Err(wrong_type(column, "the strings of a map")),
+        }
+    }
+
+    /// Reads the next batch of whole records: how many.
+    fn read(&mut self) -> Result<usize, ParquetError> {
+        self.definitions.clear();
+        self.repetitions.clear();
+        self.values.clear();
+        let (read, _, _) = self
+            .reader
+            .read_records(READ_BATCH, Some(&mut self.definitions), Some(&mut self.repetitions), &mut self.values)
+            .map_err(|e| column_error(self.column, e))?;
+        Ok(read)
+    }
+}
+
+/// The attributes map: per row, either one level with a definition level below the maximum (an
+/// empty map) or one level per entry, the first of the row with repetition level 0.
+fn attributes(
+    mut keys: MapColumn<'_>,
+    mut values: MapColumn<'_>,
+    records: &mut [EventRecord],
+) -> Result<(), ParquetError> {
+    let mut rows = records.iter_mut();
+    let mut record = None;
+    loop {
+        let read = keys.read()?;
+        if values.read()? != read || values.repetitions != keys.repetitions {
+            return Err(column_error(values.column, "its entries do not match those of the map's keys"));
+        }
+        if read == 0 {
+            break;
+        }
+        let (mut key_values, mut value_values) = (keys.values.iter(), values.values.iter());
+        let levels = keys.repetitions.iter().zip(&keys.definitions).zip(&values.definitions);
+        for ((&repetition, &key_definition), &value_definition) in levels {
+            if repetition == 0 {
+                record =
+                    Some(rows.next().ok_or_else(|| column_error(keys.column, "more rows than the row group has"))?);
+            }
+            let Some(record) = record.as_deref_mut() else {
+                return Err(column_error(keys.column, "a row that starts with a repeated entry"));
+            };
+            let has_key = key_definition == keys.column.max_def_level();
+            let has_value = value_definition == values.column.max_def_level();
+            match (has_key, has_value) {
+                (true, true) => {
+                    let missing = "fewer values than definition levels";
+                    let key = key_values.next().ok_or_else(|| column_error(keys.column, missing))?;
+                    let value = value_values.next().ok_or_else(|| column_error(values.column, missing))?;
+                    record
+                        .event
+                        .attributes
+                        .insert(utf8(keys.column, key)?.to_owned(), utf8(values.column, value)?.to_owned());
+                }
+                (false, false) => {}
+                (true, false) => return Err(column_error(values.column, "an entry of the map without its value")),
+                (false, true) => return Err(column_error(keys.column, "an entry of the map without its key")),
+            }
+        }
+    }
+    match rows.len() {
+        0 => Ok(()),
+        missing => Err(column_error(keys.column, format_args!("{missing} rows of the row group have no value"))),
+    }
 }
 
 /// An enum column's value: the name this build knows, or the number it was written as.
@@ -344,9 +618,315 @@ fn enum_value(text: &str, known: Option<i32>) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fixtures::{T_10_59, batch, record};
+    use parquet::data_type::Int32Type;
+    use parquet::record::Field;
+    use proptest::prelude::*;
+
+    use super::super::fixtures::{T_10_59, arb_record, batch, record};
     use super::super::{S3Format, encode_batch};
     use super::*;
+
+    /// The reader as it was before the columnar one: parquet's record API, one `Field` per column
+    /// per row. An independent oracle for [`read_parquet`].
+    fn read_parquet_rows(body: Bytes) -> Result<Vec<EventRecord>, ParquetError> {
+        let reader = SerializedFileReader::new(body)?;
+        let mut records = Vec::new();
+        for row in reader.get_row_iter(None)? {
+            let mut record = EventRecord {
+                event: Event::default(),
+                shard_id: String::new(),
+                sequence_number: String::new(),
+                sub_sequence_number: 0,
+                arrival: None,
+            };
+            let event = &mut record.event;
+            for (name, field) in row?.into_columns() {
+                if matches!(field, Field::Null) {
+                    continue;
+                }
+                let bad =
+                    |what: &str| ParquetError::General(format!("column {name}: expected {what}, found {field:?}"));
+                let string = || match &field {
+                    Field::Str(s) => Ok(s.clone()),
+                    _ => Err(bad("a string")),
+                };
+                let long = || match &field {
+                    Field::Long(n) | Field::TimestampMillis(n) => Ok(*n),
+                    _ => Err(bad("a 64-bit integer")),
+                };
+                let double = || match &field {
+                    Field::Double(n) => Ok(*n),
+                    _ => Err(bad("a double")),
+                };
+                match name.as_str() {
+                    "event_id" => event.event_id = string()?,
+                    "type" => {
+                        let name = string()?;
+                        let known = EventType::from_str_name(&name).map(|t| t as i32);
+                        event.r#type = enum_value(&name, known).ok_or_else(|| bad("an event type"))?;
+                    }
+                    "occurred_at_ms" => event.occurred_at_ms = long()?,
+                    "received_at_ms" => event.received_at_ms = long()?,
+                    "user_id" => event.user_id = string()?,
+                    "device_id" => event.device_id = string()?,
+                    "session_id" => event.session_id = string()?,
+                    "platform" => {
+                        let name = string()?;
+                        let known = Platform::from_str_name(&name).map(|p| p as i32);
+                        event.platform = enum_value(&name, known).ok_or_else(|| bad("a platform"))?;
+                    }
+                    "app_version" => event.app_version = string()?,
+                    "os_version" => event.os_version = string()?,
+                    "device_model" => event.device_model = string()?,
+                    "content_id" => event.content_id = string()?,
+                    "content_title" => event.content_title = string()?,
+                    "position_ms" => event.position_ms = long()?,
+                    "duration_ms" => event.duration_ms = long()?,
+                    "ad_id" => event.ad_id = string()?,
+                    "ad_break" => event.ad_break = string()?,
+                    "page" => event.page = string()?,
+                    "target" => event.target = string()?,
+                    "error_code" => event.error_code = string()?,
+                    "error_message" => event.error_message = string()?,
+                    "geo_lat" => event.geo.get_or_insert_default().lat = double()?,
+                    "geo_lon" => event.geo.get_or_insert_default().lon = double()?,
+                    "geo_country" => event.geo.get_or_insert_default().country = string()?,
+                    "geo_region" => event.geo.get_or_insert_default().region = string()?,
+                    "attributes" => {
+                        let Field::MapInternal(map) = &field else { return Err(bad("a map")) };
+                        for (key, value) in map.entries() {
+                            match (key, value) {
+                                (Field::Str(key), Field::Str(value)) => {
+                                    event.attributes.insert(key.clone(), value.clone());
+                                }
+                                _ => return Err(bad("a map of strings")),
+                            }
+                        }
+                    }
+                    "schema_version" => event.schema_version = string()?,
+                    "shard_id" => record.shard_id = string()?,
+                    "sequence_number" => record.sequence_number = string()?,
+                    "sub_sequence_number" => {
+                        record.sub_sequence_number = match &field {
+                            Field::ULong(n) => *n,
+                            Field::Long(n) => *n as u64,
+                            _ => return Err(bad("an unsigned 64-bit integer")),
+                        }
+                    }
+                    "arrival_ms" => record.arrival = Some(ms_system_time(long()?)),
+                    "app_id" => event.app_id = string()?,
+                    // A column added after this build: its field is unknown here.
+                    _ => {}
+                }
+            }
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// Small pages: a page per few rows (and a dictionary page of a few values), so that values,
+    /// and a map's entries, are read across page boundaries.
+    fn small_pages(rows_per_page: usize) -> WriterProperties {
+        writer_properties()
+            .expect("properties")
+            .into_builder()
+            .set_write_batch_size(rows_per_page)
+            .set_data_page_row_count_limit(rows_per_page)
+            .set_dictionary_page_size_limit(64)
+            .build()
+    }
+
+    /// Every field set, and the edge cases: unknown enum values, an empty event, geo present but
+    /// all zero, no attributes, the largest sub-sequence number, times before 1970.
+    fn varied_records(count: u64) -> Vec<EventRecord> {
+        let mut records: Vec<EventRecord> = (0..count).map(|i| record(i, T_10_59 + i as i64)).collect();
+        records[1].event.r#type = 999;
+        records[1].event.platform = -7;
+        records[2].event = Event { event_id: "bare".into(), occurred_at_ms: T_10_59, ..Event::default() };
+        records[3].event.geo = Some(Geo::default());
+        records[4].event.attributes.clear();
+        records[5].sub_sequence_number = u64::MAX;
+        records[6].arrival = Some(ms_system_time(-1_234));
+        records[7].event.received_at_ms = -86_400_001;
+        records
+    }
+
+    fn row_groups<'a>(records: &'a [EventRecord], sizes: &[usize]) -> Vec<Vec<&'a EventRecord>> {
+        let mut rest: Vec<&EventRecord> = records.iter().collect();
+        let mut groups = Vec::new();
+        for &size in sizes {
+            let tail = rest.split_off(size.min(rest.len()));
+            groups.push(std::mem::replace(&mut rest, tail));
+        }
+        groups.push(rest);
+        groups
+    }
+
+    #[test]
+    fn every_row_group_and_every_page_is_read() {
+        let records = varied_records(50);
+        // Three row groups, the second empty.
+        let groups = row_groups(&records, &[7, 0]);
+        let groups: Vec<&[&EventRecord]> = groups.iter().map(Vec::as_slice).collect();
+        let bytes = Bytes::from(write_row_groups(PARQUET_SCHEMA, small_pages(3), &groups).expect("write"));
+
+        let reader = SerializedFileReader::new(bytes.clone()).expect("parquet");
+        let rows: Vec<i64> = reader.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        assert_eq!(rows, [7, 0, 43]);
+        let schema = reader.metadata().file_metadata().schema_descr();
+        let key = (0..schema.num_columns())
+            .find(|&i| schema.column(i).path().string() == "attributes.key_value.key")
+            .expect("the key column");
+        let pages = reader.get_row_group(2).expect("group").get_column_page_reader(key).expect("pages").count();
+        assert!(pages > 10, "{pages} pages");
+
+        let read = read_parquet(bytes.clone()).expect("read");
+        assert_eq!(read, records);
+        assert_eq!(read, read_parquet_rows(bytes).expect("the record API reads it"));
+    }
+
+    #[test]
+    fn a_row_group_longer_than_a_read_batch_reads_whole() {
+        let records = varied_records((2 * READ_BATCH + 3).max(8) as u64);
+        let bytes = Bytes::from(write_parquet(&records.iter().collect::<Vec<_>>()).expect("write"));
+        assert_eq!(read_parquet(bytes).expect("read"), records);
+    }
+
+    /// A file of `schema` whose one row group `write` writes, column by column.
+    fn write_raw(
+        schema: &str,
+        write: impl FnOnce(&mut SerializedRowGroupWriter<'_, &mut Vec<u8>>) -> Result<(), ParquetError>,
+    ) -> Bytes {
+        let schema = Arc::new(parse_message_type(schema).expect("schema"));
+        let mut buffer = Vec::new();
+        let mut file =
+            SerializedFileWriter::new(&mut buffer, schema, Arc::new(writer_properties().expect("properties")))
+                .expect("writer");
+        let mut group = file.next_row_group().expect("group");
+        write(&mut group).expect("columns");
+        group.close().expect("group");
+        file.close().expect("file");
+        Bytes::from(buffer)
+    }
+
+    fn texts_of(values: &[&[u8]]) -> Vec<ByteArray> {
+        values.iter().map(|v| ByteArray::from(v.to_vec())).collect()
+    }
+
+    #[test]
+    fn unknown_columns_are_skipped_and_a_lone_geo_value_makes_a_geo() {
+        let schema = "message m {
+            required binary mood (STRING);
+            required binary event_id (STRING);
+            optional binary geo_country (STRING);
+            optional int64 later_count;
+        }";
+        let bytes = write_raw(schema, |g| {
+            write_column::<ByteArrayType, _>(g, &texts_of(&[b"happy", b"sad"]), None, None)?;
+            write_column::<ByteArrayType, _>(g, &texts_of(&[b"a", b"b"]), None, None)?;
+            write_column::<ByteArrayType, _>(g, &texts_of(&[b"FR"]), Some(&[0, 1]), None)?;
+            write_column::<Int64Type, _>(g, &[3], Some(&[1, 0]), None)
+        });
+        let read = read_parquet(bytes.clone()).expect("read");
+        assert_eq!(read, read_parquet_rows(bytes).expect("rows"));
+        let events: Vec<(&str, Option<&Geo>)> =
+            read.iter().map(|r| (r.event.event_id.as_str(), r.event.geo.as_ref())).collect();
+        let france = Geo { country: "FR".into(), ..Geo::default() };
+        assert_eq!(events, [("a", None), ("b", Some(&france))]);
+    }
+
+    #[test]
+    fn enum_columns_read_names_or_numbers_and_refuse_other_text() {
+        let schema = "message m { required binary type (STRING); required binary platform (STRING); }";
+        let file = |types: &[&[u8]], platforms: &[&[u8]]| {
+            let (types, platforms) = (texts_of(types), texts_of(platforms));
+            write_raw(schema, |g| {
+                write_column::<ByteArrayType, _>(g, &types, None, None)?;
+                write_column::<ByteArrayType, _>(g, &platforms, None, None)
+            })
+        };
+        let read = read_parquet(file(&[b"EVENT_TYPE_PLAY", b"42"], &[b"PLATFORM_ROKU", b"-3"])).expect("read");
+        let enums: Vec<(i32, i32)> = read.iter().map(|r| (r.event.r#type, r.event.platform)).collect();
+        assert_eq!(enums, [(EventType::Play as i32, Platform::Roku as i32), (42, -3)]);
+
+        for (bytes, column) in [
+            (file(&[b"EVENT_TYPE_PLAY", b"PLAY"], &[b"1", b"1"]), "column type:"),
+            (file(&[b"1", b"1"], &[b"1", b"roku"]), "column platform:"),
+        ] {
+            let error = read_parquet(bytes.clone()).expect_err("not an enum value").to_string();
+            assert!(error.contains(column), "{error}");
+            read_parquet_rows(bytes).expect_err("the record API refuses it too");
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_and_mistyped_columns_are_errors_naming_the_column() {
+        let not_utf8 = write_raw("message m { required binary user_id (STRING); }", |g| {
+            write_column::<ByteArrayType, _>(g, &texts_of(&[b"ok", b"\xff\xfe"]), None, None)
+        });
+        let error = read_parquet(not_utf8.clone()).expect_err("not UTF-8").to_string();
+        assert!(error.contains("column user_id:"), "{error}");
+        read_parquet_rows(not_utf8).expect_err("the record API refuses it too");
+
+        let key_not_utf8 = write_raw(
+            "message m { required group attributes (MAP) { repeated group key_value {
+                required binary key (STRING); required binary value (STRING); } } }",
+            |g| {
+                let reps = [0, 1, 0];
+                write_column::<ByteArrayType, _>(g, &texts_of(&[b"a", b"\xc3"]), Some(&[1, 1, 0]), Some(&reps))?;
+                write_column::<ByteArrayType, _>(g, &texts_of(&[b"1", b"2"]), Some(&[1, 1, 0]), Some(&reps))
+            },
+        );
+        let error = read_parquet(key_not_utf8.clone()).expect_err("not UTF-8").to_string();
+        assert!(error.contains("column attributes.key_value.key:"), "{error}");
+        read_parquet_rows(key_not_utf8).expect_err("the record API refuses it too");
+
+        for (schema, column) in [
+            ("message m { required int32 event_id; }", "event_id"),
+            ("message m { required int32 occurred_at_ms; }", "occurred_at_ms"),
+            ("message m { required int32 geo_lat; }", "geo_lat"),
+            ("message m { required int32 sub_sequence_number; }", "sub_sequence_number"),
+        ] {
+            let bytes = write_raw(schema, |g| write_column::<Int32Type, _>(g, &[1, 2], None, None));
+            let error = read_parquet(bytes.clone()).expect_err("mistyped").to_string();
+            assert!(error.contains(&format!("column {column}:")), "{error}");
+            read_parquet_rows(bytes).expect_err("the record API refuses it too");
+        }
+        // Binary without a string annotation is bytes, not text.
+        let bytes = write_raw("message m { required binary page; }", |g| {
+            write_column::<ByteArrayType, _>(g, &texts_of(&[b"/home"]), None, None)
+        });
+        let error = read_parquet(bytes.clone()).expect_err("not a string").to_string();
+        assert!(error.contains("column page:"), "{error}");
+        read_parquet_rows(bytes).expect_err("the record API refuses it too");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Any events, in any row groups and pages, of the current schema or the one before
+        /// `app_id`: the columnar reader reads what was written, as the record API does.
+        #[test]
+        fn the_columnar_reader_reads_as_the_record_api_does(
+            mut records in proptest::collection::vec(arb_record(), 0..40),
+            sizes in proptest::collection::vec(0usize..12, 0..4),
+            rows_per_page in 1usize..9,
+            older in any::<bool>(),
+        ) {
+            let schema = if older { schema_before_app_id() } else { PARQUET_SCHEMA.to_owned() };
+            let groups = row_groups(&records, &sizes);
+            let groups: Vec<&[&EventRecord]> = groups.iter().map(Vec::as_slice).collect();
+            let bytes = Bytes::from(write_row_groups(&schema, small_pages(rows_per_page), &groups).expect("write"));
+            let read = read_parquet(bytes.clone()).expect("read");
+            prop_assert_eq!(&read, &read_parquet_rows(bytes).expect("rows"));
+            if older {
+                for record in &mut records {
+                    record.event.app_id.clear();
+                }
+            }
+            prop_assert_eq!(&read, &records);
+        }
+    }
 
     #[test]
     fn parquet_columns_are_typed() {

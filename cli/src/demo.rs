@@ -1352,7 +1352,7 @@ impl Report {
         if problems.is_empty() {
             line(
                 "result",
-                "OK: every accepted event is in PostgreSQL exactly once and in S3, every poison record is a dead letter"
+                "OK: every accepted event is in PostgreSQL exactly once and in S3, every poison record is a dead letter, the daily jobs agree with the store"
                     .to_owned(),
             );
         } else {

@@ -272,6 +272,11 @@ const READ_BATCH: usize = 4096;
 /// Reads an events object column by column: each row group's records are made empty, then each
 /// column this build knows fills its field in every record (found by its leaf path; a column this
 /// build does not know is not decoded; a column that is missing leaves its field at its default).
+/// The most rows an events object may claim: records are allocated from the footer's row counts
+/// before any value is read, so a corrupt or hostile footer must not decide the allocation. A
+/// batch of the sink is far below it (`KTK_BATCH_MAX_RECORDS`).
+const MAX_ROWS_PER_OBJECT: usize = 10_000_000;
+
 pub(super) fn read_parquet(body: Bytes) -> Result<Vec<EventRecord>, ParquetError> {
     let reader = SerializedFileReader::new(body)?;
     let mut records = Vec::new();
@@ -279,6 +284,11 @@ pub(super) fn read_parquet(body: Bytes) -> Result<Vec<EventRecord>, ParquetError
         let group = reader.get_row_group(index)?;
         let rows = usize::try_from(group.metadata().num_rows())
             .map_err(|_| ParquetError::General(format!("row group {index}: a negative number of rows")))?;
+        if rows > MAX_ROWS_PER_OBJECT.saturating_sub(records.len()) {
+            return Err(ParquetError::General(format!(
+                "the object claims more than {MAX_ROWS_PER_OBJECT} rows; not an events object of the sink"
+            )));
+        }
         let start = records.len();
         records.resize_with(start + rows, empty_record);
         if let Some(rows) = records.get_mut(start..) {

@@ -10,7 +10,7 @@
 # writes it to $KTK_BENCH_WORK/results.md. LocalStack is stopped at the end only if this script
 # started it.
 #
-# Environment: EVENTS (1000000), BATCH (50000), DAY (2026-03-01), CACHE_MIB (64, the engine's
+# Environment: EVENTS (1000000), BATCH (50000), DAY (2026-03-01), CACHE_MIB (16, the engine's
 # page cache), KTK_BENCH_WORK ($HOME/.cache/ktk/bench-etl), CARGO_TARGET_DIR ($HOME/.cache/ktk/target).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,7 +18,7 @@ root="$(cd "$here/../.." && pwd)"
 EVENTS="${EVENTS:-1000000}"
 BATCH="${BATCH:-50000}"
 DAY="${DAY:-2026-03-01}"
-CACHE_MIB="${CACHE_MIB:-64}"
+CACHE_MIB="${CACHE_MIB:-16}"
 work="${KTK_BENCH_WORK:-$HOME/.cache/ktk/bench-etl}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktk/target}"
 mkdir -p "$work"

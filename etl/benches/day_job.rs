@@ -44,7 +44,7 @@ fn day_job(c: &mut Criterion) {
     });
     group.bench_function("decode_and_load_100k", |b| {
         b.iter(|| {
-            let mut engine = Engine::open(64).expect("engine");
+            let mut engine = Engine::open(ktk_etl::engine::DEFAULT_CACHE_MIB).expect("engine");
             for (key, body) in &objects {
                 let records = decode_events_object("bench", key, body.clone()).expect("decode");
                 let hour = key.split("hour=").nth(1).map(|h| &h[..2]).unwrap_or("00");
@@ -53,7 +53,7 @@ fn day_job(c: &mut Criterion) {
             engine.finish_load().expect("commit")
         })
     });
-    let mut engine = Engine::open(64).expect("engine");
+    let mut engine = Engine::open(ktk_etl::engine::DEFAULT_CACHE_MIB).expect("engine");
     for (key, body) in &objects {
         let records = decode_events_object("bench", key, body.clone()).expect("decode");
         let hour = key.split("hour=").nth(1).map(|h| &h[..2]).unwrap_or("00");

@@ -1,7 +1,7 @@
 //! The embedded engine: SQLite, on a private temporary on-disk database (SQLite's own: on Unix it
 //! unlinks the file as soon as it has opened it, so even a killed run leaves nothing behind), so a
 //! large day spills to disk instead of growing the process: memory is bounded by the page cache
-//! (`cache_mib`, 64 MiB by default) and the sort and group-by buffers SQLite takes from it.
+//! (`cache_mib`, 16 MiB by default) and the sort and group-by buffers SQLite takes from it.
 //!
 //! A run loads the day's events into the table `events` (one row per `event_id`: the first copy
 //! in input key order, then object order; later copies are counted as duplicates), then runs a
@@ -26,7 +26,7 @@ use crate::output::Value;
 use crate::{Day, EtlError};
 
 /// SQLite's page cache for a run, by default: the bound on the engine's memory.
-pub const DEFAULT_CACHE_MIB: u32 = 64;
+pub const DEFAULT_CACHE_MIB: u32 = 16;
 
 /// The most rows a job may return for a day (they are held in memory to be written).
 pub const DEFAULT_MAX_OUTPUT_ROWS: usize = 5_000_000;

@@ -34,7 +34,8 @@ const TYPES: [(EventType, u32); 11] = [
     (EventType::PageView, 10),
 ];
 
-/// `n` events of `day`, in time order, spread evenly over the day: about one user per 50 events,
+/// `n` events of `day`, in time order, spread evenly over the day, with random 128-bit event ids
+/// (hex): about one user per 50 events,
 /// 3 sessions per user, 200 titles; 10% of a user's events come from a second platform.
 pub fn day_of_events(day: Day, n: usize, seed: u64) -> Vec<EventRecord> {
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -69,7 +70,9 @@ pub fn day_of_events(day: Day, n: usize, seed: u64) -> Vec<EventRecord> {
             );
             EventRecord {
                 event: Event {
-                    event_id: format!("syn-{seed}-{i:09}"),
+                    // Random, as apps make them (UUID v4 in the web SDK): the engine's primary key
+                    // then takes inserts all over its B-tree, as it does with real events.
+                    event_id: format!("{:016x}{:016x}", rng.u64(..), rng.u64(..)),
                     r#type: kind as i32,
                     occurred_at_ms,
                     received_at_ms: occurred_at_ms + 300,

@@ -14,7 +14,6 @@ ETL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KTK_CACHE="${KTK_CACHE:-$HOME/.cache/ktk}"
 case "$KTK_CACHE" in /*) ;; *) KTK_CACHE="$PWD/$KTK_CACHE" ;; esac
 VENV="$KTK_CACHE/sqlfluff-venv"
-STAMP="$VENV/.ktk-installed"
 
 ME="etl/$(basename "$0")"
 log() { printf '[%s] %s\n' "$ME" "$*"; }
@@ -40,43 +39,7 @@ esac
 # shellcheck source=../localstack/python.sh
 source "$ETL_DIR/../localstack/python.sh"
 
-installed() {
-  [[ -x "$VENV/bin/sqlfluff" && "$(cat "$STAMP" 2>/dev/null)" == "sqlfluff==$SQLFLUFF_VERSION" ]]
-}
-
-install_sqlfluff() {
-  local py t0 log_file="$KTK_CACHE/sqlfluff-pip.log"
-  t0="$(date +%s)"
-  rm -f "$STAMP"
-  if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" 10; then
-    log "reusing the venv $VENV ($("$VENV/bin/python" -V 2>&1))"
-  else
-    py="$(find_python 10)" || no_python 10 "sqlfluff $SQLFLUFF_VERSION needs Python 3.10 or later"
-    log "creating the venv $VENV with $py ($("$py" -V 2>&1))"
-    rm -rf "$VENV"
-    "$py" -m venv "$VENV"
-  fi
-  export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$KTK_CACHE/pip-cache}"
-  log "pip install sqlfluff==$SQLFLUFF_VERSION (log: $log_file)"
-  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --progress-bar off \
-    "sqlfluff==$SQLFLUFF_VERSION" >"$log_file" 2>&1; then
-    tail -n 30 "$log_file" >&2
-    die "pip install sqlfluff==$SQLFLUFF_VERSION failed (full log: $log_file)"
-  fi
-  [[ "$("$VENV/bin/sqlfluff" --version 2>&1)" == *"$SQLFLUFF_VERSION"* ]] ||
-    die "$VENV/bin/sqlfluff does not report version $SQLFLUFF_VERSION after pip install"
-  printf 'sqlfluff==%s' "$SQLFLUFF_VERSION" >"$STAMP"
-  log "installed sqlfluff $SQLFLUFF_VERSION in $(($(date +%s) - t0)) s"
-}
-
-mkdir -p "$KTK_CACHE"
-if ! installed; then
-  # One installer at a time (tests may call this script concurrently).
-  exec 8>"$KTK_CACHE/sqlfluff-install.lock"
-  flock -w 600 8 || die "another etl/lint-sql.sh holds $KTK_CACHE/sqlfluff-install.lock for 10 min; giving up"
-  installed || install_sqlfluff
-  exec 8>&-
-fi
+pip_tool_install sqlfluff "$SQLFLUFF_VERSION" "$VENV"
 
 if (($#)); then
   files=("$@")

@@ -9,7 +9,6 @@ INFRA_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 KTK_CACHE="${KTK_CACHE:-$HOME/.cache/ktk}"
 case "$KTK_CACHE" in /*) ;; *) KTK_CACHE="$PWD/$KTK_CACHE" ;; esac
 VENV="$KTK_CACHE/cfn-lint-venv"
-STAMP="$VENV/.ktk-installed"
 
 ME="infra/$(basename "$0")"
 log() { printf '[%s] %s\n' "$ME" "$*"; }
@@ -34,43 +33,7 @@ esac
 # shellcheck source=../localstack/python.sh
 source "$INFRA_DIR/../localstack/python.sh"
 
-installed() {
-  [[ -x "$VENV/bin/cfn-lint" && "$(cat "$STAMP" 2>/dev/null)" == "cfn-lint==$CFN_LINT_VERSION" ]]
-}
-
-install_cfn_lint() {
-  local py t0 log_file="$KTK_CACHE/cfn-lint-pip.log"
-  t0="$(date +%s)"
-  rm -f "$STAMP"
-  if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" 10; then
-    log "reusing the venv $VENV ($("$VENV/bin/python" -V 2>&1))"
-  else
-    py="$(find_python 10)" || no_python 10 "cfn-lint $CFN_LINT_VERSION needs Python 3.10 or later"
-    log "creating the venv $VENV with $py ($("$py" -V 2>&1))"
-    rm -rf "$VENV"
-    "$py" -m venv "$VENV"
-  fi
-  export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$KTK_CACHE/pip-cache}"
-  log "pip install cfn-lint==$CFN_LINT_VERSION (log: $log_file)"
-  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input --progress-bar off \
-    "cfn-lint==$CFN_LINT_VERSION" >"$log_file" 2>&1; then
-    tail -n 30 "$log_file" >&2
-    die "pip install cfn-lint==$CFN_LINT_VERSION failed (full log: $log_file)"
-  fi
-  [[ "$("$VENV/bin/cfn-lint" --version 2>&1)" == *"$CFN_LINT_VERSION"* ]] ||
-    die "$VENV/bin/cfn-lint does not report version $CFN_LINT_VERSION after pip install"
-  printf 'cfn-lint==%s' "$CFN_LINT_VERSION" >"$STAMP"
-  log "installed cfn-lint $CFN_LINT_VERSION in $(($(date +%s) - t0)) s"
-}
-
-mkdir -p "$KTK_CACHE"
-if ! installed; then
-  # One installer at a time (tests may call this script concurrently).
-  exec 8>"$KTK_CACHE/cfn-lint-install.lock"
-  flock -w 600 8 || die "another infra/lint.sh holds $KTK_CACHE/cfn-lint-install.lock for 10 min; giving up"
-  installed || install_cfn_lint
-  exec 8>&-
-fi
+pip_tool_install cfn-lint "$CFN_LINT_VERSION" "$VENV"
 
 if (($#)); then
   templates=("$@")

@@ -1,4 +1,6 @@
-# Sourced by localstack/install.sh, infra/lint.sh and etl/lint-sql.sh: finding a Python to make a venv with.
+# shellcheck shell=bash
+# Sourced by localstack/install.sh, infra/lint.sh and etl/lint-sql.sh: finding a Python to make a
+# venv with, and installing a pinned PyPI tool into one.
 
 # python_ok PY MINOR: PY is a Python >= 3.MINOR with the venv and ensurepip modules.
 python_ok() {
@@ -37,4 +39,45 @@ no_python() {
   die "no Python >= 3.$1 with the venv module found (looked in ${PYENV_ROOT:-$HOME/.pyenv}/versions/3.1[23].*,
   python3.13, python3.12, python3 on PATH; $2). Install one, e.g. 'pyenv install 3.12' or
   'apt-get install python3.12 python3.12-venv' where available, or point KTK_PYTHON at one."
+}
+
+# pip_tool_ready NAME VERSION VENV: VENV holds NAME==VERSION, installed by pip_tool_install.
+pip_tool_ready() {
+  [[ -x "$3/bin/$1" && "$(cat "$3/.ktk-installed" 2>/dev/null)" == "$1==$2" ]]
+}
+
+# pip_tool_install NAME VERSION VENV: makes sure VENV holds the PyPI package NAME==VERSION, whose
+# command is also NAME, in a venv of a Python >= 3.10: reuses it when it is there, else installs it
+# (pip's cache and log under $KTK_CACHE), one installer at a time (a lock in $KTK_CACHE: tests may
+# run the calling script concurrently). The caller sets KTK_CACHE and defines log and die.
+pip_tool_install() {
+  local name="$1" version="$2" venv="$3" py t0 log_file="$KTK_CACHE/$1-pip.log"
+  mkdir -p "$KTK_CACHE"
+  pip_tool_ready "$name" "$version" "$venv" && return 0
+  exec 8>"$KTK_CACHE/$name-install.lock"
+  flock -w 600 8 || die "another install of $name holds $KTK_CACHE/$name-install.lock for 10 min; giving up"
+  if ! pip_tool_ready "$name" "$version" "$venv"; then
+    t0="$(date +%s)"
+    rm -f "$venv/.ktk-installed"
+    if [[ -x "$venv/bin/python" ]] && python_ok "$venv/bin/python" 10; then
+      log "reusing the venv $venv ($("$venv/bin/python" -V 2>&1))"
+    else
+      py="$(find_python 10)" || no_python 10 "$name $version needs Python 3.10 or later"
+      log "creating the venv $venv with $py ($("$py" -V 2>&1))"
+      rm -rf "$venv"
+      "$py" -m venv "$venv"
+    fi
+    export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$KTK_CACHE/pip-cache}"
+    log "pip install $name==$version (log: $log_file)"
+    if ! "$venv/bin/python" -m pip install --disable-pip-version-check --no-input --progress-bar off \
+      "$name==$version" >"$log_file" 2>&1; then
+      tail -n 30 "$log_file" >&2
+      die "pip install $name==$version failed (full log: $log_file)"
+    fi
+    [[ "$("$venv/bin/$name" --version 2>&1)" == *"$version"* ]] ||
+      die "$venv/bin/$name does not report version $version after pip install"
+    printf '%s==%s' "$name" "$version" >"$venv/.ktk-installed"
+    log "installed $name $version in $(($(date +%s) - t0)) s"
+  fi
+  exec 8>&-
 }

@@ -81,8 +81,9 @@ pub enum EtlCommand {
     /// Compute one job for every day of a range (both ends included), skipping days that are
     /// up to date: running it again after a crash resumes where it stopped.
     ///
-    /// A progress bar on a terminal, one line per day otherwise. A day that fails is retried
-    /// (3 attempts when the error is transient), then reported, and the backfill goes on.
+    /// A progress bar on a terminal, one line per day otherwise. A day whose run lost a race (an
+    /// input rewritten while it was read, another run committing first) is tried up to 3 times;
+    /// a day that fails is reported, and the backfill goes on.
     /// Exit status: 0 when every day is done, 1 when a day failed, 2 bad options.
     Backfill {
         #[command(flatten)]
@@ -362,7 +363,8 @@ async fn backfill(etl: &Etl, version: &ktk_etl::JobVersion, days: &[Day]) -> Res
                     say(outcome_line(&outcome));
                     break;
                 }
-                Err(error) if error.is_retryable() && attempt < 2 => {
+                // S3 calls are retried by the SDK already; a run is retried only when it lost a race.
+                Err(error @ (EtlError::InputChanged { .. } | EtlError::ConcurrentCommit { .. })) if attempt < 2 => {
                     attempt += 1;
                     let delay = ktk_backoff::delay(attempt, Duration::from_millis(500), Duration::from_secs(10));
                     say(format!(

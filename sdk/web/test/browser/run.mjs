@@ -515,9 +515,9 @@ const scenarios = {
     await a.close();
     await waitFor("tab a's keepalive request, refused", () => proxy.refusedKeepalive > refused, 30_000);
     if (proxy.refusedKeepalive === refusedBeforeClose) {
-      // Refused before the close only: give a request of the closing page time to arrive while
-      // the collector is still down.
-      await sleep(1_000);
+      // Refused before the close only: a request of the closing page may still come; it must
+      // find the collector down too. Up to 2 s for it, then on.
+      await waitFor("a keepalive request of the closed tab", () => proxy.refusedKeepalive > refusedBeforeClose, 2_000).catch(() => {});
     }
     proxy.mode = "pass";
     await waitFor(

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 mod agg;
+mod dashboard;
 mod demo;
 mod etl;
 mod leases;
@@ -84,6 +85,16 @@ enum Command {
     /// Read what the consumer's S3 sink wrote.
     #[command(subcommand)]
     S3(S3Command),
+    /// Serve the real-time dashboard: audience, segments and pipeline health from the store and
+    /// the consumers' and collector's /metrics, as a web page with live charts.
+    ///
+    /// Reads the events table and <table>_dead_letters through a read-only pool of two
+    /// connections (indexed, bounded queries; each answer computed at most once per refresh
+    /// whoever asks), and scrapes every --metrics URL. Prints the page's URL and serves until
+    /// Ctrl-C or SIGTERM. A store that is down does not stop it: the page says so until it is
+    /// back. Exit status: 0 when stopped, 1 when serving failed, 2 for bad options or an address
+    /// it cannot listen on.
+    Dashboard(dashboard::DashboardArgs),
     /// Run the whole system on this machine and check it: a stream, the collector, two consumers,
     /// S3 and PostgreSQL, with simulated streaming-app traffic.
     ///
@@ -249,6 +260,7 @@ fn main() -> ExitCode {
         Command::S3(S3Command::Read(args)) => return s3_read_main(args),
         Command::Demo(args) => return demo::main(args),
         Command::Etl(command) => return etl::main(command),
+        Command::Dashboard(args) => return dashboard::main(args),
         command => command,
     };
     let stdin = io::stdin().lock();
@@ -270,6 +282,7 @@ fn main() -> ExitCode {
         | Command::Leases(_)
         | Command::S3(_)
         | Command::Demo(_)
+        | Command::Dashboard(_)
         | Command::Etl(_) => {
             unreachable!("handled above")
         }

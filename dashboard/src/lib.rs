@@ -161,7 +161,8 @@ impl Dashboard {
             return Arc::clone(value);
         }
         self.computed.fetch_add(1, Ordering::Relaxed);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        // The end of the current second: windows end after everything stored so far.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64 + 1;
         let computed: Result<Value, String> = async {
             let to_json = |v: serde_json::Result<Value>| v.map_err(|e| e.to_string());
             match panel {

@@ -205,6 +205,17 @@ impl Store {
         }
     }
 
+    /// Runs one statement on the dashboard's pool: for the tests that check its sessions refuse
+    /// writes. Not part of the API.
+    #[doc(hidden)]
+    pub async fn execute_for_test(&self, sql: &str) -> Result<(), StoreError> {
+        let error = |e: sqlx::Error| StoreError::Query { target: self.target.clone(), message: e.to_string() };
+        match &self.pool {
+            Pool::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(drop).map_err(error),
+            Pool::MySql(pool) => sqlx::query(sql).execute(pool).await.map(drop).map_err(error),
+        }
+    }
+
     /// Whether the store answers (a `SELECT 1`).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.rows("SELECT 1", &[Kind::Int]).await.map(drop)

@@ -51,11 +51,14 @@ function setState(id, state, message = "") {
 
 // A time chart: `times` in seconds, `series` [{name, values, total}]. Lines whose total is 0 are
 // still drawn when `keepZero`; a chart whose every value is 0 (or that has no line) is empty.
-function drawChart(id, times, series, { empty, keepZero = false, unit = "" } = {}) {
+function drawChart(id, times, series, { empty, keepZero = false, unit = "", totals: showTotals = true } = {}) {
   const c = card(id);
   const box = $(".chart", c);
-  const lines = keepZero ? series : series.filter((s) => s.values.some((v) => v != null && v !== 0));
-  const hasData = times.length > 0 && lines.some((s) => s.values.some((v) => v != null && v !== 0));
+  // A line of zeros is data when the source has the series (a gauge at 0, a counter that did
+  // not move): `keepZero`. Otherwise lines without a value are left out.
+  const counts = (v) => v != null && (keepZero || v !== 0);
+  const lines = series.filter((s) => s.values.some(counts));
+  const hasData = times.length > 0 && lines.length > 0;
   c.querySelector(".totals")?.remove();
   if (!hasData) {
     charts.get(id)?.destroy();
@@ -101,7 +104,7 @@ function drawChart(id, times, series, { empty, keepZero = false, unit = "" } = {
     if (s.total == null) continue;
     totals.append(el("tr", { "data-series": s.name, "data-total": Math.round(s.total) }, el("td", {}, label(s.name)), el("td", { class: "n" }, fmt(s.total))));
   }
-  if (totals.childElementCount > 0 && lines.some((s) => s.total != null)) c.append(totals);
+  if (showTotals && totals.childElementCount > 0) c.append(totals);
   setState(id, "ready");
 }
 
@@ -147,7 +150,7 @@ function drawAudience(a) {
 }
 
 function drawSegments(s) {
-  drawChart("segments", s.chart.times, s.chart.series, { empty: "No user is in any segment in this range.", keepZero: true });
+  drawChart("segments", s.chart.times, s.chart.series, { empty: "No user is in any segment in this range.", totals: false });
   const box = $(".segments", card("segments-table"));
   box.replaceChildren(
     ...s.segments.map((seg) =>
@@ -197,18 +200,14 @@ function drawPipeline(p) {
     return;
   }
   const young = m.covered_secs < 1 ? "Collecting: the first two scrapes are a few seconds apart." : null;
-  drawChart("throughput", m.throughput.times, m.throughput.series, { empty: young ?? "No events went through in this range.", keepZero: true, unit: "/s" });
-  drawChart("lag", m.lag.times, m.lag.series, { empty: young ?? "No shard reported lag: every consumer is at the tip.", unit: "" });
-  drawChart("duplicates", m.duplicates.times, m.duplicates.series, { empty: young ?? "No duplicates dropped in this range." });
-  drawChart("sink-errors", m.sink_errors.times, m.sink_errors.series, { empty: young ?? "No sink errors in this range." });
+  drawChart("throughput", m.throughput.times, m.throughput.series, { empty: young ?? "No events went through in this range.", keepZero: true, unit: "/s", totals: false });
+  drawChart("lag", m.lag.times, m.lag.series, { empty: young ?? "No consumer reported a shard yet.", keepZero: true, totals: false });
+  drawChart("duplicates", m.duplicates.times, m.duplicates.series, { empty: young ?? "No duplicate dropped since the consumers started.", keepZero: true, totals: false });
+  drawChart("sink-errors", m.sink_errors.times, m.sink_errors.series, { empty: young ?? "No sink error since the consumers started.", keepZero: true, totals: false });
   const rows = m.targets.map((t) =>
     el("tr", { "data-target": t.url, "data-up": t.up }, el("td", {}, t.url), el("td", { class: t.up ? "up" : "down" }, t.up ? "up" : `down: ${t.last_error ?? "not scraped yet"}`)),
   );
   drawTable("targets", ["/metrics", "state"], rows, "No metrics source.");
-  // Per-minute rates over scrape intervals: the sums are the counts in the range.
-  for (const id of ["duplicates", "sink-errors"]) {
-    card(id).querySelectorAll(".totals tr").forEach((tr) => tr.remove());
-  }
 }
 
 async function fetchJson(path) {

@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+pub mod collector_support;
 pub mod consumer_support;
 pub mod store_support;
 pub mod worker_support;

@@ -7,10 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ktk_proto::events::v1::Event;
-use ktk_tests::consumer_support::{consumer_binary, free_port};
-use ktk_tests::{
-    aws_config, child_aws_env, create_stream, delete_stream, kinesis, read_stream, unique_name, wait_stream_active,
-};
+use ktk_tests::collector_support::CollectorProcess as Collector;
+use ktk_tests::{aws_config, create_stream, delete_stream, kinesis, read_stream, unique_name, wait_stream_active};
 use prost::Message;
 use serde_json::json;
 
@@ -22,93 +20,6 @@ const ROKU_KEY: &str = "wk_roku_e2e_0123456789abcdef";
 
 fn document(app_id: &str, key: &str) -> String {
     json!({"keys": [{"app_id": app_id, "key": key, "origins": ["https://tv.example.com"]}]}).to_string()
-}
-
-/// A running `collector` binary, killed when dropped.
-struct Collector {
-    child: tokio::process::Child,
-    public: String,
-    admin: String,
-    http: reqwest::Client,
-}
-
-impl Collector {
-    async fn start(stream: &str, keys: (&str, String), reload_secs: u64) -> Self {
-        let binary = consumer_binary().with_file_name("collector");
-        assert!(binary.exists(), "{} is missing: run `cargo build -p ktk-producer`", binary.display());
-        let mut command = tokio::process::Command::new(&binary);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("KTK_") {
-                command.env_remove(name);
-            }
-        }
-        let (port, admin_port) = (free_port(), free_port());
-        let child = command
-            .env("KTK_STREAM", stream)
-            .env("KTK_LISTEN", format!("127.0.0.1:{port}"))
-            .env("KTK_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env(keys.0, keys.1)
-            .env("KTK_KEYS_RELOAD_SECS", reload_secs.to_string())
-            .env("KTK_RECORD_MAX_BUFFERED_MS", "20")
-            .envs(child_aws_env())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the collector");
-        let collector = Collector {
-            child,
-            public: format!("http://127.0.0.1:{port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            http: reqwest::Client::builder().timeout(BOUND).build().expect("client"),
-        };
-        let started = Instant::now();
-        while collector.http.get(format!("{}/health", collector.admin)).send().await.is_err()
-            || collector.http.get(format!("{}/health", collector.public)).send().await.is_err()
-        {
-            assert!(started.elapsed() < BOUND, "the collector never listened");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        collector
-    }
-
-    /// Posts one event with `key` (none: no key); the status.
-    async fn post(&self, key: Option<&str>, id: &str) -> u16 {
-        let body = json!({"events": [{"eventId": id, "type": "EVENT_TYPE_PAGE_VIEW", "deviceId": "d-1",
-                                       "occurredAtMs": now_ms(), "appId": "spoofed"}]});
-        let mut request = self.http.post(format!("{}/v1/events?wait=acked", self.public)).json(&body);
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        request.send().await.expect("an answer").status().as_u16()
-    }
-
-    /// Waits until posting with `key` answers `status`.
-    async fn until(&self, key: &str, status: u16, id: &str) {
-        let started = Instant::now();
-        loop {
-            let got = self.post(Some(key), id).await;
-            if got == status {
-                return;
-            }
-            assert!(started.elapsed() < BOUND, "{key:.6}...: still {got}, not {status}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn metrics(&self) -> String {
-        self.http.get(format!("{}/metrics", self.admin)).send().await.expect("an answer").text().await.expect("text")
-    }
-
-    async fn stop(mut self) {
-        let pid = self.child.id().expect("running").to_string();
-        let killed = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
-        assert!(killed.success());
-        let status = tokio::time::timeout(BOUND, self.child.wait()).await.expect("exits in time").expect("status");
-        assert_eq!(status.code(), Some(0));
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Event id -> app id of every event on the stream.

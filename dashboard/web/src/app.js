@@ -35,6 +35,8 @@ const $ = (selector, root = document) => root.querySelector(selector);
 const card = (id) => $(`[data-card="${id}"]`);
 const fmt = (n) => (n == null ? "–" : Math.round(n).toLocaleString("en-US"));
 const label = (name) => LABELS[name] ?? name;
+// Axis ticks: whole numbers with separators, fractions with one decimal.
+const tick = (v) => (Number.isInteger(v) ? fmt(v) : v.toFixed(Math.abs(v) < 1 ? 2 : 1));
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -80,14 +82,15 @@ function drawChart(id, times, series, { empty, keepZero = false, unit = "", tota
         width,
         height: 220,
         scales: { x: { time: true } },
-        axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => fmt(v) + unit) }],
+        axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => tick(v) + unit) }],
         series: [
           {},
           ...lines.map((s, i) => ({
             label: label(s.name),
             stroke: PALETTE[i % PALETTE.length],
             width: 1.5,
-            points: { show: times.length < 3 },
+            // Sparse lines (a few buckets with values) would be invisible without their points.
+            points: { show: s.values.filter((v) => v != null && v !== 0).length < 4 },
             value: (u, v) => (v == null ? "–" : `${fmt(v)}${unit}`),
           })),
         ],
@@ -121,6 +124,8 @@ function drawTable(id, head, rows, empty) {
 }
 
 function drawAudience(a) {
+  document.body.dataset.windowFrom = String(a.window.from);
+  document.body.dataset.windowTo = String(a.window.to);
   const minutes = a.window.step === 60 ? "minute" : `${a.window.step / 60} minutes`;
   $("h3", card("by-type")).firstChild.textContent = `Events per ${minutes} by type`;
   $("h3", card("by-platform")).firstChild.textContent = `Events per ${minutes} by platform`;

@@ -33,7 +33,8 @@ pub struct DashboardArgs {
     title: String,
 }
 
-/// Builds the dashboard of `args` (no connection is opened yet).
+/// Builds the dashboard of `args` (no connection is opened yet). Must be called within a Tokio
+/// runtime.
 pub fn dashboard(args: &DashboardArgs) -> Result<std::sync::Arc<Dashboard>, String> {
     let store = Store::connect_lazy(&args.store, &args.table).map_err(|e| e.to_string())?;
     for url in &args.metrics {
@@ -50,13 +51,6 @@ pub fn dashboard(args: &DashboardArgs) -> Result<std::sync::Arc<Dashboard>, Stri
 }
 
 pub fn main(args: DashboardArgs) -> ExitCode {
-    let dashboard = match dashboard(&args) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("ktk dashboard: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -65,6 +59,14 @@ pub fn main(args: DashboardArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // The pool is built inside the runtime (it starts its maintenance task there).
+        let dashboard = match dashboard(&args) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("ktk dashboard: {e}");
+                return ExitCode::from(2);
+            }
+        };
         if let Err(e) = dashboard.store().ping().await {
             // Served anyway: the page says the store is down until it is back.
             eprintln!("ktk dashboard: warning: {e}");

@@ -27,6 +27,7 @@
 //!    answered against the plan, or a process did not stop cleanly.
 //! 6. **Clean-up**: everything created is deleted, unless `--keep`.
 
+mod dashboard;
 mod etl;
 mod processes;
 mod resources;
@@ -116,6 +117,14 @@ pub struct DemoArgs {
     /// Seed of the simulated traffic, to send the same traffic again [default: random].
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
+    /// Where the report and the dashboard's screenshot are saved (report-<run>.txt,
+    /// dashboard-<run>.png) [default: ktk-demo-output in the system's temporary directory].
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The port of the dashboard the demo serves on 127.0.0.1 while it runs [default: any free
+    /// port].
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    dashboard_port: u16,
     /// After the traffic, the longest to wait for the consumers to deliver everything.
     #[arg(long, value_name = "TIME", default_value = "60s", value_parser = parse_duration)]
     wait: Duration,
@@ -172,6 +181,8 @@ struct Options {
     wait: Duration,
     collector_bin: PathBuf,
     consumer_bin: PathBuf,
+    out_dir: PathBuf,
+    dashboard_port: u16,
 }
 
 impl Options {
@@ -201,6 +212,8 @@ impl Options {
             wait: args.wait,
             collector_bin: binary(args.collector_bin, "collector", "ktk-producer")?,
             consumer_bin: binary(args.consumer_bin, "consumer", "ktk-ecs")?,
+            out_dir: args.out_dir.unwrap_or_else(|| std::env::temp_dir().join("ktk-demo-output")),
+            dashboard_port: args.dashboard_port,
             names,
         })
     }
@@ -418,6 +431,8 @@ async fn run(options: &Options, stop: &CancellationToken) -> Result<bool, Stoppe
 /// The processes of a run.
 struct Services {
     collector: Service,
+    /// The collector's admin port (`/metrics`).
+    collector_admin_port: u16,
     consumers: Vec<Service>,
 }
 
@@ -529,7 +544,7 @@ impl Run<'_> {
             &self.log_dir,
         )
         .map_err(Stopped::Setup)?;
-        let mut services = Services { collector, consumers: Vec::new() };
+        let mut services = Services { collector, collector_admin_port: admin_port, consumers: Vec::new() };
         created.consumers = true;
         for name in ["consumer-a", "consumer-b"] {
             let consumer_port = port()?;
@@ -547,7 +562,7 @@ impl Run<'_> {
         }
         let http = &self.http;
         let ready = async {
-            let Services { collector, consumers } = &mut services;
+            let Services { collector, consumers, .. } = &mut services;
             let mut waits = vec![collector.wait_ready(http, READY_TIMEOUT)];
             waits.extend(consumers.iter_mut().map(|c| c.wait_ready(http, READY_TIMEOUT)));
             futures::future::join_all(waits).await.into_iter().collect::<Result<Vec<()>, String>>()
@@ -641,6 +656,20 @@ impl Run<'_> {
         let options = self.options;
         let sender = Sender::new(&format!("http://127.0.0.1:{}", services.collector.port), self.keys.clone())
             .map_err(|e| Stopped::Setup(format!("cannot build the HTTP client: {e}")))?;
+        // The dashboard over the run's table and the processes' metrics, live while it runs.
+        let mut metrics = vec![format!("http://127.0.0.1:{}/metrics", services.collector_admin_port)];
+        metrics.extend(services.consumers.iter().map(|c| format!("http://127.0.0.1:{}/metrics", c.port)));
+        let title = format!("ktk demo {}", options.names.run);
+        let dashboard = dashboard::DemoDashboard::start(
+            &options.postgres_url,
+            &options.names.table,
+            metrics,
+            options.dashboard_port,
+            &title,
+        )
+        .await
+        .map_err(Stopped::Setup)?;
+        println!("  {:<LABEL$}{} (live while the demo runs)", "dashboard", dashboard.url());
         let started = Instant::now();
         let sending = Arc::new(AtomicBool::new(true));
         let (samples_tx, mut samples) = watch::channel(Sample::default());
@@ -765,6 +794,13 @@ impl Run<'_> {
         progress_stop.cancel();
         let peaks = progress.await.unwrap_or_default();
         let last = *samples.borrow();
+        // The screenshot, with everything delivered and the consumers still up.
+        let screenshot = options.out_dir.join(format!("dashboard-{}.png", options.names.run));
+        let dashboard_line = match dashboard.screenshot(&screenshot).await {
+            Ok(()) => format!("{} (screenshot of the last 15 minutes: {})", dashboard.url(), screenshot.display()),
+            Err(e) => format!("{} (no screenshot: {e})", dashboard.url()),
+        };
+        dashboard.stop().await;
         let stops = futures::future::join_all(services.consumers.iter_mut().map(|c| async {
             let (status, killed) = c.stop(CONSUMER_GRACE).await;
             ProcessExit { name: c.name.clone(), status, killed }
@@ -772,9 +808,16 @@ impl Run<'_> {
         .await;
         exits.extend(stops);
 
-        let report =
+        let mut report =
             self.check(traffic_time, audience.plan().clone(), tally, poison, last, peaks, exits, drained).await?;
-        print!("{}", report.render());
+        report.dashboard = dashboard_line;
+        let text = report.render();
+        print!("{text}");
+        let file = options.out_dir.join(format!("report-{}.txt", options.names.run));
+        match std::fs::create_dir_all(&options.out_dir).and_then(|()| std::fs::write(&file, &text)) {
+            Ok(()) => println!("report saved to {}", file.display()),
+            Err(e) => eprintln!("ktk demo: cannot save the report to {}: {e}", file.display()),
+        }
         Ok(report.problems().is_empty())
     }
 
@@ -847,6 +890,7 @@ impl Run<'_> {
             drained,
             wait: self.options.wait,
             tally,
+            dashboard: String::new(),
         })
     }
 
@@ -1095,6 +1139,8 @@ struct Report {
     processes: Vec<ProcessExit>,
     drained: bool,
     wait: Duration,
+    /// The dashboard's URL and where its screenshot is.
+    dashboard: String,
 }
 
 impl Report {
@@ -1309,6 +1355,9 @@ impl Report {
             ),
         );
         line("etl", self.etl.line());
+        if !self.dashboard.is_empty() {
+            line("dashboard", self.dashboard.clone());
+        }
         let names: Vec<&str> = self.processes.iter().map(|p| p.name.as_str()).collect();
         line(
             "processes",

@@ -167,8 +167,11 @@ impl Dashboard {
             let to_json = |v: serde_json::Result<Value>| v.map_err(|e| e.to_string());
             match panel {
                 Panel::Audience => {
-                    let audience =
-                        self.store.audience(&Window::ending(now, range, 60)).await.map_err(|e| e.to_string())?;
+                    let audience = self
+                        .store
+                        .audience(&Window::ending(now, range, min_step(range)))
+                        .await
+                        .map_err(|e| e.to_string())?;
                     to_json(serde_json::to_value(audience))
                 }
                 Panel::Segments => {
@@ -178,7 +181,7 @@ impl Dashboard {
                 }
                 Panel::Pipeline => {
                     // The metrics are worth showing while the store is down.
-                    let store = self.store.pipeline(&Window::ending(now, range, 60)).await;
+                    let store = self.store.pipeline(&Window::ending(now, range, min_step(range))).await;
                     let metrics = self.metrics.has_targets().then(|| self.metrics.view(range));
                     Ok(match store {
                         Ok(store) => json!({ "store": store, "metrics": metrics }),
@@ -194,6 +197,11 @@ impl Dashboard {
         *slot = Some((Instant::now(), Arc::clone(&value)));
         value
     }
+}
+
+/// The smallest bucket of a range's charts: 10 s up to 15 minutes, a minute beyond.
+fn min_step(range: i64) -> i64 {
+    if range <= 900 { 10 } else { 60 }
 }
 
 async fn index() -> Response {

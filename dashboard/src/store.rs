@@ -218,7 +218,7 @@ impl Store {
 
     /// Whether the store answers (a `SELECT 1`).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.rows("SELECT 1", &[Kind::Int]).await.map(drop)
+        self.rows(&format!("SELECT {}", self.int("1")), &[Kind::Int]).await.map(drop)
     }
 }
 
@@ -282,7 +282,7 @@ pub struct Window {
 
 impl Window {
     /// The `range` seconds up to `now` (clamped to 60 s..[`MAX_RANGE_SECS`]), with buckets of at
-    /// least `min_step` seconds and at most [`MAX_POINTS`] of them, aligned to the epoch.
+    /// least `min_step` seconds (and 10 s) and at most [`MAX_POINTS`] of them, aligned to the epoch.
     pub fn ending(now: i64, range: i64, min_step: i64) -> Window {
         let range = range.clamp(60, MAX_RANGE_SECS);
         let step = nice_step(min_step.max((range + MAX_POINTS - 1) / MAX_POINTS));
@@ -302,9 +302,9 @@ impl Window {
     }
 }
 
-/// The smallest of 60 s, 2, 5, 10, 15, 30 min, 1, 2, 3, 6, 12 h that is at least `secs`.
+/// The smallest of 10, 15, 30 s, 1, 2, 5, 10, 15, 30 min, 1, 2, 3, 6, 12 h that is at least `secs`.
 fn nice_step(secs: i64) -> i64 {
-    const STEPS: [i64; 11] = [60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200];
+    const STEPS: [i64; 14] = [10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200];
     STEPS.into_iter().find(|s| *s >= secs).unwrap_or(86400)
 }
 

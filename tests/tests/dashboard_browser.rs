@@ -109,7 +109,8 @@ async fn wait_for(pool: &PgPool, sql: &str, want: i64) {
 
 /// `SELECT key, count` rows as a map.
 async fn counts(pool: &PgPool, sql: &str) -> BTreeMap<String, i64> {
-    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(sql).fetch_all(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let rows: Vec<(Option<String>, i64)> =
+        sqlx::query_as(sql).fetch_all(pool).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     rows.into_iter().map(|(k, n)| (k.unwrap_or_default(), n)).collect()
 }
 
@@ -127,7 +128,12 @@ fn titles(view: &Value, list: &str) -> BTreeMap<String, (i64, i64)> {
         .as_array()
         .expect("a list")
         .iter()
-        .map(|t| (t["title"].as_str().expect("title").to_owned(), (t["plays"].as_i64().expect("n"), t["viewers"].as_i64().expect("n"))))
+        .map(|t| {
+            (
+                t["title"].as_str().expect("title").to_owned(),
+                (t["plays"].as_i64().expect("n"), t["viewers"].as_i64().expect("n")),
+            )
+        })
         .collect()
 }
 
@@ -198,7 +204,9 @@ async fn check_numbers(pool: &PgPool, t: &str, view: &Value) {
         ),
         (
             "ad_completer",
-            per_user("bool_or(event_type = 'EVENT_TYPE_AD_COMPLETE') AND NOT bool_or(event_type = 'EVENT_TYPE_AD_SKIP')"),
+            per_user(
+                "bool_or(event_type = 'EVENT_TYPE_AD_COMPLETE') AND NOT bool_or(event_type = 'EVENT_TYPE_AD_SKIP')",
+            ),
         ),
         ("ad_skipper", per_user("bool_or(event_type = 'EVENT_TYPE_AD_SKIP')")),
         ("multi_platform", per_user("count(DISTINCT platform) >= 2")),
@@ -206,7 +214,10 @@ async fn check_numbers(pool: &PgPool, t: &str, view: &Value) {
     for (name, sql) in segments {
         let want = count(pool, &sql).await;
         assert_eq!(view["segments"][name]["users"].as_i64(), Some(want), "segment {name}");
-        assert!(view["segments"][name]["sql"].as_str().is_some_and(|s| s.contains("GROUP BY")), "{name}'s SQL is shown");
+        assert!(
+            view["segments"][name]["sql"].as_str().is_some_and(|s| s.contains("GROUP BY")),
+            "{name}'s SQL is shown"
+        );
     }
     let binge = view["segments"]["binge_watcher"]["users"].as_i64().unwrap_or(0);
     assert!(binge > 0, "the traffic has binge watchers");
@@ -235,7 +246,10 @@ fn check_page(view: &Value) {
     for (name, card) in cards {
         let want = if name == "sink-errors" { "empty" } else { "ready" };
         assert_eq!(card["state"], want, "card {name}: {card}");
-        let charted = !matches!(name.as_str(), "users" | "watching-now" | "top-titles" | "segments-table" | "targets" | "sink-errors");
+        let charted = !matches!(
+            name.as_str(),
+            "users" | "watching-now" | "top-titles" | "segments-table" | "targets" | "sink-errors"
+        );
         if charted {
             assert_eq!(card["canvases"], 1, "card {name} draws one chart: {card}");
         }
@@ -245,9 +259,11 @@ fn check_page(view: &Value) {
         "{}",
         cards["sink-errors"]
     );
-    let legend: Vec<&str> = cards["duplicates"]["legend"].as_array().expect("legend").iter().filter_map(Value::as_str).collect();
+    let legend: Vec<&str> =
+        cards["duplicates"]["legend"].as_array().expect("legend").iter().filter_map(Value::as_str).collect();
     assert!(legend.contains(&"resent by clients or producers"), "the resends show as resent: {legend:?}");
-    let throughput: Vec<&str> = cards["throughput"]["legend"].as_array().expect("legend").iter().filter_map(Value::as_str).collect();
+    let throughput: Vec<&str> =
+        cards["throughput"]["legend"].as_array().expect("legend").iter().filter_map(Value::as_str).collect();
     for line in ["received", "accepted", "delivered"] {
         assert!(throughput.contains(&line), "throughput has {line}: {throughput:?}");
     }
@@ -273,8 +289,14 @@ async fn the_dashboard_in_chromium_shows_what_sql_counts_and_updates_live() {
     let table = format!("dash_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     create_stream(&client, &stream, 2).await;
     s3.create_bucket().bucket(&bucket).send().await.expect("create bucket");
-    let consumer =
-        ConsumerProcess::spawn(&ConsumerSpec::new(&stream, &unique_name("ktk-dash-app"), "dash-consumer", &bucket, "dash", &table));
+    let consumer = ConsumerProcess::spawn(&ConsumerSpec::new(
+        &stream,
+        &unique_name("ktk-dash-app"),
+        "dash-consumer",
+        &bucket,
+        "dash",
+        &table,
+    ));
     let keys = std::env::temp_dir().join(format!("{}.json", unique_name("ktk-dash-keys")));
     std::fs::write(&keys, json!({"keys": [{"app_id": "tv-dash", "key": KEY}]}).to_string()).expect("keys file");
     let collector = CollectorProcess::start(&stream, ("KTK_KEYS_FILE", keys.display().to_string()), 3600).await;
@@ -320,7 +342,8 @@ async fn the_dashboard_in_chromium_shows_what_sql_counts_and_updates_live() {
     }));
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let target_dir = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| web.join("..").join("..").join("target"), PathBuf::from);
+    let target_dir =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| web.join("..").join("..").join("target"), PathBuf::from);
     let screenshot = target_dir.join("dashboard-browser.png");
     let _ = std::fs::remove_file(&screenshot);
     let mut node = tokio::process::Command::new("node")

@@ -25,6 +25,8 @@ const LABELS = {
   resent: "resent by clients or producers", reread: "re-read after a takeover",
 };
 
+// Tick steps of charts that count things: whole numbers only.
+const COUNT_STEPS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2.5e3, 5e3, 1e4, 2e4, 2.5e4, 5e4, 1e5, 2e5, 2.5e5, 5e5, 1e6, 2e6, 5e6, 1e7];
 const charts = new Map();
 let range = Number(new URLSearchParams(location.hash.slice(1)).get("range")) || 3600;
 let refreshMs = 5000;
@@ -53,7 +55,7 @@ function setState(id, state, message = "") {
 
 // A time chart: `times` in seconds, `series` [{name, values, total}]. Lines whose total is 0 are
 // still drawn when `keepZero`; a chart whose every value is 0 (or that has no line) is empty.
-function drawChart(id, times, series, { empty, keepZero = false, unit = "", totals: showTotals = true } = {}) {
+function drawChart(id, times, series, { empty, keepZero = false, unit = "", totals: showTotals = true, counts: whole = true } = {}) {
   const c = card(id);
   const box = $(".chart", c);
   // A line of zeros is data when the source has the series (a gauge at 0, a counter that did
@@ -82,7 +84,7 @@ function drawChart(id, times, series, { empty, keepZero = false, unit = "", tota
         width,
         height: 220,
         scales: { x: { time: true } },
-        axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => tick(v) + unit) }],
+        axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => tick(v) + unit), ...(whole ? { incrs: COUNT_STEPS } : {}) }],
         series: [
           {},
           ...lines.map((s, i) => ({
@@ -102,10 +104,10 @@ function drawChart(id, times, series, { empty, keepZero = false, unit = "", tota
     chart.ktkKey = key;
     charts.set(id, chart);
   }
-  const totals = el("table", { class: "totals" });
+  const totals = el("div", { class: "totals" });
   for (const s of lines) {
     if (s.total == null) continue;
-    totals.append(el("tr", { "data-series": s.name, "data-total": Math.round(s.total) }, el("td", {}, label(s.name)), el("td", { class: "n" }, fmt(s.total))));
+    totals.append(el("div", { class: "total", "data-series": s.name, "data-total": Math.round(s.total) }, el("span", {}, label(s.name)), el("span", { class: "n" }, fmt(s.total))));
   }
   if (showTotals && totals.childElementCount > 0) c.append(totals);
   setState(id, "ready");
@@ -123,12 +125,20 @@ function drawTable(id, head, rows, empty) {
   setState(id, "ready");
 }
 
+// "per minute" in the headings of per-bucket charts becomes the bucket's width.
+function perBucket(ids, step) {
+  const width = step === 60 ? "minute" : step < 60 ? `${step} s` : step % 3600 === 0 ? `${step / 3600} h` : `${step / 60} min`;
+  for (const id of ids) {
+    const heading = $("h3", card(id)).firstChild;
+    heading.parentElement.dataset.heading ??= heading.textContent;
+    heading.textContent = heading.parentElement.dataset.heading.replace("per minute", `per ${width}`);
+  }
+}
+
 function drawAudience(a) {
   document.body.dataset.windowFrom = String(a.window.from);
   document.body.dataset.windowTo = String(a.window.to);
-  const minutes = a.window.step === 60 ? "minute" : `${a.window.step / 60} minutes`;
-  $("h3", card("by-type")).firstChild.textContent = `Events per ${minutes} by type`;
-  $("h3", card("by-platform")).firstChild.textContent = `Events per ${minutes} by platform`;
+  perBucket(["by-type", "by-platform", "viewers"], a.window.step);
   drawChart("by-type", a.by_type.times, a.by_type.series, { empty: "No events in this range." });
   drawChart("by-platform", a.by_platform.times, a.by_platform.series, { empty: "No events in this range." });
   drawChart("viewers", a.viewers.times, a.viewers.series, { empty: "Nobody played or watched in this range." });
@@ -174,6 +184,7 @@ function drawPipeline(p) {
   const m = p.metrics;
   const store = p.store;
   if (store) {
+    perBucket(["stored", "dead-letters"], store.window.step);
     drawChart("stored", store.stored.times, store.stored.series, { empty: "Nothing was stored in this range." });
     const d = store.delay;
     drawChart(
@@ -183,16 +194,18 @@ function drawPipeline(p) {
         { name: "p50", values: d.p50, total: null },
         { name: "p99", values: d.p99, total: null },
       ],
-      { empty: "No delivered event in this range.", unit: " ms" },
+      { empty: "No delivered event in this range.", unit: " ms", counts: false },
     );
     const delayCard = card("delay");
     delayCard.querySelector(".totals")?.remove();
     if (d.events > 0) {
+      const item = (stat, value, text, shown) =>
+        el("div", { class: "total", "data-stat": stat, "data-value": value }, el("span", {}, text), el("span", { class: "n" }, shown));
       delayCard.append(
-        el("table", { class: "totals" },
-          el("tr", { "data-stat": "delay-p50", "data-value": d.overall_p50 }, el("td", {}, "p50 over the range"), el("td", { class: "n" }, `${fmt(d.overall_p50)} ms`)),
-          el("tr", { "data-stat": "delay-p99", "data-value": d.overall_p99 }, el("td", {}, "p99 over the range"), el("td", { class: "n" }, `${fmt(d.overall_p99)} ms`)),
-          el("tr", { "data-stat": "delay-events", "data-value": d.events }, el("td", {}, "events"), el("td", { class: "n" }, fmt(d.events)))),
+        el("div", { class: "totals" },
+          item("delay-p50", d.overall_p50, "p50 over the range", `${fmt(d.overall_p50)} ms`),
+          item("delay-p99", d.overall_p99, "p99 over the range", `${fmt(d.overall_p99)} ms`),
+          item("delay-events", d.events, "events", fmt(d.events))),
       );
     }
     drawChart("dead-letters", store.dead_letters.times, store.dead_letters.series, { empty: "No dead letters in this range." });
@@ -205,10 +218,10 @@ function drawPipeline(p) {
     return;
   }
   const young = m.covered_secs < 1 ? "Collecting: the first two scrapes are a few seconds apart." : null;
-  drawChart("throughput", m.throughput.times, m.throughput.series, { empty: young ?? "No events went through in this range.", keepZero: true, unit: "/s", totals: false });
-  drawChart("lag", m.lag.times, m.lag.series, { empty: young ?? "No consumer reported a shard yet.", keepZero: true, totals: false });
-  drawChart("duplicates", m.duplicates.times, m.duplicates.series, { empty: young ?? "No duplicate dropped since the consumers started.", keepZero: true, totals: false });
-  drawChart("sink-errors", m.sink_errors.times, m.sink_errors.series, { empty: young ?? "No sink error since the consumers started.", keepZero: true, totals: false });
+  drawChart("throughput", m.throughput.times, m.throughput.series, { empty: young ?? "No events went through in this range.", keepZero: true, unit: "/s", totals: false, counts: false });
+  drawChart("lag", m.lag.times, m.lag.series, { empty: young ?? "No consumer reported a shard yet.", keepZero: true, totals: false, counts: false });
+  drawChart("duplicates", m.duplicates.times, m.duplicates.series, { empty: young ?? "No duplicate dropped since the consumers started.", keepZero: true, totals: false, counts: false });
+  drawChart("sink-errors", m.sink_errors.times, m.sink_errors.series, { empty: young ?? "No sink error since the consumers started.", keepZero: true, totals: false, counts: false });
   const rows = m.targets.map((t) =>
     el("tr", { "data-target": t.url, "data-up": t.up }, el("td", {}, t.url), el("td", { class: t.up ? "up" : "down" }, t.up ? "up" : `down: ${t.last_error ?? "not scraped yet"}`)),
   );

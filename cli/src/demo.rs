@@ -1525,6 +1525,7 @@ mod tests {
             processes: Vec::new(),
             drained: true,
             wait: Duration::from_secs(60),
+            dashboard: "http://127.0.0.1:8089/ (screenshot of the last 15 minutes: /tmp/dashboard-run.png)".to_owned(),
         }
     }
 
@@ -1539,6 +1540,7 @@ mod tests {
         assert!(text.contains("Roku"), "{text}");
         assert!(text.contains("etl            1 jobs for 2026-03-01 in 0.9 s: plays_per_title v1 12 rows; plays of the top 1 titles equal the store's"), "{text}");
         assert!(text.contains("result         OK"), "{text}");
+        assert!(text.contains("  dashboard      http://127.0.0.1:8089/ (screenshot of the last 15 minutes:"), "{text}");
     }
 
     #[test]

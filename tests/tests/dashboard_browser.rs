@@ -77,7 +77,7 @@ fn event(run: &str, i: usize, ago_s: i64) -> Value {
         "contentTitle": title,
     });
     // Every eleventh event comes from a device without a user.
-    if i % 11 != 0 {
+    if !i.is_multiple_of(11) {
         e["userId"] = json!(format!("user-{user}"));
     }
     e

@@ -5,9 +5,12 @@
 # (host mode, no Docker: localstack/up.sh installs it the first time) and PostgreSQL
 # (localstack/databases.sh). It builds ktk, collector and consumer (release), then runs
 # `ktk demo`: a Kinesis stream, the collector, two consumer processes, S3 and PostgreSQL, with
-# simulated streaming-app traffic, live progress and a closing report (exit status 1 if any
-# accepted event was lost or S3 and the store disagree). LocalStack is stopped at the end only if
-# this script started it.
+# simulated streaming-app traffic, live progress, the real-time dashboard (its URL printed while
+# the demo runs) and a closing report (exit status 1 if any accepted event was lost or S3 and the
+# store disagree). The report and a headless-Chromium screenshot of the dashboard are saved in
+# demo-output/ ($KTK_DEMO_OUT). Node.js and npm build the dashboard's page bundle
+# (dashboard/web/scripts/setup.sh, which also installs Debian's chromium when it is missing).
+# LocalStack is stopped at the end only if this script started it.
 #
 # Usage: scripts/demo.sh [KTK DEMO OPTIONS]     e.g. --duration 30s --rate 1000 --shards 8 --keep
 #                                               (all options: ktk demo --help)
@@ -58,6 +61,9 @@ PY
 fi
 
 # Building first: if it fails, nothing was started.
+step "the dashboard's page bundle and Chromium (for its screenshot)"
+"$root/dashboard/web/scripts/setup.sh" --browser
+
 step "building ktk, collector and consumer (release)"
 cargo build --release --locked --manifest-path "$root/Cargo.toml" \
   -p ktk-cli --bin ktk -p ktk-producer --bin collector -p ktk-ecs --bin consumer
@@ -76,4 +82,4 @@ export AWS_EC2_METADATA_DISABLED=true
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 step "ktk demo $*"
-"$CARGO_TARGET_DIR/release/ktk" demo "$@"
+"$CARGO_TARGET_DIR/release/ktk" demo --out-dir "${KTK_DEMO_OUT:-$root/demo-output}" "$@"

@@ -64,6 +64,12 @@ step "buf lint and buf breaking"
 # Buf CLI comes from the npm registry into a cache outside the clone.
 scripts/buf.sh check
 
+step "dashboard: npm packages and the page bundle"
+# uPlot and esbuild from the npm registry (npm ci, cached under ~/.cache/ktk/npm), the page
+# bundled into dashboard/web/dist, which the ktk-dashboard crate embeds when cargo compiles it
+# (so before clippy and the tests); Debian's chromium for its browser test.
+dashboard/web/scripts/setup.sh --browser
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -479,6 +479,8 @@ struct Sample {
     counts: Counts,
     delivered: u64,
     duplicates_dropped: u64,
+    /// Of `duplicates_dropped`, Kinesis records read again (after a hand-off or a restart).
+    duplicates_reread: u64,
     dead_letters: u64,
     /// The most any shard is behind, taking for each shard the smallest figure any consumer
     /// reports (the other one's is from before a hand-off).
@@ -1021,6 +1023,7 @@ async fn sample(http: &reqwest::Client, consumer_ports: &[u16], sender: &Sender,
         counts: sender.counts(),
         delivered: field("events_delivered"),
         duplicates_dropped: field("duplicates"),
+        duplicates_reread: field("duplicates_reread"),
         dead_letters: field("dead_letters"),
         behind_ms: per_shard.values().copied().reduce(f64::max),
     }
@@ -1227,12 +1230,15 @@ impl Report {
         line(
             "duplicates",
             format!(
-                "{} injected ({} events of {} resent batches, {} reused event ids), {} dropped by the consumers",
+                "{} injected ({} events of {} resent batches, {} reused event ids), {} dropped by the consumers \
+                 ({} resent, {} re-read after a hand-off)",
                 thousands(t.duplicates),
                 thousands(t.resent_accepted),
                 thousands(self.plan.resent_batches),
                 thousands(t.reused_accepted),
                 thousands(self.consumers.duplicates_dropped),
+                thousands(self.consumers.duplicates_dropped.saturating_sub(self.consumers.duplicates_reread)),
+                thousands(self.consumers.duplicates_reread),
             ),
         );
         line(

@@ -222,6 +222,8 @@ fn router(
                         "reasons": reasons,
                         "events_delivered": stats.events_delivered,
                         "duplicates": stats.duplicates(),
+                        "duplicates_resent": stats.duplicates_resent(),
+                        "duplicates_reread": stats.duplicates_reread,
                         "dead_letters": stats.dead_letters,
                         "sink_errors": stats.sink_errors,
                         "worker": worker_json(&worker),

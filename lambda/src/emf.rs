@@ -14,6 +14,8 @@
 //! | `UserRecords` | Count | user records they held, after deaggregation |
 //! | `EventsDelivered` | Count | events delivered to every sink |
 //! | `Duplicates` | Count | events dropped as duplicates |
+//! | `DuplicatesResent` | Count | of those, events sent again (another Kinesis record with the same `event_id`) |
+//! | `DuplicatesReread` | Count | of those, the same Kinesis record read again (a retried invocation) |
 //! | `DeadLetters` | Count | records delivered as dead letters |
 //! | `SinkErrors` | Count | failed sink writes |
 //! | `Failures` | Count | entries of the response's `batchItemFailures` (shards the mapping retries) |
@@ -45,13 +47,15 @@ pub fn line(
 ) -> String {
     let health = &report.health;
     let delivery = &report.delivery;
-    let metrics: [(&str, &str, u64); 9] = [
+    let metrics: [(&str, &str, u64); 11] = [
         ("SinkFailing", "None", u64::from(health.is_sink_failing())),
         ("SinkFailingSeconds", "Seconds", health.longest_failing().as_secs()),
         ("Records", "Count", report.records),
         ("UserRecords", "Count", report.user_records),
         ("EventsDelivered", "Count", delivery.events_delivered),
         ("Duplicates", "Count", delivery.duplicates()),
+        ("DuplicatesResent", "Count", delivery.duplicates_resent()),
+        ("DuplicatesReread", "Count", delivery.duplicates_reread),
         ("DeadLetters", "Count", delivery.dead_letters),
         ("SinkErrors", "Count", delivery.sink_errors),
         ("Failures", "Count", report.failures.len() as u64),
@@ -123,6 +127,9 @@ mod tests {
         report.delivery.events_delivered = 5;
         report.delivery.dead_letters = 1;
         report.delivery.sink_errors = 2;
+        report.delivery.duplicates_in_memory = 4;
+        report.delivery.duplicates_in_sinks = 2;
+        report.delivery.duplicates_reread = 2;
         report
     }
 
@@ -164,6 +171,8 @@ mod tests {
                 ("UserRecords", "Count"),
                 ("EventsDelivered", "Count"),
                 ("Duplicates", "Count"),
+                ("DuplicatesResent", "Count"),
+                ("DuplicatesReread", "Count"),
                 ("DeadLetters", "Count"),
                 ("SinkErrors", "Count"),
                 ("Failures", "Count"),
@@ -181,6 +190,10 @@ mod tests {
         assert_eq!(
             (&json["EventsDelivered"], &json["DeadLetters"], &json["SinkErrors"]),
             (&json!(5), &json!(1), &json!(2))
+        );
+        assert_eq!(
+            (&json["Duplicates"], &json["DuplicatesResent"], &json["DuplicatesReread"]),
+            (&json!(6), &json!(4), &json!(2))
         );
         assert_eq!(json["Failures"], 1);
         assert_eq!(json["requestId"], "req-1");

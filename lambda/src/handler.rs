@@ -418,6 +418,7 @@ impl KinesisHandler {
                 user_records = report.user_records,
                 delivered = report.delivery.events_delivered,
                 duplicates = report.delivery.duplicates(),
+                duplicates_reread = report.delivery.duplicates_reread,
                 dead_letters = report.delivery.dead_letters,
                 batches = report.delivery.batches,
                 "batch delivered"

@@ -77,7 +77,7 @@ impl Sink for FakeSink {
                 .filter(|e| batch.events.iter().any(|n| n.event.event_id == e.event.event_id))
                 .count() as u64;
             written.push(batch.clone());
-            Ok(SinkReport { written: batch.events.len() as u64 - duplicates, duplicates })
+            Ok(SinkReport { written: batch.events.len() as u64 - duplicates, duplicates, reread: 0 })
         })
     }
 }

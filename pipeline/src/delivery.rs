@@ -39,6 +39,19 @@
 //!   fewest any one sink reported). An event that one sink stored for the first time is delivered.
 //! - `events_delivered` = events of the batch − window hits − sink duplicates.
 //!
+//! Every duplicate has a cause ([`DuplicateCause`], the `cause` label of `DuplicatesDropped`):
+//! **resent**, the same event in another Kinesis record (a client or producer sent it again), or
+//! **reread**, the same Kinesis record read again (a retried Lambda invocation, a hand-off, a
+//! restart after a crash). Within a batch and in the window the position of the first copy tells
+//! them apart; the sinks tell them apart by where the copy they hold was read from
+//! ([`SinkReport::reread`]). `duplicates_reread` counts the second kind; a failover that re-reads
+//! a stretch of a shard shows there, and resent events show in the rest.
+//!
+//! # Delivery delay
+//! Each write that stores something new records, per event of the write, the seconds from the
+//! collector's receipt (`received_at_ms`; events without it are skipped) to the write's success in
+//! the histogram `DeliveryDelaySeconds{stream, sink}`.
+//!
 //! # Failures
 //! A failed sink write is retried with the workspace's jittered backoff for as long as the
 //! runtime's [`Acknowledge::may_retry`] allows: the ECS consumer until it works or the lease leaves
@@ -46,7 +59,7 @@
 //! the pending batch is abandoned ([`ShardPipeline::abandon`]) and read again from its first record
 //! by whoever reads the shard next. Nothing is ever skipped.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,7 +70,7 @@ use ktk_backoff::Backoff;
 use tracing::{error, warn};
 
 use crate::decode::{EventEncoding, decode_event};
-use crate::dedup::DedupWindow;
+use crate::dedup::{DedupWindow, DuplicateCause, position_digest};
 use crate::sink::{Sink, SinkError, SinkReport, SinkTiming};
 use crate::time::unix_millis;
 use crate::{Batch, DeadLetter, EventRecord};
@@ -205,6 +218,9 @@ pub struct PipelineStats {
     pub duplicates_in_memory: u64,
     /// Events every sink already had (per batch, the fewest any one sink reported).
     pub duplicates_in_sinks: u64,
+    /// Of the duplicates of both layers, those that were the same Kinesis record read again
+    /// ([`DuplicateCause::Reread`]); the rest were sent again ([`duplicates_resent`](Self::duplicates_resent)).
+    pub duplicates_reread: u64,
     /// Records that are not valid events, delivered as dead letters.
     pub dead_letters: u64,
     /// Batches every sink acknowledged.
@@ -219,11 +235,17 @@ impl PipelineStats {
         self.duplicates_in_memory + self.duplicates_in_sinks
     }
 
+    /// Duplicates that were the same event in another Kinesis record ([`DuplicateCause::Resent`]).
+    pub fn duplicates_resent(&self) -> u64 {
+        self.duplicates().saturating_sub(self.duplicates_reread)
+    }
+
     /// Adds `other`'s counts to these.
     pub fn add(&mut self, other: &PipelineStats) {
         self.events_delivered += other.events_delivered;
         self.duplicates_in_memory += other.duplicates_in_memory;
         self.duplicates_in_sinks += other.duplicates_in_sinks;
+        self.duplicates_reread += other.duplicates_reread;
         self.dead_letters += other.dead_letters;
         self.batches += other.batches;
         self.sink_errors += other.sink_errors;
@@ -235,6 +257,7 @@ impl PipelineStats {
             events_delivered: self.events_delivered.saturating_sub(earlier.events_delivered),
             duplicates_in_memory: self.duplicates_in_memory.saturating_sub(earlier.duplicates_in_memory),
             duplicates_in_sinks: self.duplicates_in_sinks.saturating_sub(earlier.duplicates_in_sinks),
+            duplicates_reread: self.duplicates_reread.saturating_sub(earlier.duplicates_reread),
             dead_letters: self.dead_letters.saturating_sub(earlier.dead_letters),
             batches: self.batches.saturating_sub(earlier.batches),
             sink_errors: self.sink_errors.saturating_sub(earlier.sink_errors),
@@ -247,6 +270,7 @@ struct Counters {
     events_delivered: AtomicU64,
     duplicates_in_memory: AtomicU64,
     duplicates_in_sinks: AtomicU64,
+    duplicates_reread: AtomicU64,
     dead_letters: AtomicU64,
     batches: AtomicU64,
     sink_errors: AtomicU64,
@@ -304,6 +328,7 @@ impl Counters {
         self.events_delivered.fetch_add(s.events_delivered, Ordering::Relaxed);
         self.duplicates_in_memory.fetch_add(s.duplicates_in_memory, Ordering::Relaxed);
         self.duplicates_in_sinks.fetch_add(s.duplicates_in_sinks, Ordering::Relaxed);
+        self.duplicates_reread.fetch_add(s.duplicates_reread, Ordering::Relaxed);
         self.dead_letters.fetch_add(s.dead_letters, Ordering::Relaxed);
         self.batches.fetch_add(s.batches, Ordering::Relaxed);
         self.sink_errors.fetch_add(s.sink_errors, Ordering::Relaxed);
@@ -314,6 +339,7 @@ impl Counters {
             events_delivered: self.events_delivered.load(Ordering::Relaxed),
             duplicates_in_memory: self.duplicates_in_memory.load(Ordering::Relaxed),
             duplicates_in_sinks: self.duplicates_in_sinks.load(Ordering::Relaxed),
+            duplicates_reread: self.duplicates_reread.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             sink_errors: self.sink_errors.load(Ordering::Relaxed),
@@ -420,17 +446,23 @@ struct Pending {
     window: i64,
     records: usize,
     bytes: usize,
-    ids: HashSet<String>,
-    /// Dropped within the batch (an id met twice in it).
+    /// The batch's event ids, each with the position digest of its first copy.
+    ids: HashMap<String, u64>,
+    /// Dropped within the batch (an id met twice in it), and of those, the same record twice.
     duplicates: u64,
+    duplicates_reread: u64,
     /// Per event of the batch: whether the dedup window knew its id (delivered in an earlier batch).
     seen: Vec<bool>,
     seen_count: u64,
+    /// Of `seen_count`, the events the window knew from the same position.
+    seen_reread: u64,
     /// How many of the batch's events and dead letters the immediate sinks already have.
     sent_events: usize,
     sent_dead_letters: usize,
-    /// Duplicates reported by each sink (by index) for the pieces of this batch.
+    /// Duplicates reported by each sink (by index) for the pieces of this batch, and of those,
+    /// the ones the sink holds from the same position.
     sink_duplicates: Vec<u64>,
+    sink_reread: Vec<u64>,
 }
 
 /// The delivery state of one shard: the batch being filled and the dedup window (see the module's
@@ -543,7 +575,10 @@ impl ShardPipeline {
                 match report {
                     // The window's events are in the batch (and so in what a batch sink reports as
                     // already stored) but counted by the window.
-                    Ok(report) => pending.sink_duplicates[i] += report.duplicates.saturating_sub(pending.seen_count),
+                    Ok(report) => {
+                        pending.sink_duplicates[i] += report.duplicates.saturating_sub(pending.seen_count);
+                        pending.sink_reread[i] += report.reread.saturating_sub(pending.seen_count);
+                    }
                     Err(e) => result = result.and(Err(e)),
                 }
             }
@@ -562,13 +597,16 @@ impl ShardPipeline {
         }
         let batch = &pending.batch;
         for event in &batch.events {
-            self.window.insert(&event.event.event_id);
+            self.window
+                .insert(&event.event.event_id, position_digest(&event.sequence_number, event.sub_sequence_number));
         }
         let sink_duplicates = pending.sink_duplicates.iter().copied().min().unwrap_or(0);
+        let sink_reread = pending.sink_reread.iter().copied().min().unwrap_or(0).min(sink_duplicates);
         let done = PipelineStats {
             events_delivered: (batch.events.len() as u64).saturating_sub(pending.seen_count + sink_duplicates),
             duplicates_in_memory: pending.duplicates + pending.seen_count,
             duplicates_in_sinks: sink_duplicates,
+            duplicates_reread: pending.duplicates_reread + pending.seen_reread + sink_reread,
             dead_letters: batch.dead_letters.len() as u64,
             batches: 1,
             sink_errors: 0,
@@ -577,7 +615,12 @@ impl ShardPipeline {
         self.counters.add(&done);
         let labels = [("stream", self.stream.clone()), ("shard", self.shard_id.clone())];
         metrics::counter!("EventsDelivered", &labels).increment(done.events_delivered);
-        metrics::counter!("DuplicatesDropped", &labels).increment(done.duplicates());
+        for (cause, count) in
+            [(DuplicateCause::Resent, done.duplicates_resent()), (DuplicateCause::Reread, done.duplicates_reread)]
+        {
+            let labels = [labels[0].clone(), labels[1].clone(), ("cause", cause.label().to_owned())];
+            metrics::counter!("DuplicatesDropped", &labels).increment(count);
+        }
         metrics::counter!("DeadLetters", &labels).increment(done.dead_letters);
         Ok(())
     }
@@ -609,26 +652,33 @@ impl ShardPipeline {
             window: window.unwrap_or(0),
             records: 0,
             bytes: 0,
-            ids: HashSet::new(),
+            ids: HashMap::new(),
             duplicates: 0,
+            duplicates_reread: 0,
             seen: Vec::new(),
             seen_count: 0,
+            seen_reread: 0,
             sent_events: 0,
             sent_dead_letters: 0,
             sink_duplicates: vec![0; self.sinks.len()],
+            sink_reread: vec![0; self.sinks.len()],
         });
         pending.records += 1;
         pending.bytes += record.data.len();
         pending.batch.last = position;
         match decode_event(&record.data, self.config.encoding) {
             Ok(event) => {
-                if !pending.ids.insert(event.event_id.clone()) {
+                let digest = position_digest(&record.sequence_number, record.sub_sequence_number);
+                if let Some(&first) = pending.ids.get(&event.event_id) {
                     pending.duplicates += 1;
+                    pending.duplicates_reread += u64::from(first == digest);
                     return;
                 }
-                let seen = self.window.contains(&event.event_id);
-                pending.seen.push(seen);
-                pending.seen_count += u64::from(seen);
+                pending.ids.insert(event.event_id.clone(), digest);
+                let seen = self.window.check(&event.event_id, digest);
+                pending.seen.push(seen.is_some());
+                pending.seen_count += u64::from(seen.is_some());
+                pending.seen_reread += u64::from(seen == Some(DuplicateCause::Reread));
                 pending.batch.events.push(EventRecord {
                     event,
                     shard_id: self.shard_id.clone(),
@@ -687,20 +737,36 @@ impl ShardPipeline {
         for (i, (report, errors)) in results {
             failures += errors;
             match report {
-                Ok(report) => duplicates.push((i, report.duplicates)),
+                Ok(report) => duplicates.push((i, report.duplicates, report.reread)),
                 Err(e) => result = result.and(Err(e)),
             }
         }
         self.count_errors(failures);
         result?;
         if let Some(pending) = self.pending.as_mut() {
-            for (i, d) in duplicates {
+            for (i, d, reread) in duplicates {
                 pending.sink_duplicates[i] += d;
+                pending.sink_reread[i] += reread;
             }
             pending.sent_events = pending.batch.events.len();
             pending.sent_dead_letters = pending.batch.dead_letters.len();
         }
         Ok(())
+    }
+}
+
+/// Records, for every event of `batch` that has a receipt time, the seconds from the collector's
+/// receipt to now in `DeliveryDelaySeconds{stream, sink}` (a clock behind the collector's counts
+/// as no delay).
+fn record_delivery_delay(sink: &str, batch: &Batch) {
+    let now = unix_millis(SystemTime::now());
+    let histogram =
+        metrics::histogram!("DeliveryDelaySeconds", "stream" => batch.stream.clone(), "sink" => sink.to_owned());
+    for record in &batch.events {
+        let received = record.event.received_at_ms;
+        if received > 0 {
+            histogram.record(now.saturating_sub(received).max(0) as f64 / 1000.0);
+        }
     }
 }
 
@@ -733,6 +799,9 @@ async fn write_until_done<A: Acknowledge>(
         let error = match outcome {
             Ok(report) => {
                 counters.record_write(sink.name(), Ok(()));
+                if report.written > 0 {
+                    record_delivery_delay(sink.name(), batch);
+                }
                 return (Ok(report), errors);
             }
             Err(e) => e,
@@ -773,7 +842,8 @@ mod tests {
         timing: SinkTiming,
         fail: Mutex<u32>,
         batches: Mutex<Vec<Batch>>,
-        stored: Mutex<HashSet<String>>,
+        /// Event id to the position it was first stored from.
+        stored: Mutex<HashMap<String, (String, u64)>>,
     }
 
     impl MemorySink {
@@ -806,10 +876,21 @@ mod tests {
                     }
                 }
                 let mut stored = self.stored.lock().expect("lock");
-                let duplicates =
-                    batch.events.iter().filter(|e| !stored.insert(e.event.event_id.clone())).count() as u64;
+                let (mut duplicates, mut reread) = (0, 0);
+                for e in &batch.events {
+                    let position = (e.sequence_number.clone(), e.sub_sequence_number);
+                    match stored.get(&e.event.event_id) {
+                        Some(first) => {
+                            duplicates += 1;
+                            reread += u64::from(*first == position);
+                        }
+                        None => {
+                            stored.insert(e.event.event_id.clone(), position);
+                        }
+                    }
+                }
                 self.batches.lock().expect("lock").push(batch.clone());
-                Ok(SinkReport { written: batch.events.len() as u64 - duplicates, duplicates })
+                Ok(SinkReport { written: batch.events.len() as u64 - duplicates, duplicates, reread })
             })
         }
     }
@@ -918,10 +999,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn duplicates_are_told_apart_by_cause_in_every_layer() {
+        let (s3, store) = (MemorySink::new(SinkTiming::Batch), MemorySink::new(SinkTiming::Immediate));
+        let p = pipeline(PipelineConfig::default(), &[&s3, &store]);
+        let mut shard = p.shard("s", "shard-0");
+        let mut ack = recorder();
+        // Within a batch: "a" sent again in record 2 (resent); record 1 delivered twice by the
+        // reader (reread).
+        let first = vec![user(1, 0, "a", 0), user(1, 0, "a", 0), user(2, 0, "a", 0), user(3, 0, "b", 0)];
+        shard.process(first, &mut ack).await.expect("ok");
+        shard.flush(&mut ack).await.expect("ok");
+        assert_eq!((shard.stats().duplicates_reread, shard.stats().duplicates_resent()), (1, 1));
+        // The window: record 3 read again ("b", reread) and "a" sent again in record 4 (resent).
+        shard.process(vec![user(3, 0, "b", 0), user(4, 0, "a", 0), user(5, 0, "c", 0)], &mut ack).await.expect("ok");
+        shard.flush(&mut ack).await.expect("ok");
+        let stats = shard.stats();
+        assert_eq!((stats.events_delivered, stats.duplicates_in_memory), (3, 4));
+        assert_eq!((stats.duplicates_reread, stats.duplicates_resent()), (2, 2));
+        // A new owner, without the window: the sinks tell. Record 5 read again ("c", stored from
+        // there: reread) and "b" sent again in record 6 (stored from record 3: resent).
+        let mut fresh = p.shard("s", "shard-0");
+        fresh.process(vec![user(5, 0, "c", 0), user(6, 0, "b", 0)], &mut ack).await.expect("ok");
+        fresh.flush(&mut ack).await.expect("ok");
+        let stats = fresh.stats();
+        assert_eq!((stats.events_delivered, stats.duplicates_in_sinks), (0, 2));
+        assert_eq!((stats.duplicates_reread, stats.duplicates_resent()), (1, 1));
+        let total = p.stats();
+        assert_eq!(total.duplicates(), total.duplicates_reread + total.duplicates_resent());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_sink_duplicate_is_an_event_every_sink_already_had() {
         let (s3, store) = (MemorySink::new(SinkTiming::Batch), MemorySink::new(SinkTiming::Immediate));
-        store.stored.lock().expect("lock").extend(["a".to_owned(), "b".to_owned()]);
-        s3.stored.lock().expect("lock").insert("a".to_owned());
+        // "a" where it is read below (sequence 1), "b" from another record.
+        store
+            .stored
+            .lock()
+            .expect("lock")
+            .extend([("a".to_owned(), ("00001".to_owned(), 0)), ("b".to_owned(), ("00009".to_owned(), 0))]);
+        s3.stored.lock().expect("lock").insert("a".to_owned(), ("00001".to_owned(), 0));
         let p = pipeline(PipelineConfig::default().with_dedup_window(0), &[&s3, &store]);
         let mut shard = p.shard("s", "shard-0");
         shard
@@ -932,6 +1048,11 @@ mod tests {
         let stats = shard.stats();
         // "a" was everywhere; "b" only in the store: delivered now that S3 has it too.
         assert_eq!((stats.events_delivered, stats.duplicates_in_sinks), (2, 1));
+        assert_eq!(
+            (stats.duplicates_reread, stats.duplicates_resent()),
+            (1, 0),
+            "\"a\" was stored from where it is read"
+        );
     }
 
     #[tokio::test(start_paused = true)]

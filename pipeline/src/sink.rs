@@ -14,6 +14,11 @@ pub struct SinkReport {
     pub written: u64,
     /// Events the sink already had (idempotent on `event_id`): duplicates.
     pub duplicates: u64,
+    /// Of `duplicates`, those the sink holds from the same position in the stream (stream, shard,
+    /// sequence and sub-sequence number): the same record read again after a failover, a restart
+    /// or a retried invocation. The rest were sent again (a client or producer retrying: another
+    /// record with the same `event_id`).
+    pub reread: u64,
 }
 
 /// Why a sink could not take a batch. The pipeline retries with a backoff and the shard waits;

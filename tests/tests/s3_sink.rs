@@ -164,9 +164,9 @@ async fn both_formats_are_read_back_with_each_event_once() {
     // Shard 0 read again after a takeover, cut elsewhere: 100 events already in `a`.
     let c = batch("clicks", shard0[400..].to_vec());
 
-    assert_eq!(write(&parquet, &a).await.report(), SinkReport { written: 500, duplicates: 0 });
-    assert_eq!(write(&json_lines, &b).await.report(), SinkReport { written: 500, duplicates: 0 });
-    assert_eq!(json_lines.write(&c).await.expect("write c"), SinkReport { written: 200, duplicates: 0 });
+    assert_eq!(write(&parquet, &a).await.report(), SinkReport { written: 500, duplicates: 0, reread: 0 });
+    assert_eq!(write(&json_lines, &b).await.report(), SinkReport { written: 500, duplicates: 0, reread: 0 });
+    assert_eq!(json_lines.write(&c).await.expect("write c"), SinkReport { written: 200, duplicates: 0, reread: 0 });
     let stored = keys(&client, &bucket).await;
     assert_eq!(stored.len(), 3, "{stored:?}");
     assert_eq!(stored.iter().filter(|k| k.ends_with(".parquet")).count(), 1, "{stored:?}");
@@ -215,9 +215,12 @@ async fn the_same_batch_written_again_is_the_same_object_and_bytes() {
         let second = write(&again, &batch).await;
         assert_eq!(second.objects[0].key, key);
         assert_eq!(second.objects[0].outcome, WriteOutcome::AlreadyExisted { identical: true });
-        assert_eq!(second.report(), SinkReport { written: 0, duplicates: 300 });
+        assert_eq!(second.report(), SinkReport { written: 0, duplicates: 300, reread: 300 });
         assert_eq!(get(&client, &bucket, &key).await, bytes, "{format:?}: the object was not modified");
-        assert_eq!(again.write(&batch).await.expect("third write"), SinkReport { written: 0, duplicates: 300 });
+        assert_eq!(
+            again.write(&batch).await.expect("third write"),
+            SinkReport { written: 0, duplicates: 300, reread: 300 }
+        );
 
         let read = read_events(&client, &bucket, &prefix).await.expect("read");
         assert_eq!((read.objects, read.duplicates), (1, 0));
@@ -376,7 +379,7 @@ async fn dead_letters_are_kept_apart_with_their_reason() {
         let prefix = format!("dl-{}", format.extension());
         let written = write(&sink(&client, &bucket, &prefix, format), &with_letters).await;
         assert_eq!(written.objects.iter().map(|o| o.dead_letters).sum::<u64>(), 3);
-        assert_eq!(written.report(), SinkReport { written: 20, duplicates: 0 });
+        assert_eq!(written.report(), SinkReport { written: 20, duplicates: 0, reread: 0 });
         let letters = read_dead_letters(&client, &bucket, &prefix).await.expect("read dead letters");
         assert_eq!(letters.objects, 2, "one per arrival day, and dt=unknown");
         let mut read = letters.dead_letters;
@@ -401,7 +404,10 @@ async fn objects_and_bytes_per_10000_events() {
             let shard = format!("shardId-00000000000{}", b % 4);
             let events = records(&shard, b * 1_000, 1_000, T_10_00 + b as i64 * 20_000, 20);
             let batch = batch("volume", events);
-            assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 1_000, duplicates: 0 });
+            assert_eq!(
+                sink.write(&batch).await.expect("write"),
+                SinkReport { written: 1_000, duplicates: 0, reread: 0 }
+            );
             written.extend(batch.events);
         }
         let write_time = started.elapsed();

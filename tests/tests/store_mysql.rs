@@ -77,8 +77,8 @@ async fn read_back(sink: &MySqlSink, event_id: &str) -> (Event, MySqlRow) {
 async fn writes_a_batch_once_and_reports_it_again_as_duplicates() {
     let sink = sink("once").await;
     let batch = batch((0..100).map(event));
-    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 100, duplicates: 0 });
-    assert_eq!(sink.write(&batch).await.expect("write again"), SinkReport { written: 0, duplicates: 100 });
+    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 100, duplicates: 0, reread: 0 });
+    assert_eq!(sink.write(&batch).await.expect("write again"), SinkReport { written: 0, duplicates: 100, reread: 100 });
     assert_eq!(count(&sink, &sink.table()).await, 100);
     // Each duplicate bumped its event's counter once.
     let duplicates: (i64, u64, u64) =
@@ -93,10 +93,13 @@ async fn writes_a_batch_once_and_reports_it_again_as_duplicates() {
 #[tokio::test]
 async fn an_overlapping_batch_writes_only_the_new_events() {
     let sink = sink("overlap").await;
-    assert_eq!(sink.write(&batch((0..60).map(event))).await.expect("write"), SinkReport { written: 60, duplicates: 0 });
+    assert_eq!(
+        sink.write(&batch((0..60).map(event))).await.expect("write"),
+        SinkReport { written: 60, duplicates: 0, reread: 0 }
+    );
     // 40..120 overlaps 40..60; event 100 is in it twice (a producer retry inside one batch).
     let overlapping = batch((40..120).map(event).chain([event(100)]));
-    assert_eq!(sink.write(&overlapping).await.expect("write"), SinkReport { written: 60, duplicates: 21 });
+    assert_eq!(sink.write(&overlapping).await.expect("write"), SinkReport { written: 60, duplicates: 21, reread: 0 });
     assert_eq!(count(&sink, &sink.table()).await, 120);
     // The first write of an event is the one kept.
     let sequence: String = sqlx::query_scalar(&format!(
@@ -179,10 +182,10 @@ async fn dead_letters_are_stored_once() {
         dead("100", 0, b"\x00\xffnot protobuf", "not an events.v1.Event: invalid wire type"),
         dead("100", 1, b"{}", "event without event_id"),
     ];
-    assert_eq!(sink.write(&first).await.expect("write"), SinkReport { written: 3, duplicates: 0 });
+    assert_eq!(sink.write(&first).await.expect("write"), SinkReport { written: 3, duplicates: 0, reread: 0 });
     let mut again = first.clone();
     again.dead_letters.push(dead("101", 0, b"", "empty record"));
-    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 3 });
+    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 3, reread: 3 });
     // A batch of dead letters only.
     let mut only_dead = batch([]);
     only_dead.dead_letters = again.dead_letters.clone();
@@ -255,8 +258,31 @@ async fn migrate_twice_is_fine_and_adds_missing_columns_to_an_older_table() {
         assert!(report.added_columns.contains(&format!("{table}.{column}")), "{column} in {report:?}");
     }
     assert!(!report.added_columns.iter().any(|c| c.ends_with(".event_type")), "{report:?}");
+    // The readers' indexes, on both tables; user_id (LONGTEXT) by its first 64 characters.
+    let dead = sink.dead_letter_table();
+    let mut expected = vec![
+        format!("{table}.{table}_occurred_idx"),
+        format!("{table}.{table}_stored_idx"),
+        format!("{table}.{table}_user_occurred_idx"),
+        format!("{dead}.{dead}_stored_idx"),
+    ];
+    let mut created = report.created_indexes.clone();
+    created.sort();
+    expected.sort();
+    assert_eq!(created, expected);
+    let columns: Vec<(String, Option<i64>)> = sqlx::query_as(
+        "SELECT CAST(COLUMN_NAME AS CHAR), CAST(SUB_PART AS SIGNED) FROM information_schema.STATISTICS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ? ORDER BY SEQ_IN_INDEX",
+    )
+    .bind(&table)
+    .bind(format!("{table}_user_occurred_idx"))
+    .fetch_all(sink.pool())
+    .await
+    .expect("read the index");
+    assert_eq!(columns, vec![("user_id".to_owned(), Some(64)), ("occurred_at".to_owned(), None)]);
     let again = sink.migrate().await.expect("migrate again");
     assert!(again.created_tables.is_empty() && again.added_columns.is_empty(), "{again:?}");
+    assert!(again.created_indexes.is_empty(), "{again:?}");
 
     assert_eq!(sink.write(&batch((0..10).map(event))).await.expect("write").written, 10);
     let (old, _) = read_back(&sink, "old-1").await;
@@ -305,7 +331,7 @@ async fn a_table_from_before_app_id_gains_the_column_and_keeps_its_rows() {
 
     // New rows carry their app id; event 0 was stored by the previous version and stays as it was.
     let events = (0..4).map(|i| Event { app_id: format!("tv-app-{i}"), ..event(i) });
-    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 3, duplicates: 1 });
+    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 3, duplicates: 1, reread: 1 });
     let stored: Vec<(String, Option<String>, u64)> = sqlx::query_as(&format!(
         "SELECT CAST(event_id AS CHAR), app_id, duplicate_count FROM `{table}` ORDER BY event_id"
     ))
@@ -322,7 +348,7 @@ async fn a_table_from_before_app_id_gains_the_column_and_keeps_its_rows() {
 
     // A duplicate with another app id stores nothing: the first write of an event is the one kept.
     let again = batch([Event { app_id: "tv-other".to_owned(), ..event(2) }]);
-    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 1 });
+    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 1, reread: 0 });
     assert_eq!(read_back(&sink, "event-000002").await.0.app_id, "tv-app-2");
     let again = sink.migrate().await.expect("migrate again");
     assert!(again.added_columns.is_empty() && again.created_tables.is_empty(), "{again:?}");
@@ -369,7 +395,7 @@ async fn a_no_op_update_cannot_tell_duplicates_from_inserts() {
     assert_eq!((first, second), (2, 2), "inserts and duplicates count alike");
     // The sink's own statement tells them apart.
     let batch = batch([Event { event_id: "a".to_owned(), ..Event::default() }, event(1)]);
-    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 1, duplicates: 1 });
+    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 1, duplicates: 1, reread: 0 });
     drop_tables(&sink).await;
 }
 
@@ -410,7 +436,7 @@ async fn event_ids_are_compared_byte_for_byte_and_limited_to_the_key() {
     let sink = sink("ids").await;
     let ids = ["abc", "ABC", "é", "e", &"é".repeat(128)];
     let events = ids.iter().map(|id| Event { event_id: (*id).to_owned(), ..Event::default() });
-    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 5, duplicates: 0 });
+    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 5, duplicates: 0, reread: 0 });
 
     let too_long = Event { event_id: "x".repeat(129), ..Event::default() };
     let error = sink.write(&batch([event(1), too_long])).await.expect_err("129 characters");
@@ -427,11 +453,11 @@ async fn batch_write_time_for_1000_events_and_a_batch_split_in_statements() {
     let started = Instant::now();
     let report = sink.write(&fresh).await.expect("write");
     let insert_time = started.elapsed();
-    assert_eq!(report, SinkReport { written: 1000, duplicates: 0 });
+    assert_eq!(report, SinkReport { written: 1000, duplicates: 0, reread: 0 });
     let started = Instant::now();
     let report = sink.write(&fresh).await.expect("write again");
     let duplicate_time = started.elapsed();
-    assert_eq!(report, SinkReport { written: 0, duplicates: 1000 });
+    assert_eq!(report, SinkReport { written: 0, duplicates: 1000, reread: 1000 });
     println!("mysql: 1,000 new events in {insert_time:?}, 1,000 duplicates in {duplicate_time:?}");
     assert!(insert_time < Duration::from_secs(10), "{insert_time:?}");
 
@@ -440,7 +466,7 @@ async fn batch_write_time_for_1000_events_and_a_batch_split_in_statements() {
     let started = Instant::now();
     let report = sink.write(&large).await.expect("write a large batch");
     println!("mysql: 5,000 events (1,000 duplicates) in {:?}", started.elapsed());
-    assert_eq!(report, SinkReport { written: 4000, duplicates: 1000 });
+    assert_eq!(report, SinkReport { written: 4000, duplicates: 1000, reread: 1000 });
     assert_eq!(count(&sink, &sink.table()).await, 6000);
     drop_tables(&sink).await;
 }

@@ -66,8 +66,8 @@ async fn read_back(sink: &PostgresSink, event_id: &str) -> (Event, PgRow) {
 async fn writes_a_batch_once_and_reports_it_again_as_duplicates() {
     let sink = sink("once").await;
     let batch = batch((0..100).map(event));
-    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 100, duplicates: 0 });
-    assert_eq!(sink.write(&batch).await.expect("write again"), SinkReport { written: 0, duplicates: 100 });
+    assert_eq!(sink.write(&batch).await.expect("write"), SinkReport { written: 100, duplicates: 0, reread: 0 });
+    assert_eq!(sink.write(&batch).await.expect("write again"), SinkReport { written: 0, duplicates: 100, reread: 100 });
     assert_eq!(count(&sink, &sink.table()).await, 100);
     drop_tables(&sink).await;
 }
@@ -75,10 +75,13 @@ async fn writes_a_batch_once_and_reports_it_again_as_duplicates() {
 #[tokio::test]
 async fn an_overlapping_batch_writes_only_the_new_events() {
     let sink = sink("overlap").await;
-    assert_eq!(sink.write(&batch((0..60).map(event))).await.expect("write"), SinkReport { written: 60, duplicates: 0 });
+    assert_eq!(
+        sink.write(&batch((0..60).map(event))).await.expect("write"),
+        SinkReport { written: 60, duplicates: 0, reread: 0 }
+    );
     // 40..120 overlaps 40..60; event 100 is in it twice (a producer retry inside one batch).
     let overlapping = batch((40..120).map(event).chain([event(100)]));
-    assert_eq!(sink.write(&overlapping).await.expect("write"), SinkReport { written: 60, duplicates: 21 });
+    assert_eq!(sink.write(&overlapping).await.expect("write"), SinkReport { written: 60, duplicates: 21, reread: 0 });
     assert_eq!(count(&sink, &sink.table()).await, 120);
     // The first write of an event is the one kept.
     let sequence: String = sqlx::query_scalar(&format!(
@@ -160,10 +163,10 @@ async fn dead_letters_are_stored_once() {
         dead("100", 0, b"\x00\xffnot protobuf", "not an events.v1.Event: invalid wire type"),
         dead("100", 1, b"{}", "event without event_id"),
     ];
-    assert_eq!(sink.write(&first).await.expect("write"), SinkReport { written: 3, duplicates: 0 });
+    assert_eq!(sink.write(&first).await.expect("write"), SinkReport { written: 3, duplicates: 0, reread: 0 });
     let mut again = first.clone();
     again.dead_letters.push(dead("101", 0, b"", "empty record"));
-    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 3 });
+    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 3, reread: 3 });
     // A batch of dead letters only.
     let mut only_dead = batch([]);
     only_dead.dead_letters = again.dead_letters.clone();
@@ -233,8 +236,29 @@ async fn migrate_twice_is_fine_and_adds_missing_columns_to_an_older_table() {
         assert!(report.added_columns.contains(&format!("{table}.{column}")), "{column} in {report:?}");
     }
     assert!(!report.added_columns.iter().any(|c| c.ends_with(".event_type")), "{report:?}");
+    // The readers' indexes, on both tables.
+    let dead = sink.dead_letter_table();
+    let mut expected = vec![
+        format!("{table}.{table}_occurred_idx"),
+        format!("{table}.{table}_stored_idx"),
+        format!("{table}.{table}_user_occurred_idx"),
+        format!("{dead}.{dead}_stored_idx"),
+    ];
+    let mut created = report.created_indexes.clone();
+    created.sort();
+    expected.sort();
+    assert_eq!(created, expected);
+    let definitions: Vec<String> =
+        sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE schemaname = current_schema() AND indexname = $1")
+            .bind(format!("{table}_user_occurred_idx"))
+            .fetch_all(sink.pool())
+            .await
+            .expect("read the index");
+    assert_eq!(definitions.len(), 1);
+    assert!(definitions[0].ends_with("(user_id, occurred_at)"), "{definitions:?}");
     let again = sink.migrate().await.expect("migrate again");
     assert!(again.created_tables.is_empty() && again.added_columns.is_empty(), "{again:?}");
+    assert!(again.created_indexes.is_empty(), "{again:?}");
 
     assert_eq!(sink.write(&batch((0..10).map(event))).await.expect("write").written, 10);
     let (old, _) = read_back(&sink, "old-1").await;
@@ -282,7 +306,7 @@ async fn a_table_from_before_app_id_gains_the_column_and_keeps_its_rows() {
 
     // New rows carry their app id; event 0 was stored by the previous version and stays as it was.
     let events = (0..4).map(|i| Event { app_id: format!("tv-app-{i}"), ..event(i) });
-    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 3, duplicates: 1 });
+    assert_eq!(sink.write(&batch(events)).await.expect("write"), SinkReport { written: 3, duplicates: 1, reread: 1 });
     let stored: Vec<(String, Option<String>)> =
         sqlx::query_as(&format!("SELECT event_id, app_id FROM \"{table}\" ORDER BY event_id"))
             .fetch_all(sink.pool())
@@ -298,7 +322,7 @@ async fn a_table_from_before_app_id_gains_the_column_and_keeps_its_rows() {
 
     // A duplicate with another app id stores nothing: the first write of an event is the one kept.
     let again = batch([Event { app_id: "tv-other".to_owned(), ..event(2) }]);
-    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 1 });
+    assert_eq!(sink.write(&again).await.expect("write again"), SinkReport { written: 0, duplicates: 1, reread: 0 });
     assert_eq!(read_back(&sink, "event-000002").await.0.app_id, "tv-app-2");
     let again = sink.migrate().await.expect("migrate again");
     assert!(again.added_columns.is_empty() && again.created_tables.is_empty(), "{again:?}");
@@ -349,11 +373,11 @@ async fn batch_write_time_for_1000_events() {
     let started = Instant::now();
     let report = sink.write(&fresh).await.expect("write");
     let insert_time = started.elapsed();
-    assert_eq!(report, SinkReport { written: 1000, duplicates: 0 });
+    assert_eq!(report, SinkReport { written: 1000, duplicates: 0, reread: 0 });
     let started = Instant::now();
     let report = sink.write(&fresh).await.expect("write again");
     let duplicate_time = started.elapsed();
-    assert_eq!(report, SinkReport { written: 0, duplicates: 1000 });
+    assert_eq!(report, SinkReport { written: 0, duplicates: 1000, reread: 1000 });
     println!("postgres: 1,000 new events in {insert_time:?}, 1,000 duplicates in {duplicate_time:?}");
     assert!(insert_time < Duration::from_secs(10), "{insert_time:?}");
     drop_tables(&sink).await;
@@ -377,7 +401,7 @@ async fn nul_characters_are_stored_as_replacement_characters() {
         reason: "not an event".to_owned(),
         arrival: None,
     });
-    assert_eq!(sink.write(&nul_batch).await.expect("write"), SinkReport { written: 1, duplicates: 0 });
+    assert_eq!(sink.write(&nul_batch).await.expect("write"), SinkReport { written: 1, duplicates: 0, reread: 0 });
     let (stored, _) = read_back(&sink, &nul_batch.events[0].event.event_id).await;
     assert_eq!(stored.content_title, "before\u{FFFD}after");
     assert_eq!(stored.attributes.get("k\u{FFFD}ey").map(String::as_str), Some("va\u{FFFD}lue"));

@@ -10,9 +10,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ktk_ecs::{LogFormat, Settings, app};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
+
+/// The buckets (seconds) of `DeliveryDelaySeconds`, from the collector's receipt of an event to
+/// its write in a sink: from sub-second real-time delivery to the quarter hour of a catch-up.
+const DELIVERY_DELAY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -32,7 +36,10 @@ async fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
-    let metrics = match PrometheusBuilder::new().install_recorder() {
+    // Histograms as Prometheus histograms (buckets), not summaries: quantiles over every task.
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("DeliveryDelaySeconds".to_owned()), DELIVERY_DELAY_BUCKETS);
+    let metrics = match builder.and_then(|b| b.install_recorder()) {
         Ok(handle) => {
             let upkeep = handle.clone();
             tokio::spawn(async move {

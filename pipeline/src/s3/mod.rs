@@ -131,13 +131,17 @@ pub struct BatchWrite {
 
 impl BatchWrite {
     /// Events in created objects are written; events in objects that were already there are
-    /// duplicates.
+    /// duplicates, and re-read ones: an object's key names the stretch of the shard it holds, so
+    /// an object already at its key holds the same records, read before.
     pub fn report(&self) -> SinkReport {
         let mut report = SinkReport::default();
         for object in &self.objects {
             match object.outcome {
                 WriteOutcome::Created => report.written += object.events,
-                WriteOutcome::AlreadyExisted { .. } => report.duplicates += object.events,
+                WriteOutcome::AlreadyExisted { .. } => {
+                    report.duplicates += object.events;
+                    report.reread += object.events;
+                }
             }
         }
         report
@@ -399,7 +403,7 @@ mod tests {
                 object(2, WriteOutcome::AlreadyExisted { identical: false }),
             ],
         };
-        assert_eq!(written.report(), SinkReport { written: 5, duplicates: 5 });
+        assert_eq!(written.report(), SinkReport { written: 5, duplicates: 5, reread: 5 });
     }
 
     proptest! {

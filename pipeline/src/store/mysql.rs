@@ -53,8 +53,9 @@ use sqlx::Executor;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
 use super::schema::{
-    Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_KEY, EVENT_COLUMNS, STORED_AT, TableName, Value, check_scheme,
-    chunk_ranges, dead_letter_values, event_rows, transport_error,
+    Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_INDEXES, DEAD_LETTER_KEY, EVENT_COLUMNS, EVENT_INDEXES,
+    POSITION_COLUMNS, STORED_AT, StoredPosition, TableName, Value, check_scheme, chunk_ranges, dead_letter_values,
+    event_rows, index_name, same_position, sink_report, transport_error,
 };
 pub use super::schema::{
     DEAD_LETTER_SUFFIX, MAX_STORED_TIME_MS, MAX_TABLE_NAME_LEN, MIN_STORED_TIME_MS, MigrationReport, StoreConfig,
@@ -265,11 +266,47 @@ impl MySqlSink {
         if !problems.is_empty() {
             return Err(SinkError::misconfigured(MYSQL_SINK_NAME, problems.join("; ")));
         }
-        if !report.created_tables.is_empty() || !report.added_columns.is_empty() {
+        // The readers' indexes, found by name (InnoDB builds a secondary index without blocking
+        // writes). A concurrent migration that adds one first makes ours fail with 1061, which is
+        // as good as done.
+        for (table, indexes) in [(&self.table, &EVENT_INDEXES[..]), (&self.dead_letter_table, &DEAD_LETTER_INDEXES[..])]
+        {
+            let existing: Vec<(String,)> = sqlx::query_as(
+                "SELECT DISTINCT CAST(INDEX_NAME AS CHAR) FROM information_schema.STATISTICS \
+                 WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ?",
+            )
+            .bind(table.schema())
+            .bind(table.name())
+            .fetch_all(&mut *connection)
+            .await
+            .map_err(|e| self.error("migrate", &e))?;
+            for index in indexes {
+                let name = index_name(table, index);
+                if existing.iter().any(|(n,)| *n == name) {
+                    continue;
+                }
+                let columns: Vec<String> = index
+                    .columns
+                    .iter()
+                    .map(|(c, prefix)| match prefix {
+                        Some(len) => format!("`{c}`({len})"),
+                        None => format!("`{c}`"),
+                    })
+                    .collect();
+                let sql = format!("ALTER TABLE {} ADD INDEX `{name}` ({})", table.quoted('`'), columns.join(", "));
+                match connection.execute(sql.as_str()).await {
+                    Ok(_) => report.created_indexes.push(format!("{table}.{name}")),
+                    Err(e) if mysql_error_number(&e) == Some(1061) => {}
+                    Err(e) => return Err(self.error("migrate", &e)),
+                }
+            }
+        }
+        if !report.created_tables.is_empty() || !report.added_columns.is_empty() || !report.created_indexes.is_empty() {
             tracing::info!(
                 sink = MYSQL_SINK_NAME,
                 created = ?report.created_tables,
                 added = ?report.added_columns,
+                indexes = ?report.created_indexes,
                 "store tables migrated"
             );
         }
@@ -330,17 +367,39 @@ impl MySqlSink {
                 .await?;
             written += inserted_rows(count, affected);
         }
-        let report = SinkReport { written, duplicates: (batch.events.len() as u64).saturating_sub(written) };
+        let events = batch.events.len() as u64;
+        let matching = if written < events { self.same_position(batch).await? } else { written };
+        let report = sink_report(events, written, matching);
         tracing::debug!(
             sink = MYSQL_SINK_NAME,
             shard = %batch.shard_id,
             written = report.written,
             duplicates = report.duplicates,
+            reread = report.reread,
             dead_letters = batch.dead_letters.len(),
             elapsed = ?started.elapsed(),
             "batch stored"
         );
         Ok(report)
+    }
+
+    /// How many of the batch's events are stored at the position they were read from (primary-key
+    /// lookups, 1,000 ids a statement, run only when the batch had duplicates).
+    async fn same_position(&self, batch: &Batch) -> Result<u64, SinkError> {
+        let mut stored: Vec<StoredPosition> = Vec::new();
+        for chunk in batch.events.chunks(1_000) {
+            let sql = format!(
+                "SELECT {POSITION_COLUMNS} FROM {} WHERE event_id IN ({})",
+                self.table.quoted('`'),
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query_as::<MySql, StoredPosition>(&sql);
+            for record in chunk {
+                query = query.bind(record.event.event_id.as_str());
+            }
+            stored.extend(query.fetch_all(&self.pool).await.map_err(|e| self.error("read back", &e))?);
+        }
+        Ok(same_position(&batch.stream, &batch.events, &stored))
     }
 
     /// One multi-row INSERT; returns the rows affected as MySQL counts them.

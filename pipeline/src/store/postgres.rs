@@ -35,8 +35,9 @@ use futures::future::BoxFuture;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::schema::{
-    Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_KEY, EVENT_COLUMNS, STORED_AT, TableName, Value, check_scheme,
-    chunk_ranges, dead_letter_values, event_rows, transport_error,
+    Column, ColumnKind, DEAD_LETTER_COLUMNS, DEAD_LETTER_INDEXES, DEAD_LETTER_KEY, EVENT_COLUMNS, EVENT_INDEXES,
+    POSITION_COLUMNS, STORED_AT, StoredPosition, TableName, Value, check_scheme, chunk_ranges, dead_letter_values,
+    event_rows, index_name, same_position, sink_report, transport_error,
 };
 pub use super::schema::{
     DEAD_LETTER_SUFFIX, MAX_STORED_TIME_MS, MAX_TABLE_NAME_LEN, MIN_STORED_TIME_MS, MigrationReport, StoreConfig,
@@ -228,12 +229,38 @@ impl PostgresSink {
             // Nothing half-done stays behind: the transaction rolls back on drop.
             return Err(SinkError::misconfigured(POSTGRES_SINK_NAME, problems.join("; ")));
         }
+        // The readers' indexes, found by name: one made beforehand with CREATE INDEX CONCURRENTLY
+        // under the same name (what a large live table needs) is left as it is.
+        for (table, indexes) in [(&self.table, &EVENT_INDEXES[..]), (&self.dead_letter_table, &DEAD_LETTER_INDEXES[..])]
+        {
+            for index in indexes {
+                let name = index_name(table, index);
+                let qualified = match table.schema() {
+                    Some(schema) => format!("\"{schema}\".\"{name}\""),
+                    None => format!("\"{name}\""),
+                };
+                let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                    .bind(&qualified)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| self.error("migrate", &e))?;
+                if exists.is_some() {
+                    continue;
+                }
+                let columns: Vec<String> = index.columns.iter().map(|(c, _)| format!("\"{c}\"")).collect();
+                let sql =
+                    format!("CREATE INDEX IF NOT EXISTS \"{name}\" ON {} ({})", table.quoted('"'), columns.join(", "));
+                sqlx::query(&sql).execute(&mut *tx).await.map_err(|e| self.error("migrate", &e))?;
+                report.created_indexes.push(format!("{table}.{name}"));
+            }
+        }
         tx.commit().await.map_err(|e| self.error("migrate", &e))?;
-        if !report.created_tables.is_empty() || !report.added_columns.is_empty() {
+        if !report.created_tables.is_empty() || !report.added_columns.is_empty() || !report.created_indexes.is_empty() {
             tracing::info!(
                 sink = POSTGRES_SINK_NAME,
                 created = ?report.created_tables,
                 added = ?report.added_columns,
+                indexes = ?report.created_indexes,
                 "store tables migrated"
             );
         }
@@ -254,17 +281,36 @@ impl PostgresSink {
         for range in chunk_ranges(&rows, usize::MAX, POSTGRES_MAX_STATEMENT_BYTES) {
             written += self.insert(&self.insert_events, &EVENT_COLUMNS, &rows[range]).await?;
         }
-        let report = SinkReport { written, duplicates: (batch.events.len() as u64).saturating_sub(written) };
+        let events = batch.events.len() as u64;
+        let matching = if written < events { self.same_position(batch).await? } else { written };
+        let report = sink_report(events, written, matching);
         tracing::debug!(
             sink = POSTGRES_SINK_NAME,
             shard = %batch.shard_id,
             written = report.written,
             duplicates = report.duplicates,
+            reread = report.reread,
             dead_letters = batch.dead_letters.len(),
             elapsed = ?started.elapsed(),
             "batch stored"
         );
         Ok(report)
+    }
+
+    /// How many of the batch's events are stored at the position they were read from (one
+    /// primary-key lookup per event, run only when the batch had duplicates).
+    async fn same_position(&self, batch: &Batch) -> Result<u64, SinkError> {
+        let sql = format!("SELECT {POSITION_COLUMNS} FROM {} WHERE event_id = ANY($1)", self.table.quoted('"'));
+        let ids: Vec<&str> = batch.events.iter().map(|e| e.event.event_id.as_str()).collect();
+        let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<i64>)> =
+            sqlx::query_as(&sql).bind(ids).fetch_all(&self.pool).await.map_err(|e| self.error("read back", &e))?;
+        let stored: Vec<StoredPosition> = rows
+            .into_iter()
+            .map(|(id, stream, shard, sequence, sub)| {
+                (id, stream, shard, sequence, sub.and_then(|n| u64::try_from(n).ok()))
+            })
+            .collect();
+        Ok(same_position(&batch.stream, &batch.events, &stored))
     }
 
     /// One INSERT of `rows` (one array per column); returns the rows inserted.

@@ -107,6 +107,47 @@ pub struct MigrationReport {
     pub created_tables: Vec<String>,
     /// Columns added to existing tables, as `table.column`.
     pub added_columns: Vec<String>,
+    /// Indexes created, as `table.index`.
+    pub created_indexes: Vec<String>,
+}
+
+/// A secondary index `migrate` creates (beside the unique key the writes rely on): what readers
+/// of the store (the dashboard, ad-hoc queries over recent events) filter on, so they read a range
+/// of an index instead of scanning the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Index {
+    /// The end of its name (`<table>_<suffix>`).
+    pub(crate) suffix: &'static str,
+    /// Its columns, each with the prefix length MySQL needs for a `LONGTEXT` column (PostgreSQL
+    /// indexes whole values).
+    pub(crate) columns: &'static [(&'static str, Option<u32>)],
+}
+
+/// The events table's indexes: events by when they happened, by when they were stored, and a
+/// user's events by time (for "had this user been seen before" lookups).
+pub(crate) const EVENT_INDEXES: [Index; 3] = [
+    Index { suffix: "occurred_idx", columns: &[("occurred_at", None)] },
+    Index { suffix: "stored_idx", columns: &[("stored_at", None)] },
+    Index { suffix: "user_occurred_idx", columns: &[("user_id", Some(64)), ("occurred_at", None)] },
+];
+
+/// The dead-letter table's index: dead letters by when they were stored.
+pub(crate) const DEAD_LETTER_INDEXES: [Index; 1] = [Index { suffix: "stored_idx", columns: &[("stored_at", None)] }];
+
+/// The name of `index` on `table`: `<table>_<suffix>`, or, where that is longer than the 63
+/// bytes both servers allow, the table name cut short with a digest of the whole of it, so two
+/// long table names never share an index name.
+pub(crate) fn index_name(table: &TableName, index: &Index) -> String {
+    const MAX: usize = 63;
+    let name = format!("{}_{}", table.name(), index.suffix);
+    if name.len() <= MAX {
+        return name;
+    }
+    // FNV-1a: stable across builds and platforms, unlike std's hasher.
+    let digest =
+        table.name().bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let keep = MAX - index.suffix.len() - 10;
+    format!("{}_{:08x}_{}", &table.name()[..keep], digest as u32, index.suffix)
 }
 
 /// What a store column holds; each sink maps a kind to its own SQL type.
@@ -420,6 +461,39 @@ pub(crate) fn event_rows<'a>(
     events.iter().map(|record| event_values(stream, record)).collect()
 }
 
+/// Where a stored event was read: `stream`, `shard_id`, `sequence_number`, `sub_sequence_number`
+/// of its row, keyed by `event_id` (what the stores read back to tell re-read records from resent
+/// events).
+pub(crate) type StoredPosition = (String, Option<String>, Option<String>, Option<String>, Option<u64>);
+
+/// The columns of a [`StoredPosition`], in its order.
+pub(crate) const POSITION_COLUMNS: &str = "event_id, stream, shard_id, sequence_number, sub_sequence_number";
+
+/// How many of `stream`'s `events` are stored at the position they were read from: those just
+/// written, and those an earlier read of the same records wrote.
+pub(crate) fn same_position(stream: &str, events: &[EventRecord], stored: &[StoredPosition]) -> u64 {
+    let stored: std::collections::HashMap<&str, &StoredPosition> =
+        stored.iter().map(|row| (row.0.as_str(), row)).collect();
+    events
+        .iter()
+        .filter(|record| {
+            stored.get(record.event.event_id.as_str()).is_some_and(|(_, s, shard, sequence, sub)| {
+                s.as_deref() == Some(stream)
+                    && shard.as_deref() == Some(record.shard_id.as_str())
+                    && sequence.as_deref() == Some(record.sequence_number.as_str())
+                    && *sub == Some(record.sub_sequence_number)
+            })
+        })
+        .count() as u64
+}
+
+/// The report of a write of `events` events of which `written` were new and `matching` are stored
+/// at the position they were read from (see [`same_position`]).
+pub(crate) fn sink_report(events: u64, written: u64, matching: u64) -> crate::SinkReport {
+    let duplicates = events.saturating_sub(written);
+    crate::SinkReport { written, duplicates, reread: matching.saturating_sub(written).min(duplicates) }
+}
+
 /// The values of one dead letter's row, in the order of [`DEAD_LETTER_COLUMNS`].
 pub(crate) fn dead_letter_values<'a>(stream: &'a str, dead: &'a DeadLetter) -> [Value<'a>; 8] {
     [
@@ -594,6 +668,44 @@ mod tests {
             sub_sequence_number: 3,
             arrival: Some(UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
         }
+    }
+
+    #[test]
+    fn index_names_fit_and_stay_apart() {
+        let short = TableName::parse("events").expect("valid");
+        assert_eq!(index_name(&short, &EVENT_INDEXES[2]), "events_user_occurred_idx");
+        let long_a = TableName::parse(&"a".repeat(MAX_TABLE_NAME_LEN)).expect("valid").with_suffix(DEAD_LETTER_SUFFIX);
+        let long_b = TableName::parse(&format!("{}b", "a".repeat(MAX_TABLE_NAME_LEN - 1)))
+            .expect("valid")
+            .with_suffix(DEAD_LETTER_SUFFIX);
+        for index in EVENT_INDEXES.iter().chain(&DEAD_LETTER_INDEXES) {
+            let (a, b) = (index_name(&long_a, index), index_name(&long_b, index));
+            assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+            assert_ne!(a, b);
+            assert!(a.ends_with(index.suffix));
+        }
+    }
+
+    #[test]
+    fn a_duplicate_stored_where_it_was_read_is_a_reread() {
+        let at = |id: &str, sub| {
+            let mut r = record(Event { event_id: id.to_owned(), ..Event::default() });
+            r.sub_sequence_number = sub;
+            r
+        };
+        let events = [at("a", 0), at("b", 1), at("c", 2), at("d", 3)];
+        let row = |id: &str, stream: &str, sub| -> StoredPosition {
+            let r = at(id, sub);
+            (id.to_owned(), Some(stream.to_owned()), Some(r.shard_id), Some(r.sequence_number), Some(sub))
+        };
+        // "a" and "b" where they were read, "c" at another sub-sequence number (sent again),
+        // "d" in another stream, "e" not in the batch.
+        let stored = [row("a", "s", 0), row("b", "s", 1), row("c", "s", 7), row("d", "t", 3), row("e", "s", 4)];
+        assert_eq!(same_position("s", &events, &stored), 2);
+        // Of four events, one new ("a", matching too), so one of three duplicates was re-read.
+        assert_eq!(sink_report(4, 1, 2), crate::SinkReport { written: 1, duplicates: 3, reread: 1 });
+        assert_eq!(sink_report(4, 4, 4), crate::SinkReport { written: 4, duplicates: 0, reread: 0 });
+        assert_eq!(sink_report(2, 0, 5), crate::SinkReport { written: 0, duplicates: 2, reread: 2 });
     }
 
     fn full_event() -> Event {

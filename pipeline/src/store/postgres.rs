@@ -302,7 +302,8 @@ impl PostgresSink {
     async fn same_position(&self, batch: &Batch) -> Result<u64, SinkError> {
         let sql = format!("SELECT {POSITION_COLUMNS} FROM {} WHERE event_id = ANY($1)", self.table.quoted('"'));
         let ids: Vec<&str> = batch.events.iter().map(|e| e.event.event_id.as_str()).collect();
-        let rows: Vec<(String, Option<String>, Option<String>, Option<String>, Option<i64>)> =
+        type Row = (String, Option<String>, Option<String>, Option<String>, Option<i64>);
+        let rows: Vec<Row> =
             sqlx::query_as(&sql).bind(ids).fetch_all(&self.pool).await.map_err(|e| self.error("read back", &e))?;
         let stored: Vec<StoredPosition> = rows
             .into_iter()

@@ -393,11 +393,18 @@ impl MySqlSink {
                 self.table.quoted('`'),
                 vec!["?"; chunk.len()].join(", ")
             );
-            let mut query = sqlx::query_as::<MySql, StoredPosition>(&sql);
+            // The text columns' binary collation makes MySQL describe them as VARBINARY: read
+            // their bytes (the sink wrote them from UTF-8 strings).
+            type Row = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>, Option<u64>);
+            let text = |bytes: Option<Vec<u8>>| bytes.map(|b| String::from_utf8_lossy(&b).into_owned());
+            let mut query = sqlx::query_as::<MySql, Row>(&sql);
             for record in chunk {
                 query = query.bind(record.event.event_id.as_str());
             }
-            stored.extend(query.fetch_all(&self.pool).await.map_err(|e| self.error("read back", &e))?);
+            let rows = query.fetch_all(&self.pool).await.map_err(|e| self.error("read back", &e))?;
+            stored.extend(rows.into_iter().map(|(id, stream, shard, sequence, sub)| -> StoredPosition {
+                (String::from_utf8_lossy(&id).into_owned(), text(stream), text(shard), text(sequence), sub)
+            }));
         }
         Ok(same_position(&batch.stream, &batch.events, &stored))
     }

@@ -10,6 +10,8 @@
 # is kept, nothing is installed), the npm packages pinned by ops/package-lock.json (`npm ci`).
 # Prints what it checked; exits 1 on any problem, naming the file and what is wrong.
 set -euo pipefail
+# A failed install inside $(...) stops the script too.
+shopt -s inherit_errexit
 
 OPS_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$OPS_DIR/.." && pwd)"
@@ -54,8 +56,9 @@ install_promtool() {
     printf '%s\n' "$KTK_PROMTOOL"
     return
   fi
-  command -v apt-cache >/dev/null && command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null ||
+  if ! command -v apt-cache >/dev/null || ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null; then
     die "promtool comes from Debian's prometheus package: apt-get and dpkg-deb are needed (or set KTK_PROMTOOL)"
+  fi
   local cache="$KTK_CACHE/promtool" version
   mkdir -p "$cache"
   version="$(apt-cache policy prometheus 2>/dev/null | awk '/Candidate:/ {print $2}')"
@@ -95,8 +98,9 @@ install_promtool() {
 # Prints the node_modules folder, installed by `npm ci` into $KTK_CACHE/ops-lint/<digest of the
 # lock file> unless it is there already.
 install_node_modules() {
-  command -v node >/dev/null && command -v npm >/dev/null ||
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
     die "node and npm are needed (Debian: apt-get install -y nodejs npm)"
+  fi
   node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' ||
     die "node >= 20 is needed, found $(node --version)"
   local digest cache="$KTK_CACHE/ops-lint" dir
@@ -147,6 +151,7 @@ log "ops/lint/check.mjs: the Grafana dashboards, the rules, the CloudWatch dashb
 timeout "$TIMEOUT_S" node "$OPS_DIR/lint/check.mjs" "$ROOT" "$node_modules" || failures+=("ops/lint/check.mjs")
 
 if ((${#failures[@]})); then
-  die "failed: $(IFS=';'; echo "${failures[*]}" | sed 's/;/; /g') (the problems are listed above)"
+  joined="$(IFS=';' && echo "${failures[*]}")"
+  die "failed: ${joined//;/; } (the problems are listed above)"
 fi
 log "clean"

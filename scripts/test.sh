@@ -3,7 +3,8 @@
 #
 # On a fresh machine it installs and starts what the tests need: LocalStack (host mode, no
 # Docker), PostgreSQL and MariaDB. Then: rustfmt check, buf lint and buf breaking on the schemas,
-# clippy with warnings as errors, and every test of the workspace, integration tests included.
+# the monitoring files (ops/lint.sh), clippy with warnings as errors, and every test of the
+# workspace, integration tests included.
 # Integration tests never skip: a missing service fails them. LocalStack is stopped at the end if
 # this script started it.
 set -euo pipefail
@@ -63,6 +64,12 @@ step "buf lint and buf breaking"
 # The schemas in proto/ against the lint rules and the released schema (docs/schema.md); the
 # Buf CLI comes from the npm registry into a cache outside the clone.
 scripts/buf.sh check
+
+step "monitoring: Grafana dashboard, Prometheus rules, CloudWatch dashboard"
+# promtool check and test rules, then every PromQL and SQL query and every CloudWatch widget
+# parsed and checked against the code's metrics and the store's columns (docs/monitoring.md);
+# promtool (Debian's prometheus package) and the npm packages are cached under ~/.cache/ktk.
+ops/lint.sh
 
 step "dashboard: npm packages and the page bundle"
 # uPlot and esbuild from the npm registry (npm ci, cached under ~/.cache/ktk/npm), the page

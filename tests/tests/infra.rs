@@ -433,12 +433,14 @@ async fn compute_template_validates_and_its_policies_and_stream_alarms_deploy_ov
         "MaximumRetryAttempts",
         "MaximumRecordAgeInSeconds",
         "MetricsNamespace",
+        "EnableDashboard",
     ] {
         assert!(parameters.contains(expected), "compute.yaml lacks parameter {expected}: {parameters:?}");
     }
 
     // LocalStack (without Docker, ECS or Lambda) can create neither the ECS service nor the
-    // function; with both consumers off, the rest deploys and resolves the data plane's exports.
+    // function, and its community edition has no CloudWatch dashboards; with both consumers and
+    // the dashboard off, the rest deploys and resolves the data plane's exports.
     let name = unique_name("ktk-infra-dp").to_lowercase();
     create_stack(
         &cloudformation,
@@ -458,7 +460,12 @@ async fn compute_template_validates_and_its_policies_and_stream_alarms_deploy_ov
         &cloudformation,
         &compute_stack,
         &compute,
-        &[("DataPlaneStack", &name), ("EnableEcsConsumer", "false"), ("EnableLambdaConsumer", "false")],
+        &[
+            ("DataPlaneStack", &name),
+            ("EnableEcsConsumer", "false"),
+            ("EnableLambdaConsumer", "false"),
+            ("EnableDashboard", "false"),
+        ],
     )
     .await;
     assert!(outputs.get("ProducerPolicyArn").is_some_and(|arn| arn.contains(":policy/")), "{outputs:?}");
@@ -480,7 +487,10 @@ async fn compute_template_validates_and_its_policies_and_stream_alarms_deploy_ov
         ("WriteThrottledAlarm", "AWS::CloudWatch::Alarm"),
         ("StreamIteratorAgeAlarm", "AWS::CloudWatch::Alarm"),
     ]);
-    assert_eq!(created, wanted, "with both consumers off, the shared policies and the stream alarms only");
+    assert_eq!(
+        created, wanted,
+        "with both consumers and the dashboard off, the shared policies and the stream alarms only"
+    );
 
     // The compute stack imports the data plane's exports: it goes first.
     delete_stack(&cloudformation, &compute_stack).await;

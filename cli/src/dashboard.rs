@@ -25,6 +25,10 @@ pub struct DashboardArgs {
     /// How often the page refreshes and the answers are recomputed, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1000..=600_000))]
     refresh_ms: u64,
+    /// How often the top titles of the day (a read of the whole day's plays) are recomputed, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    day_refresh_ms: u64,
     /// How often the /metrics URLs are scraped, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
     scrape_ms: u64,
@@ -46,7 +50,11 @@ pub fn dashboard(args: &DashboardArgs) -> Result<std::sync::Arc<Dashboard>, Stri
     // An hour of history at any interval.
     let history = (3_600_000 / args.scrape_ms.max(1)) as usize + 1;
     let metrics = Metrics::new(ScrapeConfig { targets: args.metrics.clone(), interval, history });
-    let config = DashboardConfig { refresh: Duration::from_millis(args.refresh_ms), title: args.title.clone() };
+    let config = DashboardConfig {
+        refresh: Duration::from_millis(args.refresh_ms),
+        title: args.title.clone(),
+        day_refresh: Duration::from_millis(args.day_refresh_ms),
+    };
     Ok(Dashboard::new(store, metrics, config))
 }
 

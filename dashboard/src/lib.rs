@@ -20,10 +20,13 @@
 //! [`RANGES`] (seconds); `GET /api/info` says what the dashboard reads.
 //!
 //! # Bounds
-//! Each answer is computed at most once per [`DashboardConfig::refresh`] per endpoint and range,
-//! whoever asks and however many ask at once: concurrent requests wait for the one computation.
-//! With four ranges and three endpoints that is at most 12 computations per refresh, each a few
-//! bounded, indexed queries on a two-connection read-only pool (see [`store`]). The server takes
+//! Each answer is computed at most once per [`Dashboard::reuse`] per endpoint and range (the
+//! refresh interval, or a 360th of the range when that is longer: a day's charts are computed at
+//! most every 4 minutes), whoever asks and however many ask at once: concurrent requests wait for
+//! the one computation. The top titles of the day, which read the whole day whatever the range,
+//! are computed apart, at most once per [`DashboardConfig::day_refresh`], for every range. Each
+//! computation is a few bounded, indexed queries on a two-connection read-only pool (see
+//! [`store`]). The server takes
 //! at most [`MAX_CONCURRENT_REQUESTS`] requests at a time. It is an operator's tool: it listens
 //! on loopback unless told otherwise and has no login, so put it behind an authenticating proxy
 //! before exposing it.
@@ -68,11 +71,17 @@ pub struct DashboardConfig {
     pub refresh: Duration,
     /// A title for the page (the stream or the environment).
     pub title: String,
+    /// How long the top titles of the day are reused (they read the whole day's plays).
+    pub day_refresh: Duration,
 }
 
 impl Default for DashboardConfig {
     fn default() -> Self {
-        DashboardConfig { refresh: Duration::from_secs(5), title: "ktk".to_owned() }
+        DashboardConfig {
+            refresh: Duration::from_secs(5),
+            title: "ktk".to_owned(),
+            day_refresh: Duration::from_secs(60),
+        }
     }
 }
 
@@ -85,6 +94,9 @@ enum Panel {
 
 type Slot = Arc<Mutex<Option<(Instant, Arc<Value>)>>>;
 
+/// The top titles of a day (its midnight, in seconds) and when they were computed.
+type DaySlot = Mutex<Option<(Instant, i64, Arc<Value>)>>;
+
 /// The dashboard's state: the store, the metrics, the answers cached.
 #[derive(Debug)]
 pub struct Dashboard {
@@ -92,6 +104,7 @@ pub struct Dashboard {
     metrics: Metrics,
     config: DashboardConfig,
     cache: std::sync::Mutex<HashMap<(Panel, i64), Slot>>,
+    day: DaySlot,
     computed: AtomicU64,
 }
 
@@ -102,6 +115,7 @@ impl Dashboard {
             metrics,
             config,
             cache: std::sync::Mutex::new(HashMap::new()),
+            day: Mutex::new(None),
             computed: AtomicU64::new(0),
         })
     }
@@ -109,6 +123,28 @@ impl Dashboard {
     /// How many answers were computed (not served from the cache) so far.
     pub fn computed(&self) -> u64 {
         self.computed.load(Ordering::Relaxed)
+    }
+
+    /// How long an answer over `range` seconds is reused: the refresh interval, or a 360th of
+    /// the range (the width of a bucket at most) when that is longer.
+    pub fn reuse(&self, range: i64) -> Duration {
+        self.config.refresh.max(Duration::from_secs((range.max(0) as u64) / 360))
+    }
+
+    /// The top titles of the day that ends at `now`: reused for [`DashboardConfig::day_refresh`].
+    async fn top_titles_today(&self, now: i64) -> Result<Arc<Value>, String> {
+        let midnight = now.div_euclid(86400) * 86400;
+        let mut slot = self.day.lock().await;
+        if let Some((at, day, value)) = slot.as_ref()
+            && *day == midnight
+            && at.elapsed() < self.config.day_refresh
+        {
+            return Ok(Arc::clone(value));
+        }
+        let titles = self.store.top_titles_today(now).await.map_err(|e| e.to_string())?;
+        let value = Arc::new(serde_json::to_value(titles).map_err(|e| e.to_string())?);
+        *slot = Some((Instant::now(), midnight, Arc::clone(&value)));
+        Ok(value)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -156,7 +192,7 @@ impl Dashboard {
         };
         let mut slot = slot.lock().await;
         if let Some((at, value)) = slot.as_ref()
-            && at.elapsed() < self.config.refresh
+            && at.elapsed() < self.reuse(range)
         {
             return Arc::clone(value);
         }
@@ -169,10 +205,12 @@ impl Dashboard {
                 Panel::Audience => {
                     let audience = self
                         .store
-                        .audience(&Window::ending(now, range, min_step(range)))
+                        .audience_parts(&Window::ending(now, range, min_step(range)), false)
                         .await
                         .map_err(|e| e.to_string())?;
-                    to_json(serde_json::to_value(audience))
+                    let mut value = to_json(serde_json::to_value(audience))?;
+                    value["top_titles_today"] = Value::clone(&*self.top_titles_today(now).await?);
+                    Ok(value)
                 }
                 Panel::Segments => {
                     let window = Window::ending(now, range, range / 12);

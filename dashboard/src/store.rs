@@ -467,6 +467,30 @@ impl Store {
 
     /// The audience panel's data.
     pub async fn audience(&self, window: &Window) -> Result<Audience, StoreError> {
+        self.audience_parts(window, true).await
+    }
+
+    /// Titles by plays from midnight UTC to `to` (seconds since the epoch), the [`TOP_N`] first.
+    /// It reads the day's plays whatever the range, which makes it the costliest audience query
+    /// on a busy day: the server computes it apart, at most once per
+    /// [`DashboardConfig::day_refresh`](crate::DashboardConfig::day_refresh).
+    pub async fn top_titles_today(&self, to: i64) -> Result<Vec<Title>, StoreError> {
+        let t = &self.table;
+        let midnight = to.div_euclid(86400) * 86400;
+        let today = Window { from: midnight, to, step: 86400 };
+        let top_sql = format!(
+            "SELECT content_title, COUNT(*) AS plays, COUNT(DISTINCT COALESCE(user_id, device_id)) FROM {t} \
+             WHERE {} AND event_type = 'EVENT_TYPE_PLAY' AND content_title IS NOT NULL \
+             GROUP BY content_title ORDER BY 2 DESC, 1 LIMIT {TOP_N}",
+            self.between("occurred_at", &today)
+        );
+        let titles = [Kind::Text, Kind::Int, Kind::Int];
+        Ok(self.rows(&top_sql, &titles).await?.iter().map(|r| title(r)).collect())
+    }
+
+    /// The audience, without its top titles of the day when `with_top` is false (the server
+    /// computes those apart).
+    pub async fn audience_parts(&self, window: &Window, with_top: bool) -> Result<Audience, StoreError> {
         let t = &self.table;
         let range = self.between("occurred_at", window);
         let bucket = self.bucket("occurred_at", window.step);
@@ -490,15 +514,7 @@ impl Store {
         );
         let titles = [Kind::Text, Kind::Int, Kind::Int];
         let watching_now = self.rows(&now_sql, &titles).await?.iter().map(|r| title(r)).collect();
-        let midnight = window.to.div_euclid(86400) * 86400;
-        let today = Window { from: midnight, to: window.to, step: 86400 };
-        let top_sql = format!(
-            "SELECT content_title, COUNT(*) AS plays, COUNT(DISTINCT COALESCE(user_id, device_id)) FROM {t} \
-             WHERE {} AND event_type = 'EVENT_TYPE_PLAY' AND content_title IS NOT NULL \
-             GROUP BY content_title ORDER BY 2 DESC, 1 LIMIT {TOP_N}",
-            self.between("occurred_at", &today)
-        );
-        let top_titles_today = self.rows(&top_sql, &titles).await?.iter().map(|r| title(r)).collect();
+        let top_titles_today = if with_top { self.top_titles_today(window.to).await? } else { Vec::new() };
         let users_sql = self.users_sql(window);
         let users = self.rows(&users_sql, &[Kind::Int, Kind::Int]).await?;
         let (active, returning) = users.first().map_or((0, 0), |r| (r[0].int(), r[1].int()));

@@ -332,7 +332,11 @@ async fn the_dashboard_in_chromium_shows_what_sql_counts_and_updates_live() {
     let store = Store::connect_lazy(&database_url(), &table).expect("store");
     let targets = vec![format!("http://127.0.0.1:{}/metrics", consumer.port), collector.metrics_url()];
     let metrics = Metrics::new(ScrapeConfig { targets, interval: Duration::from_secs(1), history: 600 });
-    let config = DashboardConfig { refresh: Duration::from_secs(1), title: "dashboard test".to_owned() };
+    let config = DashboardConfig {
+        refresh: Duration::from_secs(1),
+        title: "dashboard test".to_owned(),
+        day_refresh: Duration::from_secs(1),
+    };
     let dashboard = Dashboard::new(store, metrics, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/", listener.local_addr().expect("address"));

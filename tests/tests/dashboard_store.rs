@@ -381,7 +381,11 @@ async fn the_server_computes_each_answer_once_per_refresh_and_survives_a_dead_st
     sink.migrate().await.expect("migrate");
     fill(&sink, "dash").await;
     let store = Store::connect_lazy(&database_url(), &table).expect("store");
-    let config = DashboardConfig { refresh: Duration::from_secs(60), title: "test".to_owned() };
+    let config = DashboardConfig {
+        refresh: Duration::from_secs(60),
+        title: "test".to_owned(),
+        day_refresh: Duration::from_secs(60),
+    };
     let dashboard = Dashboard::new(store, Metrics::new(ScrapeConfig::default()), config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("address"));

@@ -264,6 +264,7 @@ async fn migrate_twice_is_fine_and_adds_missing_columns_to_an_older_table() {
         format!("{table}.{table}_occurred_idx"),
         format!("{table}.{table}_stored_idx"),
         format!("{table}.{table}_user_occurred_idx"),
+        format!("{table}.{table}_type_occurred_idx"),
         format!("{dead}.{dead}_stored_idx"),
     ];
     let mut created = report.created_indexes.clone();

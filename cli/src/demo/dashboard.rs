@@ -34,7 +34,7 @@ impl DemoDashboard {
     ) -> Result<Self, String> {
         let store = Store::connect_lazy(postgres_url, table).map_err(|e| e.to_string())?;
         let metrics = Metrics::new(ScrapeConfig { targets: metrics, interval: REFRESH, history: 3600 });
-        let config = DashboardConfig { refresh: REFRESH, title: title.to_owned() };
+        let config = DashboardConfig { refresh: REFRESH, title: title.to_owned(), day_refresh: REFRESH };
         let dashboard = Dashboard::new(store, metrics, config);
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await

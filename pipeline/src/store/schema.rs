@@ -123,12 +123,14 @@ pub(crate) struct Index {
     pub(crate) columns: &'static [(&'static str, Option<u32>)],
 }
 
-/// The events table's indexes: events by when they happened, by when they were stored, and a
-/// user's events by time (for "had this user been seen before" lookups).
-pub(crate) const EVENT_INDEXES: [Index; 3] = [
+/// The events table's indexes: events by when they happened, by when they were stored, a user's
+/// events by time (for "had this user been seen before" lookups), and events of one type by time
+/// (the plays of a day without reading its heartbeats).
+pub(crate) const EVENT_INDEXES: [Index; 4] = [
     Index { suffix: "occurred_idx", columns: &[("occurred_at", None)] },
     Index { suffix: "stored_idx", columns: &[("stored_at", None)] },
     Index { suffix: "user_occurred_idx", columns: &[("user_id", Some(64)), ("occurred_at", None)] },
+    Index { suffix: "type_occurred_idx", columns: &[("event_type", None), ("occurred_at", None)] },
 ];
 
 /// The dead-letter table's index: dead letters by when they were stored.

@@ -494,12 +494,17 @@ impl Store {
         let t = &self.table;
         let range = self.between("occurred_at", window);
         let bucket = self.bucket("occurred_at", window.step);
-        let by = |column: &str| {
-            format!("SELECT {bucket} AS bucket, {column}, COUNT(*) FROM {t} WHERE {range} GROUP BY 1, 2 ORDER BY 1")
+        // One read of the range for both charts: at most buckets x types x platforms rows.
+        let by_sql = format!(
+            "SELECT {bucket} AS bucket, event_type, platform, COUNT(*) FROM {t} WHERE {range} GROUP BY 1, 2, 3 ORDER BY 1"
+        );
+        let rows = self.rows(&by_sql, &[Kind::Int, Kind::Text, Kind::Text, Kind::Int]).await?;
+        let pick = |column: usize| -> Vec<Vec<Cell>> {
+            rows.iter().map(|r| vec![r[0].clone(), r[column].clone(), r[3].clone()]).collect()
         };
+        let by_type = Chart::from_rows(window, &pick(1));
+        let by_platform = Chart::from_rows(window, &pick(2));
         let counted = [Kind::Int, Kind::Text, Kind::Int];
-        let by_type = Chart::from_rows(window, &self.rows(&by("event_type"), &counted).await?);
-        let by_platform = Chart::from_rows(window, &self.rows(&by("platform"), &counted).await?);
         let viewers_sql = format!(
             "SELECT {bucket} AS bucket, 'viewers', COUNT(DISTINCT COALESCE(user_id, device_id)) FROM {t} \
              WHERE {range} AND event_type IN ({WATCHING}) GROUP BY 1 ORDER BY 1"

@@ -448,3 +448,149 @@ async fn a_worker_whose_stream_is_gone_is_unhealthy_naming_kinesis() {
     assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
     w1.stop().await;
 }
+
+/// Unfinished leases per owner in the table, a hand-off in progress counted as "handoff".
+fn owner_counts(h: &Harness, shards: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for shard in shards {
+        let Some(lease) = h.items.lease(shard) else {
+            *counts.entry("no lease yet".to_owned()).or_default() += 1;
+            continue;
+        };
+        let owner = match (&lease.owner, &lease.checkpoint_owner) {
+            (_, Some(_)) => "handoff".to_owned(),
+            (Some(owner), None) => owner.clone(),
+            (None, None) => String::new(),
+        };
+        *counts.entry(owner).or_default() += 1;
+    }
+    counts
+}
+
+/// Polls every 50 ms until `check` holds; returns how long that took, or `None` after `limit`.
+async fn time_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() <= limit {
+        if check() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Eight shards with records, and a lease table whose calls take 10 ms, as DynamoDB's do: two
+/// workers started together then race for the same unowned leases.
+fn eight_shards_and_a_slow_table() -> (Harness, Vec<String>) {
+    let h = Harness::default();
+    let shards: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
+    for shard in &shards {
+        h.kinesis.add_shard(shard, &[]);
+        h.kinesis.put(shard, 3);
+    }
+    h.items.set_latency(Duration::from_millis(10));
+    (h, shards)
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_workers_started_together_share_evenly_within_seconds_not_a_taking_interval() {
+    let (h, shards) = eight_shards_and_a_slow_table();
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    // The second starts 5 ms later: both find the leases unowned, and the first wins every race.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    let even = || {
+        let counts = owner_counts(&h, &shards);
+        counts.get("w1") == Some(&4) && counts.get("w2") == Some(&4)
+    };
+    let took = time_until(Duration::from_secs(30), even).await;
+    let took = took.unwrap_or_else(|| panic!("no 4/4 split in 30 s: {:?}", owner_counts(&h, &shards)));
+    // The second worker scans four times as often while hand-offs to it are pending, so it starts
+    // the shards soon after their release.
+    let started = time_until(Duration::from_secs(5), || w2.status.snapshot().leases_held == 4).await;
+    let started = took + started.expect("w2 processing its four shards");
+    println!(
+        "two workers started 5 ms apart: 4/4, hand-offs done, {took:?} after the second started; \
+         its four shards processing after {started:?}"
+    );
+    assert!(took <= Duration::from_secs(3), "4/4 with hand-offs done in {took:?}, not a taking interval (20 s)");
+    assert!(started <= Duration::from_secs(3), "{started:?}");
+
+    // Stable afterwards: nothing moves over several taking intervals, nothing is processed twice.
+    wait(60).await;
+    assert!(even(), "{:?}", owner_counts(&h, &shards));
+    let all = h.log.processed();
+    let mut unique = all.clone();
+    unique.dedup();
+    assert_eq!((all.len(), unique.len()), (24, 24), "every record once");
+    let (r2, r1) = (w2.stop().await, w1.stop().await);
+    assert_eq!(r1.handoffs_requested + r2.handoffs_requested, 4, "each lease moved once: {r1:?} {r2:?}");
+    assert_eq!(r1.leases_lost + r2.leases_lost, 0, "hand-offs, not thefts: {r1:?} {r2:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_early_balancing_the_same_start_waits_a_whole_taking_interval() {
+    // The scenario above with early rounds turned off: what the worker did before.
+    let (h, shards) = eight_shards_and_a_slow_table();
+    let never = |c: WorkerConfig| c.with_min_balance_interval(Duration::from_secs(3600));
+    let w1 = h.start_with("w1", CheckpointWhen::EveryBatch, None, never);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let w2 = h.start_with("w2", CheckpointWhen::EveryBatch, None, never);
+    let took = time_until(Duration::from_secs(30), || {
+        let counts = owner_counts(&h, &shards);
+        counts.get("w1") == Some(&4) && counts.get("w2") == Some(&4)
+    })
+    .await;
+    let took = took.expect("even at the taking interval");
+    println!("without early balancing: 4/4 {took:?} after the second started");
+    assert!(took >= Duration::from_secs(19), "{took:?}");
+    w2.stop().await;
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_worker_balances_at_its_next_scan_when_a_new_worker_appears() {
+    let h = Harness::default();
+    let shards: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
+    for shard in &shards {
+        h.kinesis.add_shard(shard, &[]);
+    }
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(5).await;
+    assert_eq!(owner_counts(&h, &shards).get("w1"), Some(&8));
+
+    // A new worker (played by the test) appears holding six of them, and renews them; it hands
+    // over what it is asked for, as a worker does.
+    let table = h.table();
+    let w9 = Arc::new(crate::lease::LeaseRenewer::new(table.clone(), Duration::from_secs(10)));
+    for shard in &shards[2..] {
+        w9.add(table.take(&h.lease(shard), "w9").await.expect("w9 takes it"));
+    }
+    let renewing = {
+        let w9 = Arc::clone(&w9);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                w9.renew_all().await;
+                for held in w9.held() {
+                    if held.is_handoff_requested() {
+                        w9.release(held.shard_id()).await;
+                    }
+                }
+            }
+        })
+    };
+    // w1 holds 2 of 8 next to one other worker: its share is 4, and it asks w9 for 2 at its next
+    // scans, not at its next taking interval (20 s after its start).
+    let took = time_until(Duration::from_secs(30), || {
+        let counts = owner_counts(&h, &shards);
+        counts.get("w1") == Some(&4) && counts.get("w9") == Some(&4)
+    })
+    .await;
+    let took = took.unwrap_or_else(|| panic!("no 4/4 split: {:?}", owner_counts(&h, &shards)));
+    println!("a new worker appeared holding 6 of 8: 4/4 {took:?} later");
+    assert!(took <= Duration::from_secs(3), "{took:?}");
+    renewing.abort();
+    let report = w1.stop().await;
+    assert_eq!(report.handoffs_requested, 2, "{report:?}");
+}

@@ -20,6 +20,7 @@ pub struct WorkerConfig {
     pub(crate) failover_time: Duration,
     pub(crate) renew_interval: Option<Duration>,
     pub(crate) taking_interval: Option<Duration>,
+    pub(crate) min_balance_interval: Duration,
     pub(crate) discovery_interval: Duration,
     pub(crate) shard_sync_interval: Duration,
     pub(crate) parent_poll_interval: Duration,
@@ -49,6 +50,7 @@ impl WorkerConfig {
             failover_time: Duration::from_secs(10),
             renew_interval: None,
             taking_interval: None,
+            min_balance_interval: Duration::from_secs(1),
             discovery_interval: Duration::from_secs(1),
             shard_sync_interval: Duration::from_secs(60),
             parent_poll_interval: Duration::from_secs(10),
@@ -104,6 +106,15 @@ impl WorkerConfig {
     /// the KCL's `takerIntervalMillis`).
     pub fn with_taking_interval(mut self, interval: Duration) -> Self {
         self.taking_interval = Some(interval);
+        self
+    }
+
+    /// Shortest time between two balance rounds (default 1 s; ktk's own). Besides every taking
+    /// interval, a worker balances at its next scan when the scan shows a new worker, or when its
+    /// previous round lost a race for a lease (workers that start together), but never closer than
+    /// this to its previous round. Zero balances at the next scan.
+    pub fn with_min_balance_interval(mut self, interval: Duration) -> Self {
+        self.min_balance_interval = interval;
         self
     }
 

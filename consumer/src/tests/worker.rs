@@ -12,12 +12,14 @@ use crate::worker::{Worker, WorkerConfig, WorkerReport, WorkerStatus};
 
 const APP: &str = "app";
 
-/// A stream, a lease table and a log shared by the workers of a test.
+/// A stream, a lease table and a log shared by the workers of a test, whose processors take
+/// `batch_time` over each batch.
 #[derive(Default)]
 struct Harness {
     kinesis: Arc<FakeKinesis>,
     items: Arc<MemoryItems>,
     log: Log,
+    batch_time: Duration,
 }
 
 /// A worker running in a task of the test's runtime.
@@ -62,7 +64,7 @@ impl Harness {
         configure: impl FnOnce(WorkerConfig) -> WorkerConfig,
     ) -> Running {
         let config = configure(WorkerConfig::new("stream", APP).with_worker_id(worker));
-        let (log, name) = (self.log.clone(), worker.to_owned());
+        let (log, name, batch_time) = (self.log.clone(), worker.to_owned(), self.batch_time);
         let factory = move |shard: &str| Recorder {
             worker: name.clone(),
             shard: shard.to_owned(),
@@ -70,6 +72,7 @@ impl Harness {
             when,
             fail_batch,
             batches: 0,
+            batch_time,
         };
         let worker = Worker::with_api(config, Arc::clone(&self.kinesis) as _, self.table(), factory).expect("config");
         let status = worker.status();
@@ -593,4 +596,123 @@ async fn a_running_worker_balances_at_its_next_scan_when_a_new_worker_appears() 
     renewing.abort();
     let report = w1.stop().await;
     assert_eq!(report.handoffs_requested, 2, "{report:?}");
+}
+
+/// The times `worker` finished each batch of `shard`, with its records.
+fn batches(h: &Harness, worker: &str, shard: &str) -> Vec<(tokio::time::Instant, Vec<String>)> {
+    h.log
+        .entries()
+        .into_iter()
+        .filter(|e| e.worker == worker && e.shard == shard)
+        .filter_map(|e| match e.event {
+            Event::Batch(records) => Some((e.at, records)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One shard of ten records read two at a time by a processor that takes 1 s a batch, with
+/// read-ahead on or off: when each `GetRecords` was made, and when each batch was done.
+async fn slow_processor_run(
+    read_ahead: bool,
+) -> (Vec<crate::tests::fakes::Read>, Vec<(tokio::time::Instant, Vec<String>)>, Vec<String>) {
+    let h = Harness { batch_time: Duration::from_secs(1), ..Harness::default() };
+    h.kinesis.add_shard("s0", &[]);
+    let records = h.kinesis.put("s0", 10);
+    let w1 =
+        h.start_with("w1", CheckpointWhen::EveryBatch, None, |c| c.with_max_records(2).with_read_ahead(read_ahead));
+    wait(10).await;
+    w1.stop().await;
+    assert_eq!(h.lease("s0").checkpoint, at(&records[9]), "every batch checkpointed");
+    (h.kinesis.reads("s0"), batches(&h, "w1", "s0"), records)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_get_records_is_made_while_the_processor_works_and_order_is_kept() {
+    let (reads, done, records) = slow_processor_run(true).await;
+    // Batch n is done at the end of its second; the read of batch n + 1 (from record 2n + 2) was
+    // made while batch n was being processed, 200 ms after the read of batch n.
+    assert_eq!(done.len(), 5, "{done:?}");
+    for (n, (finished, batch)) in done.iter().enumerate() {
+        assert_eq!(batch, &records[2 * n..2 * n + 2].to_vec(), "batches in shard order");
+        let next = reads.iter().find(|r| r.position == 2 * n + 2).expect("the next batch was read");
+        assert!(next.at + Duration::from_millis(500) <= *finished, "batch {n}: {next:?} vs done at {finished:?}");
+    }
+    // Five 1 s batches back to back: the reads hide behind the processing.
+    let took = done[4].0 - reads[0].at;
+    assert!(took <= Duration::from_millis(5_100), "{took:?}");
+
+    // Read-ahead off: each read waits for the batch before it.
+    let (reads, done, _) = slow_processor_run(false).await;
+    for (n, (finished, _)) in done.iter().enumerate() {
+        let next = reads.iter().find(|r| r.position == 2 * n + 2).expect("the next batch was read");
+        assert!(next.at >= *finished, "batch {n}: {next:?} made before the batch was done at {finished:?}");
+    }
+}
+
+/// A shard of four records read two at a time by a processor that takes 2 s a batch and
+/// checkpoints only when asked to shut down: the second batch has been read ahead when the first
+/// is done.
+fn shard_with_two_slow_batches() -> (Harness, Vec<String>, Running) {
+    let h = Harness { batch_time: Duration::from_secs(2), ..Harness::default() };
+    h.kinesis.add_shard("s0", &[]);
+    let records = h.kinesis.put("s0", 4);
+    let w1 = h.start_with("w1", CheckpointWhen::AtShutdown, None, |c| c.with_max_records(2));
+    (h, records, w1)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_drops_the_batch_read_ahead() {
+    let (h, records, w1) = shard_with_two_slow_batches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.kinesis.reads("s0").iter().any(|r| r.position == 2), "the second batch is read ahead");
+    // Another worker takes the lease while the first batch is being processed.
+    h.table().take(&h.lease("s0"), "thief").await.expect("the thief takes it");
+    wait(5).await;
+    let events: Vec<Event> = h.log.entries().into_iter().filter(|e| e.worker == "w1").map(|e| e.event).collect();
+    assert!(events.contains(&Event::LeaseLost), "{events:?}");
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &records[..2]), "the batch read ahead is not processed");
+    let lease = h.lease("s0");
+    assert_eq!((lease.owner.as_deref(), lease.checkpoint), (Some("thief"), ExtendedSequenceNumber::TRIM_HORIZON));
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hand_off_drops_the_batch_read_ahead_and_checkpoints_only_what_was_processed() {
+    let (h, records, w1) = shard_with_two_slow_batches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.kinesis.reads("s0").iter().any(|r| r.position == 2), "the second batch is read ahead");
+    h.table().request_handoff(&h.lease("s0"), "w2").await.expect("w2 asks for it");
+    wait(5).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &records[..2]), "the batch read ahead is not processed");
+    assert!(h.log.position(|e| e.worker == "w1" && e.event == Event::ShutdownRequested).is_some());
+    // Handed over at the end of the first batch: the read-ahead's records were never delivered.
+    let lease = h.lease("s0");
+    assert_eq!((lease.owner.as_deref(), lease.checkpoint_owner, lease.checkpoint), (Some("w2"), None, at(&records[1])));
+    let report = w1.stop().await;
+    assert_eq!(report.leases_released, 1, "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_keep_the_idle_pause_and_the_throttling_backoff_with_read_ahead() {
+    let h = Harness { batch_time: Duration::from_secs(1), ..Harness::default() };
+    h.kinesis.add_shard("s0", &[]);
+    h.kinesis.add_shard("idle", &[]);
+    let records = h.kinesis.put("s0", 6);
+    let w1 = h.start_with("w1", CheckpointWhen::EveryBatch, None, |c| c.with_max_records(2).with_empty_batches(true));
+    // The read ahead of the second batch is throttled, and so is every read for 5 s.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.kinesis.set_throttled(true);
+    wait(5).await;
+    h.kinesis.set_throttled(false);
+    let throttled = h.kinesis.reads("s0").iter().filter(|r| r.throttled).count();
+    // Backed off from 100 ms, doubling: about six calls in 5 s, not one every 200 ms (25).
+    assert!((4..=8).contains(&throttled), "{throttled} throttled reads");
+    wait(10).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &records), "everything once, in order, after the throttling");
+    // A caught-up shard is read once per idle time (1.5 s), read-ahead or not: about 10 in 15 s
+    // (throttled ones included).
+    let idle = h.kinesis.reads("idle").len();
+    assert!((8..=12).contains(&idle), "{idle} reads of the idle shard");
+    w1.stop().await;
 }

@@ -26,6 +26,7 @@ pub struct WorkerConfig {
     pub(crate) parent_poll_interval: Duration,
     pub(crate) idle_time_between_reads: Duration,
     pub(crate) empty_batches: bool,
+    pub(crate) read_ahead: bool,
     pub(crate) max_records: i32,
     pub(crate) max_leases_per_worker: usize,
     pub(crate) max_leases_to_steal_at_once: usize,
@@ -56,6 +57,7 @@ impl WorkerConfig {
             parent_poll_interval: Duration::from_secs(10),
             idle_time_between_reads: Duration::from_millis(1500),
             empty_batches: false,
+            read_ahead: true,
             max_records: GET_RECORDS_MAX_RECORDS,
             max_leases_per_worker: usize::MAX,
             max_leases_to_steal_at_once: 10,
@@ -152,6 +154,16 @@ impl WorkerConfig {
     /// (the delivery pipeline) need a call when the shard is quiet.
     pub fn with_empty_batches(mut self, empty: bool) -> Self {
         self.empty_batches = empty;
+        self
+    }
+
+    /// Reads a shard's next batch while the processor works on the current one (default on):
+    /// one batch ahead per shard at most, at the shard's read pace, dropped if the lease goes or
+    /// the processor fails, never counted as delivered before the processor gets it. Polling only
+    /// (enhanced fan-out pushes records as they come). The KCL's `PrefetchRecordsPublisher` does
+    /// the same with up to `maxPendingProcessRecordsInput` (3) batches.
+    pub fn with_read_ahead(mut self, read_ahead: bool) -> Self {
+        self.read_ahead = read_ahead;
         self
     }
 

@@ -245,6 +245,7 @@ impl<F: ProcessorFactory> Worker<F> {
             parent_poll_interval: config.parent_poll_interval,
             idle_time_between_reads: config.idle_time_between_reads,
             empty_batches: config.empty_batches,
+            read_ahead: config.read_ahead,
             retry_min: config.retry_min,
             retry_max: config.retry_max,
             shutdown: shard_shutdown.clone(),
@@ -288,8 +289,7 @@ impl<F: ProcessorFactory> Worker<F> {
         // The first round balances at once (a worker that joins a group asks for its share right
         // away), then every taking interval, and early when a scan shows a new worker or a round
         // acted on a stale view (balance.rs).
-        let mut balancing =
-            BalanceSchedule::new(Instant::now(), config.taking_interval(), config.min_balance_interval);
+        let mut balancing = BalanceSchedule::new(Instant::now(), config.taking_interval(), config.min_balance_interval);
         let mut discovery = tokio::time::interval(config.discovery_interval);
         discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // While hand-offs to this worker wait for their owners to release, it scans four times as
@@ -326,7 +326,8 @@ impl<F: ProcessorFactory> Worker<F> {
             match state.take_leases(balance, &ctx, &self.factory).await {
                 Ok(round) => {
                     handoff_scan = (round.incoming > 0).then(|| Instant::now() + config.discovery_interval / 4);
-                    if let Some(EarlyReason::NewWorkers(new)) = balancing.scanned(now, balance, round.live, round.raced) {
+                    if let Some(EarlyReason::NewWorkers(new)) = balancing.scanned(now, balance, round.live, round.raced)
+                    {
                         info!(stream = %config.stream, worker, new = ?new, "new workers in the lease table; balancing at the next scan");
                     }
                 }

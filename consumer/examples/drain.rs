@@ -1,0 +1,336 @@
+//! The read-ahead benchmark: one worker drains a backlog through a processor that takes a fixed
+//! time per batch, with read-ahead off and on, over the same stream. `bench/consume/run.sh` runs it
+//! against LocalStack; docs/consumer.md has its figures.
+//!
+//! ```text
+//! drain [--records 100000] [--shards 4] [--record-bytes 100] [--batch-ms 20] [--max-records 10000]
+//!       [--runs 2] [--modes read,off,on]
+//! ```
+//!
+//! It makes a stream of `--shards` shards and puts `--records` plain records of `--record-bytes`
+//! bytes (`PutRecords`, 500 a call, random partition keys). Then, `--runs` times, for each mode:
+//! - `read`: every shard read to its end with the polling reader alone (no lease, no processor):
+//!   how fast `GetRecords` drains the backlog by itself;
+//! - `off` / `on`: a worker with read-ahead off / on, on a lease table of its own, from
+//!   `TRIM_HORIZON`, whose processor sleeps `--batch-ms` per batch and checkpoints after it.
+//!
+//! Each line gives the time from the start (the worker's: lease table, shard sync, leases taken)
+//! to the last record processed, with the records per second over it, and the drain time from the
+//! end of the first batch to the end of the last. The stream and the lease tables are deleted at the end.
+//! Loopback only: it refuses an `AWS_ENDPOINT_URL` that is not on 127.0.0.1 or localhost.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, StreamStatus};
+use ktk_consumer::retrieval::{ReaderConfig, ShardReader, StartingPosition, list_shards};
+use ktk_consumer::{
+    Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor, Worker, WorkerConfig,
+};
+use tokio_util::sync::CancellationToken;
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Options {
+    records: usize,
+    shards: i32,
+    record_bytes: usize,
+    batch_ms: u64,
+    max_records: i32,
+    runs: usize,
+    modes: Vec<String>,
+}
+
+fn options() -> Result<Options, Failure> {
+    let mut options = Options {
+        records: 100_000,
+        shards: 4,
+        record_bytes: 100,
+        batch_ms: 20,
+        max_records: 10_000,
+        runs: 2,
+        modes: vec!["read".into(), "off".into(), "on".into()],
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--records" => options.records = value.parse()?,
+            "--shards" => options.shards = value.parse()?,
+            "--record-bytes" => options.record_bytes = value.parse()?,
+            "--batch-ms" => options.batch_ms = value.parse()?,
+            "--max-records" => options.max_records = value.parse()?,
+            "--runs" => options.runs = value.parse()?,
+            "--modes" => options.modes = value.split(',').map(str::to_owned).collect(),
+            _ => return Err(format!("unknown flag {flag}").into()),
+        }
+    }
+    if let Some(mode) = options.modes.iter().find(|m| !["read", "off", "on"].contains(&m.as_str())) {
+        return Err(format!("unknown mode {mode}: read, off or on").into());
+    }
+    Ok(options)
+}
+
+/// What the processors of one run saw.
+#[derive(Debug, Default)]
+struct Progress {
+    records: AtomicU64,
+    batches: AtomicU64,
+    /// When the first and the latest batch were done.
+    first: Mutex<Option<Instant>>,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Progress {
+    fn batch(&self, records: usize) {
+        let now = Instant::now();
+        self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(now);
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(records as u64, Ordering::Relaxed);
+    }
+
+    fn drain_time(&self) -> Duration {
+        let first = *self.first.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last = *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (first, last) {
+            (Some(first), Some(last)) => last - first,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// Sleeps `batch_time` per batch (the application's work), then checkpoints.
+struct SlowProcessor {
+    batch_time: Duration,
+    progress: Arc<Progress>,
+}
+
+impl RecordProcessor for SlowProcessor {
+    async fn initialize(&mut self, _: &InitializeInput) -> Result<(), ProcessorError> {
+        Ok(())
+    }
+
+    async fn process_records(
+        &mut self,
+        input: ProcessRecordsInput,
+        checkpointer: &Checkpointer,
+    ) -> Result<(), ProcessorError> {
+        tokio::time::sleep(self.batch_time).await;
+        checkpointer.checkpoint().await?;
+        self.progress.batch(input.records.len());
+        Ok(())
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<(), Failure> {
+    let options = options()?;
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
+    if !(endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost")) {
+        return Err(format!("AWS_ENDPOINT_URL={endpoint:?}: this benchmark runs against a LocalStack on loopback only").into());
+    }
+    let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let kinesis = aws_sdk_kinesis::Client::new(&aws);
+    let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
+    let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
+    let stream = format!("ktk-bench-drain-{id}");
+    println!("{options:?}");
+    println!("stream {stream}: {} shards", options.shards);
+    kinesis.create_stream().stream_name(&stream).shard_count(options.shards).send().await?;
+    wait_active(&kinesis, &stream).await?;
+    let started = Instant::now();
+    seed(&kinesis, &stream, options.records, options.record_bytes).await?;
+    println!("put {} records in {:.1} s", options.records, started.elapsed().as_secs_f64());
+
+    let mut results: BTreeMap<String, Vec<(f64, f64, u64)>> = BTreeMap::new();
+    let mut tables = Vec::new();
+    for run in 1..=options.runs {
+        for mode in &options.modes {
+            let (total, drain, batches) = match mode.as_str() {
+                "read" => read_only(&kinesis, &stream, &options).await?,
+                _ => {
+                    let table = format!("{stream}-{run}-{mode}");
+                    tables.push(table.clone());
+                    worker_drain(&aws, &stream, &table, mode == "on", &options).await?
+                }
+            };
+            let rate = options.records as f64 / total.as_secs_f64();
+            println!(
+                "run {run} {mode:>4}: total {:6.2} s, drain {:6.2} s, {rate:8.0} records/s, {batches} batches",
+                total.as_secs_f64(),
+                drain.as_secs_f64()
+            );
+            results.entry(mode.clone()).or_default().push((total.as_secs_f64(), drain.as_secs_f64(), batches));
+        }
+    }
+    println!();
+    println!("| mode | runs | total s (each) | drain s (each) | records/s (mean, over the total) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for mode in &options.modes {
+        let Some(runs) = results.get(mode) else { continue };
+        let totals: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.0)).collect();
+        let drains: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.1)).collect();
+        let mean = runs.iter().map(|r| options.records as f64 / r.0).sum::<f64>() / runs.len() as f64;
+        println!("| {mode} | {} | {} | {} | {mean:.0} |", runs.len(), totals.join(", "), drains.join(", "));
+    }
+    for table in tables {
+        let _ = dynamodb.delete_table().table_name(table).send().await;
+    }
+    kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await?;
+    Ok(())
+}
+
+async fn wait_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<(), Failure> {
+    for _ in 0..300 {
+        let summary = kinesis.describe_stream_summary().stream_name(stream).send().await?;
+        if summary.stream_description_summary().map(|s| s.stream_status()) == Some(&StreamStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("stream {stream} did not become active").into())
+}
+
+/// Puts `records` plain records of `bytes` bytes, 500 a call, four calls at a time, resending what
+/// a call refused.
+async fn seed(kinesis: &aws_sdk_kinesis::Client, stream: &str, records: usize, bytes: usize) -> Result<(), Failure> {
+    let entries: Vec<PutRecordsRequestEntry> = (0..records)
+        .map(|i| {
+            let mut data = format!("record {i:09} ").into_bytes();
+            data.resize(bytes.max(data.len()), b'.');
+            PutRecordsRequestEntry::builder()
+                .partition_key(format!("key-{:016x}", fastrand::u64(..)))
+                .data(Blob::new(data))
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let chunks: Vec<Vec<PutRecordsRequestEntry>> = entries.chunks(500).map(<[_]>::to_vec).collect();
+    let mut puts = tokio::task::JoinSet::new();
+    for group in chunks.chunks(chunks.len().div_ceil(4).max(1)) {
+        let (kinesis, stream, group) = (kinesis.clone(), stream.to_owned(), group.to_vec());
+        puts.spawn(async move {
+            for mut chunk in group {
+                while !chunk.is_empty() {
+                    let output =
+                        kinesis.put_records().stream_name(&stream).set_records(Some(chunk.clone())).send().await?;
+                    chunk = chunk
+                        .into_iter()
+                        .zip(output.records())
+                        .filter(|(_, result)| result.error_code().is_some())
+                        .map(|(entry, _)| entry)
+                        .collect();
+                    if !chunk.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            Ok::<(), Failure>(())
+        });
+    }
+    while let Some(done) = puts.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Every shard read to its end by the polling reader, in parallel, with nothing else: returns
+/// (time, time, reads).
+async fn read_only(
+    kinesis: &aws_sdk_kinesis::Client,
+    stream: &str,
+    options: &Options,
+) -> Result<(Duration, Duration, u64), Failure> {
+    let started = Instant::now();
+    let shards = list_shards(kinesis, stream).await?;
+    let mut readers = tokio::task::JoinSet::new();
+    let wanted = options.records;
+    let read = Arc::new(AtomicU64::new(0));
+    for shard in shards {
+        let mut reader = ShardReader::new(
+            kinesis.clone(),
+            stream,
+            shard.shard_id.clone(),
+            shard.range,
+            StartingPosition::TrimHorizon,
+            ReaderConfig::default().with_max_records(options.max_records),
+        );
+        let read = Arc::clone(&read);
+        readers.spawn(async move {
+            let mut calls = 0u64;
+            loop {
+                let result = reader.read().await;
+                calls += 1;
+                match result {
+                    Ok(result) => {
+                        read.fetch_add(result.records.len() as u64, Ordering::Relaxed);
+                        // An open shard is drained when a read comes back empty and caught up.
+                        if result.records.is_empty() && result.millis_behind_latest.is_none_or(|ms| ms == 0) {
+                            return Ok::<u64, Failure>(calls);
+                        }
+                    }
+                    Err(error) if error.is_retryable() => tokio::time::sleep(Duration::from_millis(200)).await,
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        });
+    }
+    let mut calls = 0;
+    while let Some(done) = readers.join_next().await {
+        calls += done??;
+    }
+    let took = started.elapsed();
+    let read = read.load(Ordering::Relaxed) as usize;
+    if read != wanted {
+        return Err(format!("read {read} records, expected {wanted}").into());
+    }
+    Ok((took, took, calls))
+}
+
+/// One worker drains the stream from `TRIM_HORIZON` on lease table `table`: returns (time to the
+/// last record from the start, drain time from the first batch to the last, batches).
+async fn worker_drain(
+    aws: &aws_config::SdkConfig,
+    stream: &str,
+    table: &str,
+    read_ahead: bool,
+    options: &Options,
+) -> Result<(Duration, Duration, u64), Failure> {
+    let progress = Arc::new(Progress::default());
+    let factory = {
+        let (progress, batch_time) = (Arc::clone(&progress), Duration::from_millis(options.batch_ms));
+        move |_: &str| SlowProcessor { batch_time, progress: Arc::clone(&progress) }
+    };
+    let config = WorkerConfig::new(stream, table)
+        .with_max_records(options.max_records)
+        .with_read_ahead(read_ahead)
+        .with_idle_time_between_reads(Duration::from_millis(200));
+    let worker = Worker::new(config, aws, factory)?;
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let running = tokio::spawn(worker.run(shutdown.clone()));
+    let wanted = options.records as u64;
+    while progress.records.load(Ordering::Relaxed) < wanted {
+        if started.elapsed() > Duration::from_secs(900) || running.is_finished() {
+            return Err(format!(
+                "processed {} of {wanted} records; giving up",
+                progress.records.load(Ordering::Relaxed)
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = started.elapsed();
+    shutdown.cancel();
+    running.await??;
+    let processed = progress.records.load(Ordering::Relaxed);
+    if processed != wanted {
+        return Err(format!("processed {processed} records, expected {wanted}").into());
+    }
+    Ok((total, progress.drain_time(), progress.batches.load(Ordering::Relaxed)))
+}

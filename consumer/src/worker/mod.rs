@@ -66,7 +66,8 @@ pub struct WorkerReport {
 /// | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
 /// | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
 /// | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
-/// | lease discovery (scan) | 1 s | none (ktk's own) |
+/// | read-ahead | the next batch read while the processor works, one per shard (polling) | `PrefetchRecordsPublisher` (up to `maxPendingProcessRecordsInput` = 3) |
+/// | lease discovery (scan) | 1 s; every 250 ms while hand-offs to this worker wait for their release | none (ktk's own) |
 ///
 /// Lease discovery is where ktk departs from the KCL: every second the worker scans the table
 /// (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases

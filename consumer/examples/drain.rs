@@ -3,20 +3,27 @@
 //! against LocalStack; docs/consumer.md has its figures.
 //!
 //! ```text
-//! drain [--records 100000] [--shards 4] [--record-bytes 100] [--batch-ms 20] [--max-records 10000]
-//!       [--runs 2] [--modes read,off,on]
+//! drain [--records 100000] [--shards 4] [--record-bytes 100] [--aggregate 1] [--batch-ms 20]
+//!       [--max-records 10000] [--runs 2] [--modes read,off,on] [--stream NAME]
 //! ```
 //!
-//! It makes a stream of `--shards` shards and puts `--records` plain records of `--record-bytes`
-//! bytes (`PutRecords`, 500 a call, random partition keys). Then, `--runs` times, for each mode:
+//! It makes a stream of `--shards` shards and puts `--records` user records of `--record-bytes`
+//! bytes (`PutRecords`, 500 a call, random partition keys), `--aggregate` of them in each Kinesis
+//! record (KPL aggregates; 1: plain records). `--max-records` counts Kinesis records per
+//! `GetRecords`, as Kinesis does. With `--stream`, a stream of that name
+//! is used as it is if it exists (made and filled by an earlier run: LocalStack's Kinesis puts
+//! records more slowly the more the stream holds, so 100,000 take minutes), and kept at the end.
+//! Then, `--runs` times, for each mode:
 //! - `read`: every shard read to its end with the polling reader alone (no lease, no processor):
 //!   how fast `GetRecords` drains the backlog by itself;
 //! - `off` / `on`: a worker with read-ahead off / on, on a lease table of its own, from
 //!   `TRIM_HORIZON`, whose processor sleeps `--batch-ms` per batch and checkpoints after it.
 //!
 //! Each line gives the time from the start (the worker's: lease table, shard sync, leases taken)
-//! to the last record processed, with the records per second over it, and the drain time from the
-//! end of the first batch to the end of the last. The stream and the lease tables are deleted at the end.
+//! to the last record processed, with the records per second over it, the drain time from the
+//! end of the first batch to the end of the last, and how long a processor waited, on average,
+//! between the end of a batch and the next batch of its shard (the read time that read-ahead
+//! hides). The stream and the lease tables are deleted at the end.
 //! Loopback only: it refuses an `AWS_ENDPOINT_URL` that is not on 127.0.0.1 or localhost.
 
 use std::collections::BTreeMap;
@@ -30,6 +37,7 @@ use ktk_consumer::retrieval::{ReaderConfig, ShardReader, StartingPosition, list_
 use ktk_consumer::{
     Checkpointer, InitializeInput, ProcessRecordsInput, ProcessorError, RecordProcessor, Worker, WorkerConfig,
 };
+use ktk_proto::aggregation::{Aggregator, UserRecord};
 use tokio_util::sync::CancellationToken;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -39,10 +47,12 @@ struct Options {
     records: usize,
     shards: i32,
     record_bytes: usize,
+    aggregate: usize,
     batch_ms: u64,
     max_records: i32,
     runs: usize,
     modes: Vec<String>,
+    stream: Option<String>,
 }
 
 fn options() -> Result<Options, Failure> {
@@ -50,10 +60,12 @@ fn options() -> Result<Options, Failure> {
         records: 100_000,
         shards: 4,
         record_bytes: 100,
+        aggregate: 1,
         batch_ms: 20,
         max_records: 10_000,
         runs: 2,
         modes: vec!["read".into(), "off".into(), "on".into()],
+        stream: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -62,10 +74,12 @@ fn options() -> Result<Options, Failure> {
             "--records" => options.records = value.parse()?,
             "--shards" => options.shards = value.parse()?,
             "--record-bytes" => options.record_bytes = value.parse()?,
+            "--aggregate" => options.aggregate = value.parse::<usize>()?.max(1),
             "--batch-ms" => options.batch_ms = value.parse()?,
             "--max-records" => options.max_records = value.parse()?,
             "--runs" => options.runs = value.parse()?,
             "--modes" => options.modes = value.split(',').map(str::to_owned).collect(),
+            "--stream" => options.stream = Some(value),
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
@@ -83,6 +97,10 @@ struct Progress {
     /// When the first and the latest batch were done.
     first: Mutex<Option<Instant>>,
     last: Mutex<Option<Instant>>,
+    /// Microseconds processors waited between the end of a batch and the next one of their shard.
+    waited_micros: AtomicU64,
+    /// Batches that followed another of their shard.
+    waits: AtomicU64,
 }
 
 impl Progress {
@@ -92,6 +110,17 @@ impl Progress {
         *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.records.fetch_add(records as u64, Ordering::Relaxed);
+    }
+
+    fn waited(&self, wait: Duration) {
+        self.waited_micros.fetch_add(u64::try_from(wait.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The mean wait for the next batch of a shard.
+    fn mean_wait(&self) -> Duration {
+        let waits = self.waits.load(Ordering::Relaxed).max(1);
+        Duration::from_micros(self.waited_micros.load(Ordering::Relaxed) / waits)
     }
 
     fn drain_time(&self) -> Duration {
@@ -108,6 +137,8 @@ impl Progress {
 struct SlowProcessor {
     batch_time: Duration,
     progress: Arc<Progress>,
+    /// When its previous batch was done.
+    last_done: Option<Instant>,
 }
 
 impl RecordProcessor for SlowProcessor {
@@ -120,9 +151,13 @@ impl RecordProcessor for SlowProcessor {
         input: ProcessRecordsInput,
         checkpointer: &Checkpointer,
     ) -> Result<(), ProcessorError> {
+        if let Some(done) = self.last_done {
+            self.progress.waited(done.elapsed());
+        }
         tokio::time::sleep(self.batch_time).await;
         checkpointer.checkpoint().await?;
         self.progress.batch(input.records.len());
+        self.last_done = Some(Instant::now());
         Ok(())
     }
 }
@@ -132,56 +167,86 @@ async fn main() -> Result<(), Failure> {
     let options = options()?;
     let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_default();
     if !(endpoint.starts_with("http://127.0.0.1") || endpoint.starts_with("http://localhost")) {
-        return Err(format!("AWS_ENDPOINT_URL={endpoint:?}: this benchmark runs against a LocalStack on loopback only").into());
+        return Err(format!(
+            "AWS_ENDPOINT_URL={endpoint:?}: this benchmark runs against a LocalStack on loopback only"
+        )
+        .into());
     }
     let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
     let kinesis = aws_sdk_kinesis::Client::new(&aws);
     let dynamodb = aws_sdk_dynamodb::Client::new(&aws);
     let id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis();
-    let stream = format!("ktk-bench-drain-{id}");
+    let stream = options.stream.clone().unwrap_or_else(|| format!("ktk-bench-drain-{id}"));
     println!("{options:?}");
-    println!("stream {stream}: {} shards", options.shards);
-    kinesis.create_stream().stream_name(&stream).shard_count(options.shards).send().await?;
-    wait_active(&kinesis, &stream).await?;
-    let started = Instant::now();
-    seed(&kinesis, &stream, options.records, options.record_bytes).await?;
-    println!("put {} records in {:.1} s", options.records, started.elapsed().as_secs_f64());
+    let exists = kinesis.describe_stream_summary().stream_name(&stream).send().await.is_ok();
+    if exists && options.stream.is_some() {
+        println!("stream {stream}: reused as it is");
+    } else {
+        println!("stream {stream}: {} shards", options.shards);
+        kinesis.create_stream().stream_name(&stream).shard_count(options.shards).send().await?;
+        wait_active(&kinesis, &stream).await?;
+        let started = Instant::now();
+        let put = seed(&kinesis, &stream, &options).await?;
+        println!(
+            "put {} user records in {put} Kinesis records in {:.1} s",
+            options.records,
+            started.elapsed().as_secs_f64()
+        );
+    }
 
-    let mut results: BTreeMap<String, Vec<(f64, f64, u64)>> = BTreeMap::new();
+    let mut results: BTreeMap<String, Vec<(f64, f64, u64, Option<Duration>)>> = BTreeMap::new();
     let mut tables = Vec::new();
     for run in 1..=options.runs {
         for mode in &options.modes {
-            let (total, drain, batches) = match mode.as_str() {
+            let (total, drain, batches, wait) = match mode.as_str() {
                 "read" => read_only(&kinesis, &stream, &options).await?,
                 _ => {
-                    let table = format!("{stream}-{run}-{mode}");
+                    let table = format!("{stream}-{id}-{run}-{mode}");
                     tables.push(table.clone());
                     worker_drain(&aws, &stream, &table, mode == "on", &options).await?
                 }
             };
             let rate = options.records as f64 / total.as_secs_f64();
+            let wait_text =
+                wait.map(|w| format!(", waits {} ms a batch for the next", w.as_millis())).unwrap_or_default();
             println!(
-                "run {run} {mode:>4}: total {:6.2} s, drain {:6.2} s, {rate:8.0} records/s, {batches} batches",
+                "run {run} {mode:>4}: total {:6.2} s, drain {:6.2} s, {rate:8.0} records/s, {batches} batches{wait_text}",
                 total.as_secs_f64(),
                 drain.as_secs_f64()
             );
-            results.entry(mode.clone()).or_default().push((total.as_secs_f64(), drain.as_secs_f64(), batches));
+            results.entry(mode.clone()).or_default().push((total.as_secs_f64(), drain.as_secs_f64(), batches, wait));
         }
     }
     println!();
-    println!("| mode | runs | total s (each) | drain s (each) | records/s (mean, over the total) |");
-    println!("| --- | --- | --- | --- | --- |");
+    println!(
+        "| mode | runs | total s (each run) | median total s | records/s (median total) | mean wait for the next batch, ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
     for mode in &options.modes {
         let Some(runs) = results.get(mode) else { continue };
         let totals: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.0)).collect();
-        let drains: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.1)).collect();
-        let mean = runs.iter().map(|r| options.records as f64 / r.0).sum::<f64>() / runs.len() as f64;
-        println!("| {mode} | {} | {} | {} | {mean:.0} |", runs.len(), totals.join(", "), drains.join(", "));
+        let mut sorted: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        sorted.sort_by(f64::total_cmp);
+        let median = match sorted.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => sorted[n / 2],
+            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+        };
+        let rate = options.records as f64 / median;
+        let waits: Vec<Duration> = runs.iter().filter_map(|r| r.3).collect();
+        let wait = if waits.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{}", (waits.iter().sum::<Duration>() / waits.len() as u32).as_millis())
+        };
+        println!("| {mode} | {} | {} | {median:.2} | {rate:.0} | {wait} |", runs.len(), totals.join(", "));
     }
     for table in tables {
         let _ = dynamodb.delete_table().table_name(table).send().await;
     }
-    kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await?;
+    if options.stream.is_none() {
+        kinesis.delete_stream().stream_name(&stream).enforce_consumer_deletion(true).send().await?;
+    }
     Ok(())
 }
 
@@ -196,16 +261,35 @@ async fn wait_active(kinesis: &aws_sdk_kinesis::Client, stream: &str) -> Result<
     Err(format!("stream {stream} did not become active").into())
 }
 
-/// Puts `records` plain records of `bytes` bytes, 500 a call, four calls at a time, resending what
-/// a call refused.
-async fn seed(kinesis: &aws_sdk_kinesis::Client, stream: &str, records: usize, bytes: usize) -> Result<(), Failure> {
-    let entries: Vec<PutRecordsRequestEntry> = (0..records)
-        .map(|i| {
-            let mut data = format!("record {i:09} ").into_bytes();
-            data.resize(bytes.max(data.len()), b'.');
+/// Puts the user records, `--aggregate` to a Kinesis record, 500 Kinesis records a call, four calls
+/// at a time, resending what a call refused. Returns how many Kinesis records it put.
+async fn seed(kinesis: &aws_sdk_kinesis::Client, stream: &str, options: &Options) -> Result<usize, Failure> {
+    let mut entries = Vec::new();
+    let mut aggregator = Aggregator::default();
+    for i in 0..options.records {
+        let mut data = format!("record {i:09} ").into_bytes();
+        data.resize(options.record_bytes.max(data.len()), b'.');
+        let record = UserRecord::new(format!("key-{:016x}", fastrand::u64(..)), data)?;
+        if let Some(full) = aggregator.add(record).map_err(|e| format!("{e:?}"))? {
+            return Err(
+                format!("an aggregate filled up at {} user records; make them smaller", full.user_records).into()
+            );
+        }
+        if (i + 1) % options.aggregate == 0
+            && let Some(done) = aggregator.finish()
+        {
+            entries.push(done);
+        }
+    }
+    entries.extend(aggregator.finish());
+    let put = entries.len();
+    let entries: Vec<PutRecordsRequestEntry> = entries
+        .into_iter()
+        .map(|record| {
             PutRecordsRequestEntry::builder()
-                .partition_key(format!("key-{:016x}", fastrand::u64(..)))
-                .data(Blob::new(data))
+                .partition_key(record.partition_key)
+                .set_explicit_hash_key(record.explicit_hash_key)
+                .data(Blob::new(record.data.to_vec()))
                 .build()
                 .map_err(|e| e.to_string())
         })
@@ -236,16 +320,16 @@ async fn seed(kinesis: &aws_sdk_kinesis::Client, stream: &str, records: usize, b
     while let Some(done) = puts.join_next().await {
         done??;
     }
-    Ok(())
+    Ok(put)
 }
 
 /// Every shard read to its end by the polling reader, in parallel, with nothing else: returns
-/// (time, time, reads).
+/// (time, time, reads, no wait).
 async fn read_only(
     kinesis: &aws_sdk_kinesis::Client,
     stream: &str,
     options: &Options,
-) -> Result<(Duration, Duration, u64), Failure> {
+) -> Result<(Duration, Duration, u64, Option<Duration>), Failure> {
     let started = Instant::now();
     let shards = list_shards(kinesis, stream).await?;
     let mut readers = tokio::task::JoinSet::new();
@@ -289,22 +373,23 @@ async fn read_only(
     if read != wanted {
         return Err(format!("read {read} records, expected {wanted}").into());
     }
-    Ok((took, took, calls))
+    Ok((took, took, calls, None))
 }
 
 /// One worker drains the stream from `TRIM_HORIZON` on lease table `table`: returns (time to the
-/// last record from the start, drain time from the first batch to the last, batches).
+/// last record from the start, drain time from the first batch to the last, batches, the mean
+/// wait of a processor for its shard's next batch).
 async fn worker_drain(
     aws: &aws_config::SdkConfig,
     stream: &str,
     table: &str,
     read_ahead: bool,
     options: &Options,
-) -> Result<(Duration, Duration, u64), Failure> {
+) -> Result<(Duration, Duration, u64, Option<Duration>), Failure> {
     let progress = Arc::new(Progress::default());
     let factory = {
         let (progress, batch_time) = (Arc::clone(&progress), Duration::from_millis(options.batch_ms));
-        move |_: &str| SlowProcessor { batch_time, progress: Arc::clone(&progress) }
+        move |_: &str| SlowProcessor { batch_time, progress: Arc::clone(&progress), last_done: None }
     };
     let config = WorkerConfig::new(stream, table)
         .with_max_records(options.max_records)
@@ -332,5 +417,5 @@ async fn worker_drain(
     if processed != wanted {
         return Err(format!("processed {processed} records, expected {wanted}").into());
     }
-    Ok((total, progress.drain_time(), progress.batches.load(Ordering::Relaxed)))
+    Ok((total, progress.drain_time(), progress.batches.load(Ordering::Relaxed), Some(progress.mean_wait())))
 }

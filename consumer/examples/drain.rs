@@ -89,6 +89,19 @@ fn options() -> Result<Options, Failure> {
     Ok(options)
 }
 
+/// One run of one mode.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// From the start to the last record.
+    total: Duration,
+    /// From the end of the first batch to the end of the last.
+    drain: Duration,
+    /// Batches (or reads, for the reader alone).
+    batches: u64,
+    /// The mean wait of a processor for its shard's next batch (none for the reader alone).
+    wait: Option<Duration>,
+}
+
 /// What the processors of one run saw.
 #[derive(Debug, Default)]
 struct Progress {
@@ -194,11 +207,11 @@ async fn main() -> Result<(), Failure> {
         );
     }
 
-    let mut results: BTreeMap<String, Vec<(f64, f64, u64, Option<Duration>)>> = BTreeMap::new();
+    let mut results: BTreeMap<String, Vec<Measured>> = BTreeMap::new();
     let mut tables = Vec::new();
     for run in 1..=options.runs {
         for mode in &options.modes {
-            let (total, drain, batches, wait) = match mode.as_str() {
+            let measured = match mode.as_str() {
                 "read" => read_only(&kinesis, &stream, &options).await?,
                 _ => {
                     let table = format!("{stream}-{id}-{run}-{mode}");
@@ -206,6 +219,7 @@ async fn main() -> Result<(), Failure> {
                     worker_drain(&aws, &stream, &table, mode == "on", &options).await?
                 }
             };
+            let Measured { total, drain, batches, wait } = measured;
             let rate = options.records as f64 / total.as_secs_f64();
             let wait_text =
                 wait.map(|w| format!(", waits {} ms a batch for the next", w.as_millis())).unwrap_or_default();
@@ -214,7 +228,7 @@ async fn main() -> Result<(), Failure> {
                 total.as_secs_f64(),
                 drain.as_secs_f64()
             );
-            results.entry(mode.clone()).or_default().push((total.as_secs_f64(), drain.as_secs_f64(), batches, wait));
+            results.entry(mode.clone()).or_default().push(measured);
         }
     }
     println!();
@@ -224,8 +238,8 @@ async fn main() -> Result<(), Failure> {
     println!("| --- | --- | --- | --- | --- | --- |");
     for mode in &options.modes {
         let Some(runs) = results.get(mode) else { continue };
-        let totals: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.0)).collect();
-        let mut sorted: Vec<f64> = runs.iter().map(|r| r.0).collect();
+        let totals: Vec<String> = runs.iter().map(|r| format!("{:.2}", r.total.as_secs_f64())).collect();
+        let mut sorted: Vec<f64> = runs.iter().map(|r| r.total.as_secs_f64()).collect();
         sorted.sort_by(f64::total_cmp);
         let median = match sorted.len() {
             0 => 0.0,
@@ -233,7 +247,7 @@ async fn main() -> Result<(), Failure> {
             n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
         };
         let rate = options.records as f64 / median;
-        let waits: Vec<Duration> = runs.iter().filter_map(|r| r.3).collect();
+        let waits: Vec<Duration> = runs.iter().filter_map(|r| r.wait).collect();
         let wait = if waits.is_empty() {
             "-".to_owned()
         } else {
@@ -323,13 +337,8 @@ async fn seed(kinesis: &aws_sdk_kinesis::Client, stream: &str, options: &Options
     Ok(put)
 }
 
-/// Every shard read to its end by the polling reader, in parallel, with nothing else: returns
-/// (time, time, reads, no wait).
-async fn read_only(
-    kinesis: &aws_sdk_kinesis::Client,
-    stream: &str,
-    options: &Options,
-) -> Result<(Duration, Duration, u64, Option<Duration>), Failure> {
+/// Every shard read to its end by the polling reader, in parallel, with nothing else.
+async fn read_only(kinesis: &aws_sdk_kinesis::Client, stream: &str, options: &Options) -> Result<Measured, Failure> {
     let started = Instant::now();
     let shards = list_shards(kinesis, stream).await?;
     let mut readers = tokio::task::JoinSet::new();
@@ -373,19 +382,17 @@ async fn read_only(
     if read != wanted {
         return Err(format!("read {read} records, expected {wanted}").into());
     }
-    Ok((took, took, calls, None))
+    Ok(Measured { total: took, drain: took, batches: calls, wait: None })
 }
 
-/// One worker drains the stream from `TRIM_HORIZON` on lease table `table`: returns (time to the
-/// last record from the start, drain time from the first batch to the last, batches, the mean
-/// wait of a processor for its shard's next batch).
+/// One worker drains the stream from `TRIM_HORIZON` on lease table `table`.
 async fn worker_drain(
     aws: &aws_config::SdkConfig,
     stream: &str,
     table: &str,
     read_ahead: bool,
     options: &Options,
-) -> Result<(Duration, Duration, u64, Option<Duration>), Failure> {
+) -> Result<Measured, Failure> {
     let progress = Arc::new(Progress::default());
     let factory = {
         let (progress, batch_time) = (Arc::clone(&progress), Duration::from_millis(options.batch_ms));
@@ -417,5 +424,10 @@ async fn worker_drain(
     if processed != wanted {
         return Err(format!("processed {processed} records, expected {wanted}").into());
     }
-    Ok((total, progress.drain_time(), progress.batches.load(Ordering::Relaxed), Some(progress.mean_wait())))
+    Ok(Measured {
+        total,
+        drain: progress.drain_time(),
+        batches: progress.batches.load(Ordering::Relaxed),
+        wait: Some(progress.mean_wait()),
+    })
 }

@@ -5,10 +5,11 @@
 //! # Layout
 //! - [`worker`](Worker): the [`Worker`] loop and its [`WorkerConfig`]: shard sync, a table scan
 //!   every second that takes unowned and expired leases, balancing by hand-off (the owner finishes
-//!   and checkpoints before the next one starts), renewals, one shard consumer task per lease, and
-//!   a graceful shutdown that releases every lease at once. Timings default to the KCL's. The
-//!   worker's [`WorkerStatus`] (leases held and free, the latest lease-table scan, the outcome of
-//!   its Kinesis calls) tells a health check why it is unhealthy
+//!   and checkpoints before the next one starts) every taking interval and as soon as a new worker
+//!   appears in the table, renewals, one shard consumer task per lease (reading the next batch
+//!   while the processor works on one), and a graceful shutdown that releases every lease at once.
+//!   Timings default to the KCL's. The worker's [`WorkerStatus`] (leases held and free, the latest
+//!   lease-table scan, the outcome of its Kinesis calls) tells a health check why it is unhealthy
 //!   ([`WorkerSnapshot::unhealthy_reasons`]).
 //! - [`lease`]: the lease model and its KCL-compatible item layout, the [`LeaseTable`](lease::LeaseTable)
 //!   (every write conditional on the lease's counter and owners), the taker, the

@@ -1,11 +1,13 @@
 //! An in-memory [`ItemStore`] for unit tests: the lease table's items in a map, with the same
 //! conditional writes DynamoDB applies (the conditions come from
-//! [`LeaseTable`](crate::lease::LeaseTable), as for the real table), and an [`Outage`] switch that
-//! makes its calls fail as an unreachable DynamoDB's would.
+//! [`LeaseTable`](crate::lease::LeaseTable), as for the real table), an [`Outage`] switch that
+//! makes its calls fail as an unreachable DynamoDB's would, and a latency: each call then takes
+//! effect that long after it is made (in a test's paused time), so workers interleave their calls
+//! as they do against DynamoDB instead of each finishing its round in one poll.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -20,6 +22,8 @@ use crate::lease::{Lease, TableSetup};
 pub(crate) struct MemoryItems {
     items: Mutex<BTreeMap<String, Item>>,
     outage: AtomicU8,
+    /// Microseconds each call waits before it takes effect.
+    latency_micros: AtomicU64,
 }
 
 /// Which calls of a [`MemoryItems`] fail.
@@ -37,6 +41,18 @@ impl MemoryItems {
     /// From now on, the calls `outage` names fail with a retryable service error.
     pub(crate) fn set_outage(&self, outage: Outage) {
         self.outage.store(outage as u8, Ordering::Relaxed);
+    }
+
+    /// From now on, each call takes effect `latency` after it is made.
+    pub(crate) fn set_latency(&self, latency: Duration) {
+        self.latency_micros.store(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    async fn delay(&self) {
+        let micros = self.latency_micros.load(Ordering::Relaxed);
+        if micros > 0 {
+            tokio::time::sleep(Duration::from_micros(micros)).await;
+        }
     }
 
     /// The error of a call made during an outage that covers it.
@@ -74,49 +90,59 @@ impl ItemStore for MemoryItems {
     }
 
     fn scan(&self, _start: Option<Item>) -> BoxFuture<'_, Result<ScanPage>> {
-        if let Some(error) = self.refused(false, "Scan") {
-            return Box::pin(async move { Err(error) });
-        }
-        let items = self.items().values().cloned().collect();
-        Box::pin(async move { Ok(ScanPage { items, last_key: None }) })
+        Box::pin(async move {
+            self.delay().await;
+            if let Some(error) = self.refused(false, "Scan") {
+                return Err(error);
+            }
+            let items = self.items().values().cloned().collect();
+            Ok(ScanPage { items, last_key: None })
+        })
     }
 
     fn get_item<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Item>>> {
-        if let Some(error) = self.refused(false, "GetItem") {
-            return Box::pin(async move { Err(error) });
-        }
-        let item = self.items().get(key).cloned();
-        Box::pin(async move { Ok(item) })
+        Box::pin(async move {
+            self.delay().await;
+            if let Some(error) = self.refused(false, "GetItem") {
+                return Err(error);
+            }
+            Ok(self.items().get(key).cloned())
+        })
     }
 
     fn put_if_absent(&self, item: Item) -> BoxFuture<'_, Result<bool>> {
-        if let Some(error) = self.refused(true, "PutItem") {
-            return Box::pin(async move { Err(error) });
-        }
-        let mut items = self.items();
-        let key = key_of(&item);
-        let created = !items.contains_key(&key);
-        if created {
-            items.insert(key, item);
-        }
-        Box::pin(async move { Ok(created) })
+        Box::pin(async move {
+            self.delay().await;
+            if let Some(error) = self.refused(true, "PutItem") {
+                return Err(error);
+            }
+            let mut items = self.items();
+            let key = key_of(&item);
+            let created = !items.contains_key(&key);
+            if created {
+                items.insert(key, item);
+            }
+            Ok(created)
+        })
     }
 
     fn update_item<'a>(&'a self, key: &'a str, update: Update) -> BoxFuture<'a, std::result::Result<Item, Failure>> {
-        if let Some(error) = self.refused(true, "UpdateItem") {
-            return Box::pin(async move { Err(Failure::Error(error)) });
-        }
-        let mut items = self.items();
-        let current = items.get(key);
-        let result = if update.conditions.iter().all(|c| c.holds(current)) {
-            let mut item = current.cloned().unwrap_or_else(|| serializer::key(key));
-            update.apply(&mut item);
-            items.insert(key.to_owned(), item.clone());
-            Ok(item)
-        } else {
-            Err(Failure::Condition(current.cloned()))
-        };
-        Box::pin(async move { result })
+        Box::pin(async move {
+            self.delay().await;
+            if let Some(error) = self.refused(true, "UpdateItem") {
+                return Err(Failure::Error(error));
+            }
+            let mut items = self.items();
+            let current = items.get(key);
+            if update.conditions.iter().all(|c| c.holds(current)) {
+                let mut item = current.cloned().unwrap_or_else(|| serializer::key(key));
+                update.apply(&mut item);
+                items.insert(key.to_owned(), item.clone());
+                Ok(item)
+            } else {
+                Err(Failure::Condition(current.cloned()))
+            }
+        })
     }
 
     fn delete_item<'a>(
@@ -124,19 +150,21 @@ impl ItemStore for MemoryItems {
         key: &'a str,
         conditions: Vec<Condition>,
     ) -> BoxFuture<'a, std::result::Result<(), Failure>> {
-        if let Some(error) = self.refused(true, "DeleteItem") {
-            return Box::pin(async move { Err(Failure::Error(error)) });
-        }
-        let mut items = self.items();
-        let current = items.get(key);
-        let result = match current {
-            None => Ok(()),
-            Some(_) if conditions.iter().all(|c| c.holds(current)) => {
-                items.remove(key);
-                Ok(())
+        Box::pin(async move {
+            self.delay().await;
+            if let Some(error) = self.refused(true, "DeleteItem") {
+                return Err(Failure::Error(error));
             }
-            Some(item) => Err(Failure::Condition(Some(item.clone()))),
-        };
-        Box::pin(async move { result })
+            let mut items = self.items();
+            let current = items.get(key);
+            match current {
+                None => Ok(()),
+                Some(_) if conditions.iter().all(|c| c.holds(current)) => {
+                    items.remove(key);
+                    Ok(())
+                }
+                Some(item) => Err(Failure::Condition(Some(item.clone()))),
+            }
+        })
     }
 }

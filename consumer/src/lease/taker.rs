@@ -18,7 +18,7 @@
 //! ([`LeaseTable::take`](crate::lease::LeaseTable::take)), so two workers planning the same lease
 //! cannot both get it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -91,8 +91,9 @@ pub(crate) struct TakePlan {
     pub steal: Vec<Lease>,
     /// This worker's share this cycle.
     pub target: usize,
-    /// Live workers: owners of unexpired leases, and this worker.
-    pub workers: usize,
+    /// Live workers: owners of unexpired leases (a worker asking for a hand-off is the lease's
+    /// owner already), and this worker. A worker that holds no lease is not in the table.
+    pub live: BTreeSet<String>,
 }
 
 impl TakePlan {
@@ -148,7 +149,8 @@ impl LeaseTaker {
         let workers = held.len();
         let target = active.len().div_ceil(workers).min(self.config.max_leases_per_worker);
         let mine = held.get(self.worker_id.as_str()).copied().unwrap_or(0);
-        let mut plan = TakePlan { target, workers, ..TakePlan::default() };
+        let live = held.keys().map(|w| (*w).to_owned()).collect();
+        let mut plan = TakePlan { target, live, ..TakePlan::default() };
         let mut wanted = target.saturating_sub(mine);
         if wanted == 0 {
             return plan;

@@ -10,6 +10,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{Record, ShardIteratorType};
 use futures::future::BoxFuture;
 use ktk_proto::keys::HashKeyRange;
+use tokio::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::lease::ExtendedSequenceNumber;
@@ -28,12 +29,25 @@ struct FakeShard {
 
 /// A stream in memory. Iterators are `"{shard}/{position}"`; sequence numbers grow across the
 /// stream, as in Kinesis. While [`deleted`](FakeKinesis::set_deleted), every call fails as on a
-/// deleted stream.
+/// deleted stream; while [`throttled`](FakeKinesis::set_throttled), `GetRecords` is refused as
+/// over the shard's quota. Every `GetRecords` call is recorded ([`FakeKinesis::reads`]).
 #[derive(Debug)]
 pub(crate) struct FakeKinesis {
     shards: Mutex<BTreeMap<String, FakeShard>>,
     next_sequence: AtomicU64,
     deleted: AtomicBool,
+    throttled: AtomicBool,
+    reads: Mutex<Vec<Read>>,
+}
+
+/// One `GetRecords` call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Read {
+    pub(crate) at: Instant,
+    pub(crate) shard: String,
+    /// The index in the shard of the first record asked for.
+    pub(crate) position: usize,
+    pub(crate) throttled: bool,
 }
 
 impl Default for FakeKinesis {
@@ -42,11 +56,24 @@ impl Default for FakeKinesis {
             shards: Mutex::default(),
             next_sequence: AtomicU64::new(100_000),
             deleted: AtomicBool::new(false),
+            throttled: AtomicBool::new(false),
+            reads: Mutex::default(),
         }
     }
 }
 
 impl FakeKinesis {
+    /// `GetRecords` fails with `ProvisionedThroughputExceededException` while `throttled`.
+    pub(crate) fn set_throttled(&self, throttled: bool) {
+        self.throttled.store(throttled, Ordering::Relaxed);
+    }
+
+    /// The `GetRecords` calls made on `shard`, in order.
+    pub(crate) fn reads(&self, shard: &str) -> Vec<Read> {
+        let reads = self.reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        reads.iter().filter(|r| r.shard == shard).cloned().collect()
+    }
+
     /// Every call fails with `ResourceNotFoundException` while `deleted`.
     pub(crate) fn set_deleted(&self, deleted: bool) {
         self.deleted.store(deleted, Ordering::Relaxed);
@@ -171,6 +198,17 @@ impl KinesisReads for FakeKinesis {
         }
         let shards = self.shards();
         let position = iterator.rsplit_once('/').and_then(|(_, p)| p.parse::<usize>().ok());
+        let throttled = self.throttled.load(Ordering::Relaxed);
+        self.reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Read {
+            at: Instant::now(),
+            shard: shard.to_owned(),
+            position: position.unwrap_or(usize::MAX),
+            throttled,
+        });
+        if throttled {
+            let error = GetRecordsFailure::Failed(RetrievalError::Throttled { shard: shard.to_owned() });
+            return Box::pin(async move { Err(error) });
+        }
         let result = match (shards.get(shard), position) {
             (Some(target), Some(position)) => {
                 let end = (position + usize::try_from(limit).unwrap_or(1)).min(target.records.len());
@@ -217,6 +255,8 @@ pub(crate) struct Entry {
     pub(crate) worker: String,
     pub(crate) shard: String,
     pub(crate) event: Event,
+    /// When it happened (a batch: when its processing ended).
+    pub(crate) at: Instant,
 }
 
 /// Every processor's events, in the order they happened.
@@ -225,7 +265,7 @@ pub(crate) struct Log(Arc<Mutex<Vec<Entry>>>);
 
 impl Log {
     fn push(&self, worker: &str, shard: &str, event: Event) {
-        let entry = Entry { worker: worker.to_owned(), shard: shard.to_owned(), event };
+        let entry = Entry { worker: worker.to_owned(), shard: shard.to_owned(), event, at: Instant::now() };
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(entry);
     }
 
@@ -274,8 +314,9 @@ pub(crate) enum CheckpointWhen {
     AtShutdown,
 }
 
-/// A processor that records what it is told in a [`Log`], checkpoints as configured, and fails
-/// the `fail_batch`-th batch it sees (counting from 0) once.
+/// A processor that records what it is told in a [`Log`], checkpoints as configured, takes
+/// `batch_time` over each batch, and fails the `fail_batch`-th batch it sees (counting from 0)
+/// once.
 #[derive(Debug)]
 pub(crate) struct Recorder {
     pub(crate) worker: String,
@@ -284,6 +325,7 @@ pub(crate) struct Recorder {
     pub(crate) when: CheckpointWhen,
     pub(crate) fail_batch: Option<usize>,
     pub(crate) batches: usize,
+    pub(crate) batch_time: Duration,
 }
 
 impl Recorder {
@@ -311,6 +353,9 @@ impl RecordProcessor for Recorder {
         checkpointer: &Checkpointer,
     ) -> Result<(), ProcessorError> {
         let records: Vec<String> = input.records.iter().map(|r| r.sequence_number.clone()).collect();
+        if !self.batch_time.is_zero() {
+            tokio::time::sleep(self.batch_time).await;
+        }
         let batch = self.batches;
         self.batches += 1;
         if self.fail_batch == Some(batch) {

@@ -12,12 +12,14 @@ use crate::worker::{Worker, WorkerConfig, WorkerReport, WorkerStatus};
 
 const APP: &str = "app";
 
-/// A stream, a lease table and a log shared by the workers of a test.
+/// A stream, a lease table and a log shared by the workers of a test, whose processors take
+/// `batch_time` over each batch.
 #[derive(Default)]
 struct Harness {
     kinesis: Arc<FakeKinesis>,
     items: Arc<MemoryItems>,
     log: Log,
+    batch_time: Duration,
 }
 
 /// A worker running in a task of the test's runtime.
@@ -62,7 +64,7 @@ impl Harness {
         configure: impl FnOnce(WorkerConfig) -> WorkerConfig,
     ) -> Running {
         let config = configure(WorkerConfig::new("stream", APP).with_worker_id(worker));
-        let (log, name) = (self.log.clone(), worker.to_owned());
+        let (log, name, batch_time) = (self.log.clone(), worker.to_owned(), self.batch_time);
         let factory = move |shard: &str| Recorder {
             worker: name.clone(),
             shard: shard.to_owned(),
@@ -70,6 +72,7 @@ impl Harness {
             when,
             fail_batch,
             batches: 0,
+            batch_time,
         };
         let worker = Worker::with_api(config, Arc::clone(&self.kinesis) as _, self.table(), factory).expect("config");
         let status = worker.status();
@@ -446,5 +449,270 @@ async fn a_worker_whose_stream_is_gone_is_unhealthy_naming_kinesis() {
     h.kinesis.set_deleted(false);
     wait(5).await;
     assert!(reasons(&w1).is_empty(), "{:?}", reasons(&w1));
+    w1.stop().await;
+}
+
+/// Unfinished leases per owner in the table, a hand-off in progress counted as "handoff".
+fn owner_counts(h: &Harness, shards: &[String]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for shard in shards {
+        let Some(lease) = h.items.lease(shard) else {
+            *counts.entry("no lease yet".to_owned()).or_default() += 1;
+            continue;
+        };
+        let owner = match (&lease.owner, &lease.checkpoint_owner) {
+            (_, Some(_)) => "handoff".to_owned(),
+            (Some(owner), None) => owner.clone(),
+            (None, None) => String::new(),
+        };
+        *counts.entry(owner).or_default() += 1;
+    }
+    counts
+}
+
+/// Polls every 50 ms until `check` holds; returns how long that took, or `None` after `limit`.
+async fn time_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() <= limit {
+        if check() {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Eight shards with records, and a lease table whose calls take 10 ms, as DynamoDB's do: two
+/// workers started together then race for the same unowned leases.
+fn eight_shards_and_a_slow_table() -> (Harness, Vec<String>) {
+    let h = Harness::default();
+    let shards: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
+    for shard in &shards {
+        h.kinesis.add_shard(shard, &[]);
+        h.kinesis.put(shard, 3);
+    }
+    h.items.set_latency(Duration::from_millis(10));
+    (h, shards)
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_workers_started_together_share_evenly_within_seconds_not_a_taking_interval() {
+    let (h, shards) = eight_shards_and_a_slow_table();
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    // The second starts 5 ms later: both find the leases unowned, and the first wins every race.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let w2 = h.start("w2", CheckpointWhen::EveryBatch, None);
+    let even = || {
+        let counts = owner_counts(&h, &shards);
+        counts.get("w1") == Some(&4) && counts.get("w2") == Some(&4)
+    };
+    let took = time_until(Duration::from_secs(30), even).await;
+    let took = took.unwrap_or_else(|| panic!("no 4/4 split in 30 s: {:?}", owner_counts(&h, &shards)));
+    // The second worker scans four times as often while hand-offs to it are pending, so it starts
+    // the shards soon after their release.
+    let started = time_until(Duration::from_secs(5), || w2.status.snapshot().leases_held == 4).await;
+    let started = took + started.expect("w2 processing its four shards");
+    println!(
+        "two workers started 5 ms apart: 4/4, hand-offs done, {took:?} after the second started; \
+         its four shards processing after {started:?}"
+    );
+    assert!(took <= Duration::from_secs(3), "4/4 with hand-offs done in {took:?}, not a taking interval (20 s)");
+    assert!(started <= Duration::from_secs(3), "{started:?}");
+
+    // Stable afterwards: nothing moves over several taking intervals, nothing is processed twice.
+    wait(60).await;
+    assert!(even(), "{:?}", owner_counts(&h, &shards));
+    let all = h.log.processed();
+    let mut unique = all.clone();
+    unique.dedup();
+    assert_eq!((all.len(), unique.len()), (24, 24), "every record once");
+    let (r2, r1) = (w2.stop().await, w1.stop().await);
+    assert_eq!(r1.handoffs_requested + r2.handoffs_requested, 4, "each lease moved once: {r1:?} {r2:?}");
+    assert_eq!(r1.leases_lost + r2.leases_lost, 0, "hand-offs, not thefts: {r1:?} {r2:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_early_balancing_the_same_start_waits_a_whole_taking_interval() {
+    // The scenario above with early rounds turned off: what the worker did before.
+    let (h, shards) = eight_shards_and_a_slow_table();
+    let never = |c: WorkerConfig| c.with_min_balance_interval(Duration::from_secs(3600));
+    let w1 = h.start_with("w1", CheckpointWhen::EveryBatch, None, never);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let w2 = h.start_with("w2", CheckpointWhen::EveryBatch, None, never);
+    let took = time_until(Duration::from_secs(30), || {
+        let counts = owner_counts(&h, &shards);
+        counts.get("w1") == Some(&4) && counts.get("w2") == Some(&4)
+    })
+    .await;
+    let took = took.expect("even at the taking interval");
+    println!("without early balancing: 4/4 {took:?} after the second started");
+    assert!(took >= Duration::from_secs(19), "{took:?}");
+    w2.stop().await;
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_worker_balances_at_its_next_scan_when_a_new_worker_appears() {
+    let h = Harness::default();
+    let shards: Vec<String> = (0..8).map(|i| format!("s{i}")).collect();
+    for shard in &shards {
+        h.kinesis.add_shard(shard, &[]);
+    }
+    let w1 = h.start("w1", CheckpointWhen::EveryBatch, None);
+    wait(5).await;
+    assert_eq!(owner_counts(&h, &shards).get("w1"), Some(&8));
+
+    // A new worker (played by the test) appears holding six of them, and renews them; it hands
+    // over what it is asked for, as a worker does.
+    let table = h.table();
+    let w9 = Arc::new(crate::lease::LeaseRenewer::new(table.clone(), Duration::from_secs(10)));
+    for shard in &shards[2..] {
+        w9.add(table.take(&h.lease(shard), "w9").await.expect("w9 takes it"));
+    }
+    let renewing = {
+        let w9 = Arc::clone(&w9);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                w9.renew_all().await;
+                for held in w9.held() {
+                    if held.is_handoff_requested() {
+                        w9.release(held.shard_id()).await;
+                    }
+                }
+            }
+        })
+    };
+    // w1 holds 2 of 8 next to one other worker: its share is 4, and it asks w9 for 2 at its next
+    // scans, not at its next taking interval (20 s after its start).
+    let took = time_until(Duration::from_secs(30), || {
+        let counts = owner_counts(&h, &shards);
+        counts.get("w1") == Some(&4) && counts.get("w9") == Some(&4)
+    })
+    .await;
+    let took = took.unwrap_or_else(|| panic!("no 4/4 split: {:?}", owner_counts(&h, &shards)));
+    println!("a new worker appeared holding 6 of 8: 4/4 {took:?} later");
+    assert!(took <= Duration::from_secs(3), "{took:?}");
+    renewing.abort();
+    let report = w1.stop().await;
+    assert_eq!(report.handoffs_requested, 2, "{report:?}");
+}
+
+/// The times `worker` finished each batch of `shard`, with its records.
+fn batches(h: &Harness, worker: &str, shard: &str) -> Vec<(tokio::time::Instant, Vec<String>)> {
+    h.log
+        .entries()
+        .into_iter()
+        .filter(|e| e.worker == worker && e.shard == shard)
+        .filter_map(|e| match e.event {
+            Event::Batch(records) => Some((e.at, records)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One shard of ten records read two at a time by a processor that takes 1 s a batch, with
+/// read-ahead on or off: when each `GetRecords` was made, and when each batch was done.
+async fn slow_processor_run(
+    read_ahead: bool,
+) -> (Vec<crate::tests::fakes::Read>, Vec<(tokio::time::Instant, Vec<String>)>, Vec<String>) {
+    let h = Harness { batch_time: Duration::from_secs(1), ..Harness::default() };
+    h.kinesis.add_shard("s0", &[]);
+    let records = h.kinesis.put("s0", 10);
+    let w1 =
+        h.start_with("w1", CheckpointWhen::EveryBatch, None, |c| c.with_max_records(2).with_read_ahead(read_ahead));
+    wait(10).await;
+    w1.stop().await;
+    assert_eq!(h.lease("s0").checkpoint, at(&records[9]), "every batch checkpointed");
+    (h.kinesis.reads("s0"), batches(&h, "w1", "s0"), records)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_next_get_records_is_made_while_the_processor_works_and_order_is_kept() {
+    let (reads, done, records) = slow_processor_run(true).await;
+    // Batch n is done at the end of its second; the read of batch n + 1 (from record 2n + 2) was
+    // made while batch n was being processed, 200 ms after the read of batch n.
+    assert_eq!(done.len(), 5, "{done:?}");
+    for (n, (finished, batch)) in done.iter().enumerate() {
+        assert_eq!(batch, &records[2 * n..2 * n + 2].to_vec(), "batches in shard order");
+        let next = reads.iter().find(|r| r.position == 2 * n + 2).expect("the next batch was read");
+        assert!(next.at + Duration::from_millis(500) <= *finished, "batch {n}: {next:?} vs done at {finished:?}");
+    }
+    // Five 1 s batches back to back: the reads hide behind the processing.
+    let took = done[4].0 - reads[0].at;
+    assert!(took <= Duration::from_millis(5_100), "{took:?}");
+
+    // Read-ahead off: each read waits for the batch before it.
+    let (reads, done, _) = slow_processor_run(false).await;
+    for (n, (finished, _)) in done.iter().enumerate() {
+        let next = reads.iter().find(|r| r.position == 2 * n + 2).expect("the next batch was read");
+        assert!(next.at >= *finished, "batch {n}: {next:?} made before the batch was done at {finished:?}");
+    }
+}
+
+/// A shard of four records read two at a time by a processor that takes 2 s a batch and
+/// checkpoints only when asked to shut down: the second batch has been read ahead when the first
+/// is done.
+fn shard_with_two_slow_batches() -> (Harness, Vec<String>, Running) {
+    let h = Harness { batch_time: Duration::from_secs(2), ..Harness::default() };
+    h.kinesis.add_shard("s0", &[]);
+    let records = h.kinesis.put("s0", 4);
+    let w1 = h.start_with("w1", CheckpointWhen::AtShutdown, None, |c| c.with_max_records(2));
+    (h, records, w1)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_drops_the_batch_read_ahead() {
+    let (h, records, w1) = shard_with_two_slow_batches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.kinesis.reads("s0").iter().any(|r| r.position == 2), "the second batch is read ahead");
+    // Another worker takes the lease while the first batch is being processed.
+    h.table().take(&h.lease("s0"), "thief").await.expect("the thief takes it");
+    wait(5).await;
+    let events: Vec<Event> = h.log.entries().into_iter().filter(|e| e.worker == "w1").map(|e| e.event).collect();
+    assert!(events.contains(&Event::LeaseLost), "{events:?}");
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &records[..2]), "the batch read ahead is not processed");
+    let lease = h.lease("s0");
+    assert_eq!((lease.owner.as_deref(), lease.checkpoint), (Some("thief"), ExtendedSequenceNumber::TRIM_HORIZON));
+    w1.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hand_off_drops_the_batch_read_ahead_and_checkpoints_only_what_was_processed() {
+    let (h, records, w1) = shard_with_two_slow_batches();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.kinesis.reads("s0").iter().any(|r| r.position == 2), "the second batch is read ahead");
+    h.table().request_handoff(&h.lease("s0"), "w2").await.expect("w2 asks for it");
+    wait(5).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &records[..2]), "the batch read ahead is not processed");
+    assert!(h.log.position(|e| e.worker == "w1" && e.event == Event::ShutdownRequested).is_some());
+    // Handed over at the end of the first batch: the read-ahead's records were never delivered.
+    let lease = h.lease("s0");
+    assert_eq!((lease.owner.as_deref(), lease.checkpoint_owner, lease.checkpoint), (Some("w2"), None, at(&records[1])));
+    let report = w1.stop().await;
+    assert_eq!(report.leases_released, 1, "{report:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reads_keep_the_idle_pause_and_the_throttling_backoff_with_read_ahead() {
+    let h = Harness { batch_time: Duration::from_secs(1), ..Harness::default() };
+    h.kinesis.add_shard("s0", &[]);
+    h.kinesis.add_shard("idle", &[]);
+    let records = h.kinesis.put("s0", 6);
+    let w1 = h.start_with("w1", CheckpointWhen::EveryBatch, None, |c| c.with_max_records(2).with_empty_batches(true));
+    // The read ahead of the second batch is throttled, and so is every read for 5 s.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.kinesis.set_throttled(true);
+    wait(5).await;
+    h.kinesis.set_throttled(false);
+    let throttled = h.kinesis.reads("s0").iter().filter(|r| r.throttled).count();
+    // Backed off from 100 ms, doubling: about six calls in 5 s, not one every 200 ms (25).
+    assert!((4..=8).contains(&throttled), "{throttled} throttled reads");
+    wait(10).await;
+    assert_eq!(h.log.processed_by("w1"), pairs("s0", &records), "everything once, in order, after the throttling");
+    // A caught-up shard is read once per idle time (1.5 s), read-ahead or not: about 10 in 15 s
+    // (throttled ones included).
+    let idle = h.kinesis.reads("idle").len();
+    assert!((8..=12).contains(&idle), "{idle} reads of the idle shard");
     w1.stop().await;
 }

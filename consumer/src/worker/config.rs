@@ -20,11 +20,13 @@ pub struct WorkerConfig {
     pub(crate) failover_time: Duration,
     pub(crate) renew_interval: Option<Duration>,
     pub(crate) taking_interval: Option<Duration>,
+    pub(crate) min_balance_interval: Duration,
     pub(crate) discovery_interval: Duration,
     pub(crate) shard_sync_interval: Duration,
     pub(crate) parent_poll_interval: Duration,
     pub(crate) idle_time_between_reads: Duration,
     pub(crate) empty_batches: bool,
+    pub(crate) read_ahead: bool,
     pub(crate) max_records: i32,
     pub(crate) max_leases_per_worker: usize,
     pub(crate) max_leases_to_steal_at_once: usize,
@@ -49,11 +51,13 @@ impl WorkerConfig {
             failover_time: Duration::from_secs(10),
             renew_interval: None,
             taking_interval: None,
+            min_balance_interval: Duration::from_secs(1),
             discovery_interval: Duration::from_secs(1),
             shard_sync_interval: Duration::from_secs(60),
             parent_poll_interval: Duration::from_secs(10),
             idle_time_between_reads: Duration::from_millis(1500),
             empty_batches: false,
+            read_ahead: true,
             max_records: GET_RECORDS_MAX_RECORDS,
             max_leases_per_worker: usize::MAX,
             max_leases_to_steal_at_once: 10,
@@ -107,6 +111,15 @@ impl WorkerConfig {
         self
     }
 
+    /// Shortest time between two balance rounds (default 1 s; ktk's own). Besides every taking
+    /// interval, a worker balances at its next scan when the scan shows a new worker, or when its
+    /// previous round lost a race for a lease (workers that start together), but never closer than
+    /// this to its previous round. Zero balances at the next scan.
+    pub fn with_min_balance_interval(mut self, interval: Duration) -> Self {
+        self.min_balance_interval = interval;
+        self
+    }
+
     /// How often the table is scanned for unowned and expired leases (default 1 s).
     pub fn with_discovery_interval(mut self, interval: Duration) -> Self {
         self.discovery_interval = interval;
@@ -141,6 +154,16 @@ impl WorkerConfig {
     /// (the delivery pipeline) need a call when the shard is quiet.
     pub fn with_empty_batches(mut self, empty: bool) -> Self {
         self.empty_batches = empty;
+        self
+    }
+
+    /// Reads a shard's next batch while the processor works on the current one (default on):
+    /// one batch ahead per shard at most, at the shard's read pace, dropped if the lease goes or
+    /// the processor fails, never counted as delivered before the processor gets it. Polling only
+    /// (enhanced fan-out pushes records as they come). The KCL's `PrefetchRecordsPublisher` does
+    /// the same with up to `maxPendingProcessRecordsInput` (3) batches.
+    pub fn with_read_ahead(mut self, read_ahead: bool) -> Self {
+        self.read_ahead = read_ahead;
         self
     }
 

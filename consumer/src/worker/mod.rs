@@ -5,11 +5,12 @@
 //! The loops and their timings are documented on [`Worker`], the part of this module applications
 //! see.
 
+mod balance;
 mod config;
 mod shard_consumer;
 mod status;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use crate::lease::{Lease, LeaseRenewer, LeaseTable, ShardSyncer, TableCalls};
 use crate::processor::ProcessorFactory;
 use crate::retrieval::kinesis::KinesisReads;
 use crate::retrieval::{FanOutConfig, ReaderConfig, register_consumer};
+use balance::{BalanceSchedule, EarlyReason};
 use ktk_backoff::Backoff;
 use shard_consumer::{Ending, ShardContext};
 
@@ -60,19 +62,24 @@ pub struct WorkerReport {
 /// | --- | --- | --- |
 /// | renew held leases | failover time / 3 − 25 ms (3,308 ms); skipped for a lease checkpointed in the last half interval | `leaseRenewalIntervalMillis` (derived the same way; the KCL always renews) |
 /// | lease expiry | 10 s without a counter change, on the local monotonic clock | `failoverTimeMillis` |
-/// | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms) | `takerIntervalMillis` |
+/// | balance (steal from workers above their share) | (failover time + 25 ms) × 2 (20,050 ms); at start; at the next scan when a new worker appears or a round lost a race, at least 1 s apart | `takerIntervalMillis` |
 /// | shard sync (`ListShards`) | 60 s, and at once when a shard of this worker ends | `shardSyncIntervalMillis` |
 /// | parent shard poll | 10 s, and at once when a parent on this worker ends | `parentShardPollIntervalMillis` |
 /// | idle time between reads | 1,500 ms, only when caught up (the KCL waits before every read) | `idleTimeBetweenReadsInMillis` |
-/// | lease discovery (scan) | 1 s | none (ktk's own) |
+/// | read-ahead | the next batch read while the processor works, one per shard (polling) | `PrefetchRecordsPublisher` (up to `maxPendingProcessRecordsInput` = 3) |
+/// | lease discovery (scan) | 1 s; every 250 ms while hand-offs to this worker wait for their release | none (ktk's own) |
 ///
 /// Lease discovery is where ktk departs from the KCL: every second the worker scans the table
 /// (one eventually-billed read per 4 KB, about 30 leases) and takes unowned and expired leases
 /// at once, so a gracefully released lease is picked up within about a second, and a crashed
 /// worker's leases within the failover time plus a second, not a whole taking interval later.
-/// Balancing steals only happen on the taking interval, as many as the worker is short of its
-/// share (bounded by `max_leases_to_steal_at_once`), and by hand-off: the owner finishes its batch
-/// and checkpoints before the thief starts, so moving a lease processes nothing twice.
+/// Balancing steals happen when the worker starts, every taking interval, and at the next scan
+/// after one that shows a new worker in the table or a round that lost a race for a lease (workers
+/// started together), never closer than the minimum balance interval (1 s): a rolling deploy or a
+/// scale-out shares the shards within seconds, not a taking interval later. Each round asks for as
+/// many leases as the worker is short of its share (bounded by `max_leases_to_steal_at_once`),
+/// only from workers above their share, and by hand-off: the owner finishes its batch and
+/// checkpoints before the thief starts, so moving a lease processes nothing twice.
 #[derive(Debug)]
 pub struct Worker<F> {
     config: WorkerConfig,
@@ -239,6 +246,7 @@ impl<F: ProcessorFactory> Worker<F> {
             parent_poll_interval: config.parent_poll_interval,
             idle_time_between_reads: config.idle_time_between_reads,
             empty_batches: config.empty_batches,
+            read_ahead: config.read_ahead,
             retry_min: config.retry_min,
             retry_max: config.retry_max,
             shutdown: shard_shutdown.clone(),
@@ -280,10 +288,14 @@ impl<F: ProcessorFactory> Worker<F> {
         };
         let mut next_sync = Instant::now() + config.shard_sync_interval;
         // The first round balances at once (a worker that joins a group asks for its share right
-        // away), then every taking interval.
-        let mut next_steal = Instant::now();
+        // away), then every taking interval, and early when a scan shows a new worker or a round
+        // acted on a stale view (balance.rs).
+        let mut balancing = BalanceSchedule::new(Instant::now(), config.taking_interval(), config.min_balance_interval);
         let mut discovery = tokio::time::interval(config.discovery_interval);
         discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // While hand-offs to this worker wait for their owners to release, it scans four times as
+        // often, to start each lease as soon as it is released.
+        let mut handoff_scan: Option<Instant> = None;
         let mut sync_now = false;
 
         loop {
@@ -291,6 +303,7 @@ impl<F: ProcessorFactory> Worker<F> {
                 () = shutdown.cancelled() => break,
                 () = shard_ended.notified() => sync_now = true,
                 _ = discovery.tick() => {}
+                () = sleep_until_some(handoff_scan) => {}
                 Some(joined) = state.tasks.join_next_with_id() => {
                     state.reap(joined);
                     continue;
@@ -310,12 +323,20 @@ impl<F: ProcessorFactory> Worker<F> {
                     Err(error) => warn!(stream = %config.stream, %error, "shard sync failed; trying again later"),
                 }
             }
-            let steal = now >= next_steal;
-            if steal {
-                next_steal = now + config.taking_interval();
-            }
-            if let Err(error) = state.take_leases(steal, &ctx, &self.factory).await {
-                warn!(stream = %config.stream, %error, "lease taking failed; trying again next round");
+            let balance = balancing.is_due(now);
+            match state.take_leases(balance, &ctx, &self.factory).await {
+                Ok(round) => {
+                    handoff_scan = (round.incoming > 0).then(|| Instant::now() + config.discovery_interval / 4);
+                    if let Some(EarlyReason::NewWorkers(new)) = balancing.scanned(now, balance, round.live, round.raced)
+                    {
+                        info!(stream = %config.stream, worker, new = ?new, "new workers in the lease table; balancing at the next scan");
+                    }
+                }
+                Err(error) => {
+                    handoff_scan = None;
+                    balancing.failed(now, balance);
+                    warn!(stream = %config.stream, %error, "lease taking failed; trying again next round");
+                }
             }
         }
 
@@ -400,6 +421,24 @@ async fn renew_loop(
     }
 }
 
+/// What one lease-taking round saw and met.
+struct Round {
+    /// The live workers in the table (this one included).
+    live: BTreeSet<String>,
+    /// A take or hand-off request lost its race: the round acted on a stale view.
+    raced: bool,
+    /// Hand-offs to this worker that wait for their owner's release.
+    incoming: usize,
+}
+
+/// Sleeps until `at`; never wakes when `None`.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The main loop's state.
 struct Loop<'a> {
     config: &'a WorkerConfig,
@@ -451,7 +490,7 @@ impl Loop<'_> {
         steal: bool,
         ctx: &Arc<ShardContext>,
         factory: &Arc<F>,
-    ) -> Result<()> {
+    ) -> Result<Round> {
         let listing = match self.table.list().await {
             Ok(listing) => listing,
             Err(error) => {
@@ -471,14 +510,23 @@ impl Loop<'_> {
                 self.taker.is_available(l, now) || (l.owner.as_deref() == Some(me) && l.checkpoint_owner.is_none())
             })
             .count();
-        let workers = plan.workers;
+        let live = plan.live.clone();
         let result = self.take_planned(&listing.leases, plan, now, steal, ctx, factory).await;
-        self.status.scanned(active, takeable, workers, self.running.len());
-        result
+        self.status.scanned(active, takeable, live.len(), self.running.len());
+        let (raced, requested) = result?;
+        // Hand-offs to this worker still waiting for their owner's release, those asked for in
+        // this round included.
+        let waiting = listing
+            .leases
+            .iter()
+            .filter(|l| l.owner.as_deref() == Some(me) && l.checkpoint_owner.is_some() && !l.is_finished())
+            .count();
+        Ok(Round { live, raced, incoming: waiting + requested })
     }
 
     /// Takes what `plan` (made from `listed` at `now`) names, and leases the table already gives
-    /// this worker; asks for hand-offs when `steal`.
+    /// this worker; asks for hand-offs when `steal`. Returns whether a take or a hand-off request
+    /// lost its race (the lease changed since the scan), and how many hand-offs it asked for.
     async fn take_planned<F: ProcessorFactory>(
         &mut self,
         listed: &[Lease],
@@ -487,8 +535,10 @@ impl Loop<'_> {
         steal: bool,
         ctx: &Arc<ShardContext>,
         factory: &Arc<F>,
-    ) -> Result<()> {
+    ) -> Result<(bool, usize)> {
         let me = self.config.worker_id.clone();
+        let mut raced = false;
+        let mut requested = 0;
         let leases: BTreeMap<&str, &Lease> = listed.iter().map(|l| (l.lease_key.as_str(), l)).collect();
         for held in self.renewer.held() {
             if let Some(seen) = leases.get(held.shard_id()) {
@@ -512,6 +562,7 @@ impl Loop<'_> {
                 Ok(taken) => self.start(taken, ctx, factory),
                 Err(error) if error.is_condition_failure() => {
                     debug!(shard = %lease.lease_key, "another worker took the lease first");
+                    raced = true;
                 }
                 Err(error) => return Err(error),
             }
@@ -526,6 +577,7 @@ impl Loop<'_> {
                 for _ in 0..3 {
                     match self.table.request_handoff(&target, &me).await {
                         Ok(_) => {
+                            requested += 1;
                             self.report.handoffs_requested += 1;
                             metrics::counter!("HandoffsRequested", &self.labels).increment(1);
                             break;
@@ -536,6 +588,7 @@ impl Loop<'_> {
                             }
                             _ => {
                                 debug!(shard = %lease.lease_key, "the lease changed hands; not asking for it");
+                                raced = true;
                                 break;
                             }
                         },
@@ -545,7 +598,7 @@ impl Loop<'_> {
                 }
             }
         }
-        Ok(())
+        Ok((raced, requested))
     }
 
     /// At shutdown, hand-offs this worker asked for and has not started: waits (until `deadline`)

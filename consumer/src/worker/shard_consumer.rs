@@ -1,6 +1,15 @@
 //! One task per lease a worker holds: wait for the shard's parents, read from the checkpoint,
 //! hand batches to the application's processor in order, and end the right way (shard end, lease
 //! lost, hand-off or shutdown).
+//!
+//! Read-ahead (polling only, on by default): while the processor works on a batch, the next
+//! `GetRecords` runs in a task of its own ([`ReadAhead`]), so a slow processor and a slow read
+//! overlap. At most one batch is read ahead per shard, and reads keep their pace (the reader spaces
+//! its calls 200 ms apart, the shard's 5 calls/s). The batch read ahead is only a read: it counts
+//! as delivered (and so may be checkpointed) when it is handed to the processor, and it is dropped
+//! when the lease is lost, handed off or shut down, or when the processor fails (the shard is
+//! read again from the checkpoint). No read goes ahead of a read that ended the shard, or of one
+//! that found the shard caught up (the idle pause comes first).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -35,6 +44,8 @@ pub(crate) struct ShardContext {
     pub(crate) idle_time_between_reads: Duration,
     /// Call the processor after reads that returned no records too.
     pub(crate) empty_batches: bool,
+    /// Read the next batch while the processor works on one (polling only).
+    pub(crate) read_ahead: bool,
     pub(crate) retry_min: Duration,
     pub(crate) retry_max: Duration,
     /// The worker is shutting down: finish the batch in hand, let the processor checkpoint,
@@ -252,18 +263,29 @@ async fn consume<P: RecordProcessor>(
     let mut read_backoff = Backoff::new(ctx.retry_min, ctx.retry_max);
     let mut start = InitializeInput { shard_id: shard.clone(), checkpoint: lease.checkpoint.clone(), restarts };
     initialize(ctx, held, processor, &start, &mut backoff).await?;
-    let mut reader = reader(ctx, &lease);
+    // `None` after a failed batch: the shard is read again from the table's checkpoint.
+    let mut reader = Some(self::reader(ctx, &lease));
+    // The batch read while the processor worked on the previous one.
+    let mut ahead: Option<Result<ReadResult, RetrievalError>> = None;
     debug!(stream = %ctx.stream, shard, checkpoint = %lease.checkpoint, "processing");
 
     loop {
+        // A lease lost or handed over drops the batch read ahead with everything else.
         if let Some(stop) = should_stop(ctx, held) {
             return Err(stop);
         }
-        let read = tokio::select! {
-            () = held.lost() => return Err(Stop::Lost),
-            () = held.handoff_requested() => return Err(Stop::Leave),
-            () = ctx.shutdown.cancelled() => return Err(Stop::Leave),
-            read = reader.read() => read,
+        let current = match &mut reader {
+            Some(current) => current,
+            None => reader.insert(self::reader(ctx, &held.snapshot().await)),
+        };
+        let read = match ahead.take() {
+            Some(read) => read,
+            None => tokio::select! {
+                () = held.lost() => return Err(Stop::Lost),
+                () = held.handoff_requested() => return Err(Stop::Leave),
+                () = ctx.shutdown.cancelled() => return Err(Stop::Leave),
+                read = current.read() => read,
+            },
         };
         let ReadResult { records, millis_behind_latest, out_of_range: outside, shard_end, .. } = match read {
             Ok(result) => {
@@ -302,7 +324,27 @@ async fn consume<P: RecordProcessor>(
             let count = records.len() as u64;
             let bytes: usize = records.iter().map(|r| r.data.len()).sum();
             let input = ProcessRecordsInput { shard_id: shard.clone(), records, millis_behind_latest };
-            if let Err(error) = processor.process_records(input, checkpointer).await {
+            let read_ahead =
+                ctx.read_ahead && shard_end.is_none() && !caught_up && matches!(reader, Some(Reader::Polling(_)));
+            let outcome = if read_ahead && let Some(polling) = reader.take() {
+                let next = ReadAhead::start(polling);
+                let outcome = processor.process_records(input, checkpointer).await;
+                // After a failed batch the read is dropped with `next` (and the reader with it).
+                if outcome.is_ok() {
+                    let (back, read) = tokio::select! {
+                        () = held.lost() => return Err(Stop::Lost),
+                        () = held.handoff_requested() => return Err(Stop::Leave),
+                        () = ctx.shutdown.cancelled() => return Err(Stop::Leave),
+                        done = next.finish() => done,
+                    };
+                    ahead = Some(read);
+                    reader = Some(back);
+                }
+                outcome
+            } else {
+                processor.process_records(input, checkpointer).await
+            };
+            if let Err(error) = outcome {
                 processor_errors.increment(1);
                 restarts = restarts.saturating_add(1);
                 let delay = backoff.next_delay();
@@ -315,7 +357,9 @@ async fn consume<P: RecordProcessor>(
                 checkpointer.rewind();
                 start = InitializeInput { shard_id: shard.clone(), checkpoint: now.checkpoint.clone(), restarts };
                 initialize(ctx, held, processor, &start, &mut backoff).await?;
-                reader = self::reader(ctx, &now);
+                // The next round makes a reader from that checkpoint; a batch read ahead is dropped.
+                reader = None;
+                ahead = None;
                 continue;
             }
             backoff.reset();
@@ -329,6 +373,42 @@ async fn consume<P: RecordProcessor>(
         if caught_up && let Some(stop) = pause(ctx, held, ctx.idle_time_between_reads).await {
             return Err(stop);
         }
+    }
+}
+
+/// The next read of a shard, running in a task of its own while the processor works, so that it
+/// progresses whatever the processor does with its thread. Dropping it aborts the read.
+struct ReadAhead {
+    task: tokio::task::JoinHandle<(Reader, Result<ReadResult, RetrievalError>)>,
+}
+
+impl ReadAhead {
+    /// Starts the next read of `reader`, which comes back with the result.
+    fn start(mut reader: Reader) -> Self {
+        ReadAhead {
+            task: tokio::spawn(async move {
+                let read = reader.read().await;
+                (reader, read)
+            }),
+        }
+    }
+
+    /// The reader and what it read. A read that panicked panics here, in the shard's task (the
+    /// worker restarts the shard from its checkpoint, as after a processor's panic).
+    async fn finish(mut self) -> (Reader, Result<ReadResult, RetrievalError>) {
+        match (&mut self.task).await {
+            Ok(done) => done,
+            Err(error) => match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(error) => panic!("a shard's read-ahead task was cancelled: {error}"),
+            },
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -22,6 +22,7 @@
 //!   [`ProducerConfig::with_strict_ordering`] rules that out too.
 #![deny(unsafe_code)]
 
+mod adaptive;
 pub mod api;
 #[cfg(feature = "collector")]
 pub mod collector;

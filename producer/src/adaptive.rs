@@ -23,8 +23,10 @@
 //! that times out doubles the timeout of the calls after it (from the timeout it was given, so
 //! calls timing out together double it once), up to `max_request_timeout`. Answers move it back
 //! down by an eighth of the way per answer toward `srtt + 4 * rttvar` (the smoothed latency and
-//! its variation, as TCP computes its retransmission timeout, RFC 6298), never below the
-//! configured request timeout. A longer timeout is also the cheap way to fewer duplicates: a call
+//! its variation, as TCP computes its retransmission timeout, RFC 6298) or twice the smoothed
+//! latency, whichever is more (a backend that answers every call in exactly 3 s has no
+//! variation, and its calls must not time out at 3 s), never below the configured request
+//! timeout. A longer timeout is also the cheap way to fewer duplicates: a call
 //! that timed out may have been written, and its records are sent again.
 //!
 //! Every method takes the time as an argument (no clock is read here), so the state machine is
@@ -173,7 +175,7 @@ impl CallLimit {
         Change::Unchanged
     }
 
-    /// Updates the latency estimate and moves the timeout toward `srtt + 4 * rttvar`.
+    /// Updates the latency estimate and moves the timeout toward `max(srtt + 4 * rttvar, 2 * srtt)`.
     fn learn_latency(&mut self, latency: Duration) {
         let sample = latency.as_secs_f64();
         let (srtt, rttvar) = match self.srtt {
@@ -184,7 +186,7 @@ impl CallLimit {
             }
         };
         self.srtt = Some((srtt, rttvar));
-        let target = Duration::try_from_secs_f64(srtt + 4.0 * rttvar)
+        let target = Duration::try_from_secs_f64((srtt + 4.0 * rttvar).max(2.0 * srtt))
             .unwrap_or(self.max_timeout)
             .clamp(self.base_timeout, self.max_timeout);
         // Up at once when answers take longer than the timeout allows for; down gradually, and

@@ -437,6 +437,30 @@ impl ShardState {
         out
     }
 
+    /// Sends the records admitted but never sent back to the front of the backlog, their TTL
+    /// clock stopped (it starts again when they are admitted again): the window they were
+    /// admitted under was larger than the one the calls can now take. Records already tried
+    /// (the oldest of the shard, held or ready) keep their place and their clock.
+    fn unadmit_unsent(&mut self) {
+        // The aggregate being built holds the newest records: if one of them was tried, so was
+        // everything before it.
+        if self.members.iter().any(|m| !m.attempts.is_empty()) {
+            return;
+        }
+        let mut newest_first: Vec<Pending> = self.members.drain(..).rev().collect();
+        self.aggregator.reset();
+        self.aggregating_since = None;
+        while self.ready.back().is_some_and(|r| r.members.iter().all(|m| m.attempts.is_empty())) {
+            let Some(ready) = self.ready.pop_back() else { break };
+            self.ready_bytes -= ready.record.size();
+            newest_first.extend(ready.members.into_iter().rev());
+        }
+        for mut pending in newest_first {
+            pending.admitted = false;
+            self.backlog.push_front(pending);
+        }
+    }
+
     /// Takes every record that is not in flight, oldest first: the admitted ones, then the
     /// backlog.
     fn drain_unsent(&mut self) -> Vec<Pending> {
@@ -1225,6 +1249,13 @@ impl Engine {
                 "PutRecords concurrency"
             );
             self.publish_limit();
+        }
+        if change == Change::Decreased {
+            // What was admitted under the old limit would wait for calls that no longer go out
+            // at once: back to the backlogs, to be admitted again within the new windows.
+            for state in self.shards.values_mut() {
+                state.unadmit_unsent();
+            }
         }
     }
 

@@ -1228,7 +1228,9 @@ impl Engine {
             Ok(results) => {
                 let throttled = results
                     .iter()
-                    .filter(|r| matches!(r, EntryResult::Failed { code, .. } if retry_for_entry(code) == Retry::Throttled))
+                    .filter(
+                        |r| matches!(r, EntryResult::Failed { code, .. } if retry_for_entry(code) == Retry::Throttled),
+                    )
                     .count();
                 if throttled > 0 && throttled * 2 >= call.entries.len() {
                     Outcome::Throttled(done.duration)

@@ -48,6 +48,8 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 /// Most changes of the concurrency limit kept for the summary (the first ones); later ones only
 /// move the lowest, highest and last values.
 const MAX_CONCURRENCY_CHANGES: usize = 1_000;
+/// How far the request timeout must move, as a share of the last one kept, to be a change.
+const TIMEOUT_CHANGE: f64 = 0.2;
 /// Changes of the concurrency limit written in the text summary; the JSON summary has them all.
 const TEXT_CONCURRENCY_CHANGES: usize = 20;
 
@@ -89,31 +91,35 @@ pub struct ConcurrencySample {
 /// How the concurrency limit moved during a run.
 #[derive(Debug, Clone, Default)]
 pub struct ConcurrencyHistory {
-    /// The first sample and each change after it (at most [`MAX_CONCURRENCY_CHANGES`]).
+    /// The first sample and each change after it (at most [`MAX_CONCURRENCY_CHANGES`]): a new
+    /// limit, or a request timeout at least [`TIMEOUT_CHANGE`] away from the last one kept (it
+    /// moves a little with every answer).
     pub changes: Vec<ConcurrencySample>,
     /// Changes not kept in `changes`.
     pub changes_dropped: u64,
     pub lowest_limit: u64,
     pub highest_limit: u64,
     pub highest_timeout_ms: u64,
-    /// The last sample's limit and timeout.
+    /// The last change's limit and timeout.
     last: Option<(u64, u64)>,
 }
 
 impl ConcurrencyHistory {
     fn note(&mut self, sample: ConcurrencySample) {
-        let now = (sample.limit, sample.request_timeout_ms);
-        let changed = self.last != Some(now);
+        let changed = self.last.is_none_or(|(limit, timeout_ms)| {
+            let moved = sample.request_timeout_ms.abs_diff(timeout_ms) as f64;
+            limit != sample.limit || moved >= timeout_ms as f64 * TIMEOUT_CHANGE
+        });
         if self.last.is_none() {
             self.lowest_limit = sample.limit;
         }
-        self.last = Some(now);
         self.lowest_limit = self.lowest_limit.min(sample.limit);
         self.highest_limit = self.highest_limit.max(sample.limit);
         self.highest_timeout_ms = self.highest_timeout_ms.max(sample.request_timeout_ms);
         if !changed {
             return;
         }
+        self.last = Some((sample.limit, sample.request_timeout_ms));
         if self.changes.len() < MAX_CONCURRENCY_CHANGES {
             self.changes.push(sample);
         } else {
@@ -719,12 +725,19 @@ mod tests {
             limit,
             request_timeout_ms,
         };
-        for (t, limit, timeout) in
-            [(0.0, 24, 6_000), (0.2, 24, 6_000), (3.0, 2, 12_000), (9.0, 1, 24_000), (20.0, 8, 6_000)]
-        {
+        for (t, limit, timeout) in [
+            (0.0, 24, 6_000),
+            (0.2, 24, 6_000),
+            (0.4, 24, 6_500),
+            (0.6, 24, 7_000),
+            (3.0, 2, 12_000),
+            (9.0, 1, 24_000),
+            (20.0, 8, 6_000),
+        ] {
             history.note(sample(t, limit, timeout));
         }
-        assert_eq!(history.changes.len(), 4, "the repeated first sample is not a change");
+        let kept: Vec<f64> = history.changes.iter().map(|c| c.seconds).collect();
+        assert_eq!(kept, [0.0, 3.0, 9.0, 20.0], "a repeated sample and small moves of the timeout are no change");
         assert_eq!((history.lowest_limit, history.highest_limit, history.highest_timeout_ms), (1, 24, 24_000));
         for i in 0..2 * MAX_CONCURRENCY_CHANGES {
             history.note(sample(30.0 + i as f64, 1 + (i % 2) as u64, 6_000));

@@ -12,7 +12,7 @@
 //! | `KinesisRecordsPerPutRecordsRequest` | histogram | stream |
 //! | `RetriesPerRecord` | histogram | stream |
 //! | `UserRecordExpired` | counter | stream |
-//! | `BufferingTime` (ms) | histogram | stream |
+//! | `BufferingTime` (ms: from admission into the shard's window to the call) | histogram | stream |
 //! | `RequestTime` (ms) | histogram | stream |
 //! | `ErrorsByCode` | counter | stream, code |
 //! | `ConcurrencyLimit` | gauge | stream |

@@ -27,7 +27,12 @@ use tokio::task::JoinHandle;
 
 const SHARDS: i32 = 4;
 const KEYS: usize = 1_000;
-const TEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A bound on one test: two minutes, plus 20 ms per record (LocalStack takes ~7 ms per plain
+/// record of a 100,000-record stream on a loaded 2-core machine).
+fn test_timeout(records: usize) -> Duration {
+    Duration::from_secs(120) + Duration::from_millis(20) * records as u32
+}
 
 fn records_to_put() -> usize {
     std::env::var("KTK_TEST_ADAPTIVE_RECORDS").ok().and_then(|n| n.parse().ok()).unwrap_or(5_000)
@@ -42,7 +47,7 @@ fn numbered(index: usize) -> Record {
 /// answer to some `PutRecords` requests for 3-8 s. The request itself goes through at once, so
 /// the call is written and only its answer is late: what a client that times out cannot tell
 /// from a call that was lost. At most `MAX_CONNECTIONS` connections at once; it stops when
-/// dropped, and by itself after `LIFETIME`.
+/// dropped, and by itself after `lifetime`.
 struct SlowProxy {
     addr: SocketAddr,
     slow: Arc<AtomicBool>,
@@ -53,11 +58,10 @@ struct SlowProxy {
 
 impl SlowProxy {
     const MAX_CONNECTIONS: usize = 64;
-    const LIFETIME: Duration = Duration::from_secs(900);
     /// Share of `PutRecords` answers held while slow.
     const HELD_SHARE: f64 = 0.4;
 
-    async fn start(upstream: SocketAddr) -> Self {
+    async fn start(upstream: SocketAddr, lifetime: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let slow = Arc::new(AtomicBool::new(false));
@@ -73,11 +77,11 @@ impl SlowProxy {
                         let (slow, delayed) = (Arc::clone(&slow), Arc::clone(&delayed));
                         tokio::spawn(async move {
                             let _permit = permit;
-                            let _ = tokio::time::timeout(Self::LIFETIME, relay(client, upstream, slow, delayed)).await;
+                            let _ = tokio::time::timeout(lifetime, relay(client, upstream, slow, delayed)).await;
                         });
                     }
                 };
-                let _ = tokio::time::timeout(Self::LIFETIME, accept).await;
+                let _ = tokio::time::timeout(lifetime, accept).await;
             }
         });
         SlowProxy { addr, slow, delayed, task }
@@ -270,8 +274,8 @@ async fn answers_held_past_the_timeout_lower_the_limit_lengthen_timeouts_and_not
         let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
         tokio::net::lookup_host(host).await.expect("LocalStack's address").next().expect("an address")
     };
-    let proxy = SlowProxy::start(upstream).await;
-    let run = tokio::time::timeout(TEST_TIMEOUT, async {
+    let proxy = SlowProxy::start(upstream, test_timeout(n)).await;
+    let run = tokio::time::timeout(test_timeout(n), async {
         // A 2 s request timeout, below the proxy's 3-8 s: the held calls time out until the
         // timeout has grown past them (up to 16 s; a record whose calls time out at 2, 4 and 8 s
         // and then goes in a call given 16 s is within its 30 s TTL). Calls of 100 records, so
@@ -342,7 +346,7 @@ async fn a_throttling_kinesis_lowers_the_limit_and_nothing_expires() {
     let client = flaky_kinesis().await;
     let stream = unique_name("ktk-prod-adaptive-throttled");
     create_stream(&client, &stream, SHARDS).await;
-    let run = tokio::time::timeout(TEST_TIMEOUT, async {
+    let run = tokio::time::timeout(test_timeout(n), async {
         let config = ProducerConfig::new(&stream)
             .with_aggregation(false)
             // Calls are answered, only refused: a long timeout keeps a slow LocalStack from

@@ -9,7 +9,9 @@
 #
 # Environment: RECORDS (100000), SHARDS (4), KEYS (1000), SIZE (100), RATE_LIMIT (150, percent of
 # the shard quotas, for both tools), MAX_OUTSTANDING (10000), TOOLS ("ktk aiokpl"), AWS_* (LocalStack
-# defaults), KTK_BENCH_VENV ($HOME/.cache/ktk/bench-venv), CARGO_TARGET_DIR ($HOME/.cache/ktk/target).
+# defaults), KTK_BENCH_VENV ($HOME/.cache/ktk/bench-venv), CARGO_TARGET_DIR ($HOME/.cache/ktk/target),
+# KTK_ARGS (more `ktk produce` arguments: `TOOLS=ktk KTK_ARGS="--no-aggregation --progress-secs 30"`
+# is the plain-records run of docs/producer.md), RUN_TIMEOUT (600 s per tool).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -22,6 +24,8 @@ RATE_LIMIT="${RATE_LIMIT:-150}"
 MAX_OUTSTANDING="${MAX_OUTSTANDING:-10000}"
 TOOLS="${TOOLS:-ktk aiokpl}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-600}"
+# More `ktk produce` arguments, split on spaces: e.g. "--no-aggregation --progress-secs 30".
+KTK_ARGS="${KTK_ARGS:-}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/ktk/target}"
 export AWS_ENDPOINT_URL="${AWS_ENDPOINT_URL:-http://127.0.0.1:4566}"
 export AWS_REGION="${AWS_REGION:-us-east-1}"
@@ -92,6 +96,8 @@ for tool in $TOOLS; do
     ktk)
       cmd=("$ktk" produce --stream "$stream" --summary-json --rate-limit "$RATE_LIMIT"
         --max-outstanding "$MAX_OUTSTANDING")
+      read -r -a extra <<<"$KTK_ARGS"
+      cmd+=("${extra[@]}")
       ;;
     aiokpl)
       cmd=("$py" "$here/aiokpl_producer.py" --stream "$stream" --input "$data" --rate-limit "$RATE_LIMIT"

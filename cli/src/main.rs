@@ -224,6 +224,10 @@ struct ProduceArgs {
     /// Also print the summary to stdout as one JSON object.
     #[arg(long)]
     summary_json: bool,
+    /// Print a line of progress on stderr every N seconds: records put, failed, retried, and the
+    /// adaptive PutRecords concurrency limit and request timeout. 0: none.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    progress_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -326,6 +330,7 @@ fn produce_main(args: ProduceArgs) -> ExitCode {
             false => produce::InputFormat::JsonLines,
         },
         max_outstanding,
+        progress: (args.progress_secs > 0).then(|| Duration::from_secs(args.progress_secs)),
     };
     let code = runtime.block_on(async {
         let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;

@@ -9,9 +9,14 @@
 //! the remaining receipts are settled. Unusable lines and records that could not be put are
 //! reported on the error stream with their line numbers; the [`Report`] counts both, so the
 //! caller can exit non-zero.
+//!
+//! A sampler task reads the producer's stats every [`SAMPLE_EVERY`] and keeps each change of the
+//! adaptive `PutRecords` concurrency limit and request timeout (the [`Report`]'s `concurrency`),
+//! and with `progress` prints one line of progress every so often.
 
 use std::future::Future;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,9 +35,23 @@ const LINES_PER_BATCH: usize = 256;
 const INPUT_BUFFER: usize = 256 * 1024;
 /// Batches waiting between the reader and the producer.
 const BATCHES_IN_CHANNEL: usize = 8;
-/// Longest the final shutdown waits for buffered records. Records retried past their TTL (30 s by
-/// default) fail on their own well before this.
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(45);
+/// At the end of the input, how long the producer may go without resolving any record before
+/// the run gives up on what is left. Not a deadline for the whole rest: records waiting for room
+/// in their shard's window do not expire, and a slow stream may take minutes to take them all;
+/// but one call takes at most the longest request timeout (30 s) plus a backoff, so a minute
+/// without any record resolved means no progress.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the shutdown after the final flush (or after giving up on it) waits.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the concurrency limit and the request timeout are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Most changes of the concurrency limit kept for the summary (the first ones); later ones only
+/// move the lowest, highest and last values.
+const MAX_CONCURRENCY_CHANGES: usize = 1_000;
+/// How far the request timeout must move, as a share of the last one kept, to be a change.
+const TIMEOUT_CHANGE: f64 = 0.2;
+/// Changes of the concurrency limit written in the text summary; the JSON summary has them all.
+const TEXT_CONCURRENCY_CHANGES: usize = 20;
 
 /// How input lines become records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +71,61 @@ pub struct Options {
     pub input: InputFormat,
     /// Most receipts awaited at once (and the producer's outstanding records limit).
     pub max_outstanding: usize,
+    /// Print a line of progress (records put, the concurrency limit, the request timeout) on the
+    /// error stream this often.
+    pub progress: Option<Duration>,
+}
+
+/// The adaptive concurrency of `PutRecords` at one moment of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ConcurrencySample {
+    /// Seconds since the run started.
+    #[serde(rename = "t")]
+    pub seconds: f64,
+    /// Calls that may be in flight.
+    pub limit: u64,
+    /// The timeout the next call gets.
+    pub request_timeout_ms: u64,
+}
+
+/// How the concurrency limit moved during a run.
+#[derive(Debug, Clone, Default)]
+pub struct ConcurrencyHistory {
+    /// The first sample and each change after it (at most [`MAX_CONCURRENCY_CHANGES`]): a new
+    /// limit, or a request timeout at least [`TIMEOUT_CHANGE`] away from the last one kept (it
+    /// moves a little with every answer).
+    pub changes: Vec<ConcurrencySample>,
+    /// Changes not kept in `changes`.
+    pub changes_dropped: u64,
+    pub lowest_limit: u64,
+    pub highest_limit: u64,
+    pub highest_timeout_ms: u64,
+    /// The last change's limit and timeout.
+    last: Option<(u64, u64)>,
+}
+
+impl ConcurrencyHistory {
+    fn note(&mut self, sample: ConcurrencySample) {
+        let changed = self.last.is_none_or(|(limit, timeout_ms)| {
+            let moved = sample.request_timeout_ms.abs_diff(timeout_ms) as f64;
+            limit != sample.limit || moved >= timeout_ms as f64 * TIMEOUT_CHANGE
+        });
+        if self.last.is_none() {
+            self.lowest_limit = sample.limit;
+        }
+        self.lowest_limit = self.lowest_limit.min(sample.limit);
+        self.highest_limit = self.highest_limit.max(sample.limit);
+        self.highest_timeout_ms = self.highest_timeout_ms.max(sample.request_timeout_ms);
+        if !changed {
+            return;
+        }
+        self.last = Some((sample.limit, sample.request_timeout_ms));
+        if self.changes.len() < MAX_CONCURRENCY_CHANGES {
+            self.changes.push(sample);
+        } else {
+            self.changes_dropped += 1;
+        }
+    }
 }
 
 /// What a run did.
@@ -68,6 +142,8 @@ pub struct Report {
     pub read_error: Option<io::Error>,
     pub stats: ProducerStats,
     pub elapsed: Duration,
+    /// The concurrency limit over the run.
+    pub concurrency: ConcurrencyHistory,
 }
 
 impl Report {
@@ -100,6 +176,33 @@ impl Report {
             s.user_records_expired,
             self.malformed_lines,
         )?;
+        let c = &self.concurrency;
+        writeln!(
+            out,
+            "ktk produce: PutRecords calls in flight: at most {} at the lowest, {} at the highest, {} at the end; \
+             request timeout up to {:.1} s; {} calls timed out, {} user records sent again after a timeout \
+             (each may be in the stream twice)",
+            c.lowest_limit,
+            c.highest_limit,
+            s.concurrency_limit,
+            c.highest_timeout_ms as f64 / 1000.0,
+            s.timed_out_calls,
+            s.resent_after_timeout,
+        )?;
+        if c.changes.len() > 1 {
+            let shown: Vec<String> = c
+                .changes
+                .iter()
+                .take(TEXT_CONCURRENCY_CHANGES)
+                .map(|x| format!("{:.1} s: {} ({:.1} s)", x.seconds, x.limit, x.request_timeout_ms as f64 / 1000.0))
+                .collect();
+            let more = (c.changes.len() - shown.len()) as u64 + c.changes_dropped;
+            write!(out, "ktk produce: concurrency limit over time (request timeout): {}", shown.join(", "))?;
+            if more > 0 {
+                write!(out, ", and {more} more changes")?;
+            }
+            writeln!(out)?;
+        }
         if let Some(error) = &self.read_error {
             writeln!(out, "ktk produce: reading the input failed, the rest of it was not put: {error}")?;
         }
@@ -126,13 +229,20 @@ impl Report {
             user_records_per_second: self.user_records_per_second(),
             user_records_per_kinesis_record: s.user_records_per_kinesis_record(),
             interrupted: self.interrupted,
+            timed_out_calls: s.timed_out_calls,
+            resent_after_timeout: s.resent_after_timeout,
+            concurrency_limit: s.concurrency_limit,
+            concurrency_limit_lowest: self.concurrency.lowest_limit,
+            concurrency_limit_highest: self.concurrency.highest_limit,
+            request_timeout_ms_highest: self.concurrency.highest_timeout_ms,
+            concurrency: &self.concurrency.changes,
         };
         serde_json::to_value(summary).unwrap_or_default()
     }
 }
 
 #[derive(Debug, Serialize)]
-struct SummaryJson {
+struct SummaryJson<'a> {
     lines: u64,
     malformed_lines: u64,
     user_records: u64,
@@ -146,6 +256,14 @@ struct SummaryJson {
     user_records_per_second: f64,
     user_records_per_kinesis_record: f64,
     interrupted: bool,
+    timed_out_calls: u64,
+    resent_after_timeout: u64,
+    concurrency_limit: u64,
+    concurrency_limit_lowest: u64,
+    concurrency_limit_highest: u64,
+    request_timeout_ms_highest: u64,
+    /// The first sample and every change of the limit or the timeout, in order.
+    concurrency: &'a [ConcurrencySample],
 }
 
 /// The producer settings `ktk produce` passes on; the rest keep the KPL defaults.
@@ -218,7 +336,10 @@ pub async fn run(
         read_error: None,
         stats: ProducerStats::default(),
         elapsed: Duration::ZERO,
+        concurrency: ConcurrencyHistory::default(),
     };
+    let history = Arc::new(Mutex::new(ConcurrencyHistory::default()));
+    let sampler = tokio::spawn(sample_concurrency(producer.clone(), started, Arc::clone(&history), options.progress));
     tokio::pin!(stop);
     loop {
         let batch = tokio::select! {
@@ -265,15 +386,85 @@ pub async fn run(
     }
     drop(incoming);
 
-    // Shutting down sends what is buffered at once instead of after the buffering time, and
-    // answers every receipt.
+    // Flushing sends what is buffered at once instead of after the buffering time; shutting
+    // down then answers every receipt left.
+    flush_while_progressing(producer).await;
     producer.shutdown(SHUTDOWN_TIMEOUT).await;
     while let Some((number, result)) = receipts.next().await {
         settle(&mut report, number, result, err)?;
     }
     report.stats = producer.stats();
     report.elapsed = started.elapsed();
+    sampler.abort();
+    let mut history = history.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+    history.note(concurrency_sample(&report.stats, report.elapsed));
+    report.concurrency = history;
     Ok(report)
+}
+
+/// Flushes the producer, for as long as it keeps resolving records: returns when everything is
+/// resolved, or after [`STALL_TIMEOUT`] without any record resolved.
+async fn flush_while_progressing(producer: &Producer) {
+    let resolved = |s: ProducerStats| s.user_records_put + s.user_records_failed;
+    let flushed = producer.flush();
+    tokio::pin!(flushed);
+    let (mut last, mut progress_at) = (resolved(producer.stats()), Instant::now());
+    loop {
+        tokio::select! {
+            () = &mut flushed => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {
+                let now = resolved(producer.stats());
+                if now != last {
+                    (last, progress_at) = (now, Instant::now());
+                } else if progress_at.elapsed() >= STALL_TIMEOUT {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn concurrency_sample(stats: &ProducerStats, elapsed: Duration) -> ConcurrencySample {
+    ConcurrencySample {
+        seconds: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        limit: stats.concurrency_limit,
+        request_timeout_ms: stats.request_timeout_ms,
+    }
+}
+
+/// Notes the concurrency limit every [`SAMPLE_EVERY`] until aborted; with `progress`, prints a
+/// line of progress on the error stream that often.
+async fn sample_concurrency(
+    producer: Producer,
+    started: Instant,
+    history: Arc<Mutex<ConcurrencyHistory>>,
+    progress: Option<Duration>,
+) {
+    let mut last_progress = Instant::now();
+    loop {
+        let stats = producer.stats();
+        let sample = concurrency_sample(&stats, started.elapsed());
+        if let Ok(mut history) = history.lock() {
+            history.note(sample);
+        }
+        if let Some(every) = progress
+            && last_progress.elapsed() >= every
+        {
+            last_progress = Instant::now();
+            eprintln!(
+                "ktk produce: {:.0} s: {} put, {} failed ({} expired), {} retries; {} calls in flight at most, \
+                 request timeout {:.1} s",
+                sample.seconds,
+                stats.user_records_put,
+                stats.user_records_failed,
+                stats.user_records_expired,
+                stats.retries,
+                sample.limit,
+                sample.request_timeout_ms as f64 / 1000.0,
+            );
+        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    }
 }
 
 fn settle(
@@ -526,6 +717,62 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_concurrency_history_keeps_changes_and_extremes_and_is_in_both_summaries() {
+        let mut history = ConcurrencyHistory::default();
+        let sample = |seconds: f64, limit: u64, request_timeout_ms: u64| ConcurrencySample {
+            seconds,
+            limit,
+            request_timeout_ms,
+        };
+        for (t, limit, timeout) in [
+            (0.0, 24, 6_000),
+            (0.2, 24, 6_000),
+            (0.4, 24, 6_500),
+            (0.6, 24, 7_000),
+            (3.0, 2, 12_000),
+            (9.0, 1, 24_000),
+            (20.0, 8, 6_000),
+        ] {
+            history.note(sample(t, limit, timeout));
+        }
+        let kept: Vec<f64> = history.changes.iter().map(|c| c.seconds).collect();
+        assert_eq!(kept, [0.0, 3.0, 9.0, 20.0], "a repeated sample and small moves of the timeout are no change");
+        assert_eq!((history.lowest_limit, history.highest_limit, history.highest_timeout_ms), (1, 24, 24_000));
+        for i in 0..2 * MAX_CONCURRENCY_CHANGES {
+            history.note(sample(30.0 + i as f64, 1 + (i % 2) as u64, 6_000));
+        }
+        assert_eq!(history.changes.len(), MAX_CONCURRENCY_CHANGES);
+        assert_eq!(history.changes_dropped, (2 * MAX_CONCURRENCY_CHANGES + 4 - MAX_CONCURRENCY_CHANGES) as u64);
+
+        let stats = ProducerStats {
+            concurrency_limit: 8,
+            timed_out_calls: 3,
+            resent_after_timeout: 1_500,
+            ..Default::default()
+        };
+        let report = Report {
+            lines: 0,
+            malformed_lines: 0,
+            failed: 0,
+            interrupted: false,
+            read_error: None,
+            stats,
+            elapsed: Duration::from_secs(30),
+            concurrency: history,
+        };
+        let mut text = Vec::new();
+        report.write_text(&mut text).expect("write");
+        let text = String::from_utf8(text).expect("utf8");
+        assert!(text.contains("at most 1 at the lowest, 24 at the highest, 8 at the end"), "{text}");
+        assert!(text.contains("3 calls timed out, 1500 user records sent again after a timeout"), "{text}");
+        assert!(text.contains("0.0 s: 24 (6.0 s), 3.0 s: 2 (12.0 s)"), "{text}");
+        let json = report.to_json();
+        assert_eq!((json["concurrency_limit"].as_u64(), json["concurrency_limit_lowest"].as_u64()), (Some(8), Some(1)));
+        assert_eq!(json["concurrency"][2], serde_json::json!({"t": 9.0, "limit": 1, "request_timeout_ms": 24_000}));
+        assert_eq!(json["resent_after_timeout"], 1_500);
+    }
+
     #[tokio::test]
     async fn every_line_is_put_or_reported_with_its_number() {
         let sink = Arc::new(Sink::default());
@@ -537,7 +784,7 @@ mod tests {
         input.insert(10, "{broken".into());
         input.insert(20, String::new());
         let input = input.join("\n").into_bytes();
-        let options = Options { input: InputFormat::JsonLines, max_outstanding: 7 };
+        let options = Options { input: InputFormat::JsonLines, max_outstanding: 7, progress: None };
         let mut err = Vec::new();
         let report = run(&producer, &options, io::Cursor::new(input), &mut err, future::pending()).await.expect("run");
         let err = String::from_utf8(err).expect("utf8");
@@ -560,7 +807,7 @@ mod tests {
     #[tokio::test]
     async fn slow_input_is_put_as_it_comes_and_stopping_sends_what_was_read() {
         let producer = Producer::with_api(ProducerConfig::new("s"), Arc::new(Sink::default())).await.expect("start");
-        let options = Options { input: InputFormat::Text { key_field: None }, max_outstanding: 10 };
+        let options = Options { input: InputFormat::Text { key_field: None }, max_outstanding: 10, progress: None };
         let mut err = Vec::new();
         // Three lines, then an input that stays open: the lines must reach the producer without
         // waiting for a full batch, and the stop signal is what ends the run.

@@ -51,6 +51,17 @@ pub struct CallError {
     pub retry: Retry,
 }
 
+/// The code of a call that got no answer in time (the producer's timeout or the SDK's).
+pub const REQUEST_TIMEOUT: &str = "RequestTimeout";
+
+impl CallError {
+    /// Whether the call got no answer in time. Such a call may still have been written: its
+    /// records are sent again, and may be in the stream twice.
+    pub fn is_timeout(&self) -> bool {
+        self.code == REQUEST_TIMEOUT
+    }
+}
+
 /// An open or closed shard, as `ListShards` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardInfo {
@@ -220,7 +231,7 @@ fn call_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt
     retry: Retry,
 ) -> CallError {
     let code = match error {
-        SdkError::TimeoutError(_) => "RequestTimeout".to_owned(),
+        SdkError::TimeoutError(_) => REQUEST_TIMEOUT.to_owned(),
         SdkError::DispatchFailure(_) => "ConnectionError".to_owned(),
         SdkError::ResponseError(_) => "ResponseError".to_owned(),
         SdkError::ServiceError(e) => e.err().code().unwrap_or("ServiceError").to_owned(),
@@ -300,7 +311,7 @@ pub(crate) async fn with_timeout<T>(
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
         Err(_) => Err(CallError {
-            code: "RequestTimeout".into(),
+            code: REQUEST_TIMEOUT.into(),
             message: format!("no answer within {} ms", timeout.as_millis()),
             retry: Retry::Yes,
         }),

@@ -37,6 +37,7 @@ pub struct ProducerConfig {
     pub(crate) record_max_buffered_time: Duration,
     pub(crate) record_ttl: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) max_request_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) rate_limit_percent: u32,
     pub(crate) fail_if_throttled: bool,
@@ -62,6 +63,7 @@ impl ProducerConfig {
             record_max_buffered_time: Duration::from_millis(100),
             record_ttl: Duration::from_secs(30),
             request_timeout: Duration::from_secs(6),
+            max_request_timeout: Duration::from_secs(30),
             max_connections: 24,
             rate_limit_percent: 150,
             fail_if_throttled: false,
@@ -123,18 +125,47 @@ impl ProducerConfig {
 
     /// How long the producer keeps trying to put a record before it fails the record's future
     /// with [`PutErrorKind::Expired`](crate::PutErrorKind::Expired) (KPL `RecordTtl`, default 30 s).
+    ///
+    /// The clock starts when the record is admitted into its shard's pipeline (aggregation,
+    /// batching, calls), not when `put` accepts it: a record waits unadmitted, its clock not
+    /// running, while its shard already holds what the calls in flight can take next (its
+    /// window: at most one call's worth, one second of the shard's rate limit, and its share of
+    /// what the current concurrency limit lets out at once) or backs off after a failure. So
+    /// when Kinesis answers slowly the producer slows down, `put` waits for room and the caller
+    /// with it, and records do not expire in a queue; the TTL fails what cannot be sent: records
+    /// whose calls keep failing, or that the rate limit holds back longer than the TTL.
     pub fn with_record_ttl(mut self, ttl: Duration) -> Self {
         self.record_ttl = ttl;
         self
     }
 
-    /// Timeout of one `PutRecords` call (KPL `RequestTimeout`, default 6 s).
+    /// Timeout of one `PutRecords` call while calls are answered in time (KPL `RequestTimeout`,
+    /// default 6 s). After a timeout the calls that follow get longer ones, up to
+    /// [`with_max_request_timeout`](Self::with_max_request_timeout), and come back down to this
+    /// as answers come back fast again. It is also the latency the concurrency limit measures
+    /// health against: a call answered within half of it is healthy, one answered after it is
+    /// congestion (see [`with_max_connections`](Self::with_max_connections)).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
     }
 
-    /// Most `PutRecords` calls in flight at once (KPL `MaxConnections`, default 24).
+    /// Longest timeout a `PutRecords` call is given after calls before it timed out (ours;
+    /// default 30 s, and never less than the request timeout). Each timeout doubles the next
+    /// calls' timeout up to this. A call that timed out may still have been written, and its
+    /// records are sent again (at-least-once; consumers drop the copies by event id): waiting
+    /// longer before giving up on a slow call means fewer copies.
+    pub fn with_max_request_timeout(mut self, timeout: Duration) -> Self {
+        self.max_request_timeout = timeout;
+        self
+    }
+
+    /// Most `PutRecords` calls in flight at once (KPL `MaxConnections`, default 24), the ceiling
+    /// of the adaptive concurrency limit. The producer starts at this many and adapts (AIMD):
+    /// a call that times out, is throttled (as a whole or for at least half its entries) or is
+    /// answered after the request timeout halves the calls in flight; each call answered within
+    /// half the request timeout adds `1 / limit`, back up to this. `Producer::stats()` and the
+    /// `ConcurrencyLimit` gauge give the current limit.
     pub fn with_max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
         self
@@ -237,6 +268,9 @@ impl ProducerConfig {
         }
         if self.request_timeout.is_zero() {
             return bad("request_timeout", "is zero".into());
+        }
+        if self.max_request_timeout.is_zero() {
+            return bad("max_request_timeout", "is zero".into());
         }
         if self.max_connections == 0 || self.max_connections > 256 {
             return bad("max_connections", format!("{} is not between 1 and 256", self.max_connections));

@@ -3,17 +3,22 @@
 //! Data flow, for one user record:
 //! 1. `Producer::put` checks the record, takes room from the outstanding limits, hashes the key and
 //!    sends a [`Pending`] here.
-//! 2. [`Engine::route`] finds the record's predicted shard in the [`ShardMap`] and adds it to that
-//!    shard's aggregator (or, while the shard is backing off after a failure, to its queue of held
-//!    records, behind the failed ones, so order per shard is kept).
+//! 2. [`Engine::route`] finds the record's predicted shard in the [`ShardMap`]. If the shard has
+//!    room in its window (see [`Window`]: what the calls can take from it next) the record is
+//!    admitted, its TTL clock starts, and it goes into the shard's aggregator; otherwise it waits
+//!    in the shard's backlog, unadmitted, and is admitted in order as calls take the shard's
+//!    records (or, while the shard is backing off after a failure, it waits behind the held,
+//!    failed ones, so order per shard is kept).
 //! 3. An aggregate is finished when the next record does not fit or its first record has waited
 //!    `record_max_buffered_time`; it then waits in the shard's ready queue.
 //! 4. [`Engine::dispatch`] collects ready records of many shards into one `PutRecords` call, at most
-//!    one call in flight per shard, within the per-shard rate limits, as soon as any shard is due
-//!    (buffering time up, 256 KiB waiting, or a flush).
+//!    one call in flight per shard, at most [`CallLimit::limit`] calls in flight in all (adaptive:
+//!    see `adaptive.rs`), within the per-shard rate limits, as soon as any shard is due (buffering
+//!    time up, 256 KiB waiting, a full window, or a flush).
 //! 5. The answer resolves every user record of every successful entry; the records of failed
 //!    entries go back to the front of their shard, which backs off before sending again, or fail
-//!    when retrying cannot help or their TTL would run out.
+//!    when retrying cannot help or their TTL would run out. How the call went (its latency, a
+//!    timeout, throttling) moves the concurrency limit and the next calls' timeout.
 //!
 //! Every record ends in exactly one `resolve`, which answers its receipt and gives back its room
 //! in the outstanding limits.
@@ -28,8 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, warn};
 
+use crate::adaptive::{CallLimit, Change, Outcome};
 use crate::api::{CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, retry_for_entry, with_timeout};
-use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES};
+use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES, SHARD_MAX_BYTES_PER_SEC, SHARD_MAX_RECORDS_PER_SEC};
 use crate::error::{PutError, PutErrorKind};
 use crate::limiter::ShardLimiter;
 use crate::limits::Limits;
@@ -57,10 +63,13 @@ pub(crate) struct Pending {
     record: Option<UserRecord>,
     hash_key: u128,
     reply: Option<Reply>,
-    /// When it was accepted; it expires `record_ttl` later (see [`expires`](Self::expires)).
+    /// When it was admitted into its shard's pipeline (until then, when `put` accepted it); it
+    /// expires `record_ttl` after admission (see [`expires`](Self::expires)).
     arrived: Instant,
     attempts: Vec<Attempt>,
     epoch: u64,
+    /// Admitted into its shard's pipeline: its TTL runs. Before that it waits in a backlog.
+    admitted: bool,
 }
 
 /// Where a record's result goes.
@@ -156,7 +165,15 @@ impl Tally {
 
 impl Pending {
     pub(crate) fn new(record: UserRecord, hash_key: u128, reply: Reply, arrived: Instant) -> Self {
-        Pending { record: Some(record), hash_key, reply: Some(reply), arrived, attempts: Vec::new(), epoch: 0 }
+        Pending {
+            record: Some(record),
+            hash_key,
+            reply: Some(reply),
+            arrived,
+            attempts: Vec::new(),
+            epoch: 0,
+            admitted: false,
+        }
     }
 
     /// Size as Kinesis counts it: data plus partition key.
@@ -164,9 +181,10 @@ impl Pending {
         self.record().plain_size()
     }
 
-    /// Accepted now rather than when it was made (it waited for room before being accepted).
-    pub(crate) fn restart_clock(&mut self, now: Instant) {
+    /// Admitted into its shard's pipeline now: its TTL starts.
+    fn admit(&mut self, now: Instant) {
         self.arrived = now;
+        self.admitted = true;
     }
 
     /// Answers a record that was never accepted (no room for it): the error carries it back.
@@ -176,10 +194,14 @@ impl Pending {
         }
     }
 
-    /// When its TTL runs out. Worked out rather than stored: a pending record is moved a few
-    /// times on its way, and every byte less of it counts.
-    fn expires(&self, ttl: Duration) -> Instant {
-        self.arrived + ttl
+    /// When its TTL runs out (never, before it is admitted). Worked out rather than stored: a
+    /// pending record is moved a few times on its way, and every byte less of it counts.
+    fn expires(&self, ttl: Duration) -> Option<Instant> {
+        self.admitted.then(|| self.arrived + ttl)
+    }
+
+    fn expired_by(&self, ttl: Duration, time: Instant) -> bool {
+        self.expires(ttl).is_some_and(|expires| expires <= time)
     }
 
     fn record(&self) -> &UserRecord {
@@ -244,9 +266,12 @@ struct ShardState {
     aggregating_since: Option<Instant>,
     ready: VecDeque<Ready>,
     ready_bytes: usize,
-    /// Records waiting while the shard backs off (failed ones first, then newer ones), or
-    /// waiting to be re-routed after a reshard.
+    /// Admitted records waiting while the shard backs off (failed ones first, then newer ones),
+    /// or waiting to be re-routed after a reshard.
     held: VecDeque<Pending>,
+    /// Records routed here and not admitted yet, in order, behind everything above: they wait,
+    /// their TTL not running, while the shard's window is full or it backs off.
+    backlog: VecDeque<Pending>,
     blocked_until: Option<Instant>,
     /// Set when the rate limiter held the shard back: when to look again.
     limited_until: Option<Instant>,
@@ -265,6 +290,7 @@ impl ShardState {
             ready: VecDeque::new(),
             ready_bytes: 0,
             held: VecDeque::new(),
+            backlog: VecDeque::new(),
             blocked_until: None,
             limited_until: None,
             in_flight: false,
@@ -273,7 +299,47 @@ impl ShardState {
     }
 
     fn is_idle(&self) -> bool {
-        self.members.is_empty() && self.ready.is_empty() && self.held.is_empty() && !self.in_flight
+        self.members.is_empty()
+            && self.ready.is_empty()
+            && self.held.is_empty()
+            && self.backlog.is_empty()
+            && !self.in_flight
+    }
+
+    /// Whether the next record admitted, of `size` bytes, may be admitted now: the shard is not
+    /// backing off, and what is admitted and unsent stays within `window` (a shard with nothing
+    /// unsent takes any record).
+    fn room_for(&self, size: usize, window: Window) -> bool {
+        if self.blocked_until.is_some() || !self.held.is_empty() {
+            return false;
+        }
+        let records = self.ready.len();
+        (records == 0 && self.aggregator.is_empty())
+            || (self.ready_bytes + self.aggregator.size() + size <= window.bytes && records < window.records)
+    }
+
+    /// Admits records from the backlog, in order, while there is room. Hands back the records no
+    /// aggregate takes.
+    fn admit_backlog(
+        &mut self,
+        window: Window,
+        now: Instant,
+        buffered_time: Duration,
+        aggregation: bool,
+        spare: &mut Vec<Vec<Pending>>,
+    ) -> Vec<Pending> {
+        let mut refused = Vec::new();
+        while let Some(front) = self.backlog.front() {
+            if !self.room_for(front.size(), window) {
+                break;
+            }
+            let Some(mut pending) = self.backlog.pop_front() else { break };
+            pending.admit(now);
+            if let Some(pending) = self.aggregate(pending, buffered_time, aggregation, spare) {
+                refused.push(pending);
+            }
+        }
+        refused
     }
 
     /// Finishes the current aggregate into the ready queue.
@@ -288,20 +354,43 @@ impl ShardState {
         self.ready.push_back(Ready { record, members, due: since + buffered_time });
     }
 
-    /// Adds a record to the current aggregate (finishing it first if the record does not fit), or
-    /// to the held records while the shard backs off. Hands back a record no aggregate takes.
-    /// `spare`: emptied member lists to reuse for a new aggregate.
+    /// Adds a record to the shard: an unadmitted one is admitted if there is room in `window`,
+    /// else it joins the backlog; an admitted one goes to the current aggregate (finishing it
+    /// first if the record does not fit), or to the held records while the shard backs off.
+    /// Hands back a record no aggregate takes. `spare`: emptied member lists to reuse for a new
+    /// aggregate.
     fn add(
+        &mut self,
+        mut pending: Pending,
+        window: Window,
+        now: Instant,
+        buffered_time: Duration,
+        aggregation: bool,
+        spare: &mut Vec<Vec<Pending>>,
+    ) -> Option<Pending> {
+        if !pending.admitted {
+            if !self.backlog.is_empty() || !self.room_for(pending.size(), window) {
+                self.backlog.push_back(pending);
+                return None;
+            }
+            pending.admit(now);
+        }
+        if self.blocked_until.is_some() || !self.held.is_empty() {
+            self.held.push_back(pending);
+            return None;
+        }
+        self.aggregate(pending, buffered_time, aggregation, spare)
+    }
+
+    /// Adds an admitted record to the current aggregate, finishing it first if the record does
+    /// not fit. Hands back a record no aggregate takes.
+    fn aggregate(
         &mut self,
         pending: Pending,
         buffered_time: Duration,
         aggregation: bool,
         spare: &mut Vec<Vec<Pending>>,
     ) -> Option<Pending> {
-        if self.blocked_until.is_some() || !self.held.is_empty() {
-            self.held.push_back(pending);
-            return None;
-        }
         let added = match self.aggregator.try_add_ref(pending.record()) {
             Err(RejectedRef::Full) => {
                 self.finish_aggregate(buffered_time);
@@ -324,17 +413,19 @@ impl ShardState {
         None
     }
 
-    /// Puts `records` (the oldest of the shard) back in front of everything not yet sent, and
-    /// holds the shard until `until`: the way order per shard survives a failure.
+    /// Puts `records` (the oldest of the shard) back in front of everything admitted and not yet
+    /// sent, and holds the shard until `until`: the way order per shard survives a failure. The
+    /// backlog stays behind them.
     fn requeue_front(&mut self, records: Vec<Pending>, until: Instant) {
-        let newer = self.drain_unsent();
+        let newer = self.drain_admitted();
         self.held.extend(records);
         self.held.extend(newer);
         self.blocked_until = Some(self.blocked_until.map_or(until, |t| t.max(until)));
     }
 
-    /// Takes every record that is not in flight, oldest first: held, then ready, then aggregating.
-    fn drain_unsent(&mut self) -> Vec<Pending> {
+    /// Takes every admitted record that is not in flight, oldest first: held, then ready, then
+    /// aggregating.
+    fn drain_admitted(&mut self) -> Vec<Pending> {
         let mut out: Vec<Pending> = self.held.drain(..).collect();
         for ready in self.ready.drain(..) {
             out.extend(ready.members);
@@ -345,12 +436,80 @@ impl ShardState {
         out.append(&mut self.members);
         out
     }
+
+    /// Sends the records admitted but never sent back to the front of the backlog, their TTL
+    /// clock stopped (it starts again when they are admitted again): the window they were
+    /// admitted under was larger than the one the calls can now take. Records already tried
+    /// (the oldest of the shard, held or ready) keep their place and their clock.
+    fn unadmit_unsent(&mut self) {
+        // The aggregate being built holds the newest records: if one of them was tried, so was
+        // everything before it.
+        if self.members.iter().any(|m| !m.attempts.is_empty()) {
+            return;
+        }
+        let mut newest_first: Vec<Pending> = self.members.drain(..).rev().collect();
+        self.aggregator.reset();
+        self.aggregating_since = None;
+        while self.ready.back().is_some_and(|r| r.members.iter().all(|m| m.attempts.is_empty())) {
+            let Some(ready) = self.ready.pop_back() else { break };
+            self.ready_bytes -= ready.record.size();
+            newest_first.extend(ready.members.into_iter().rev());
+        }
+        for mut pending in newest_first {
+            pending.admitted = false;
+            self.backlog.push_front(pending);
+        }
+    }
+
+    /// Takes every record that is not in flight, oldest first: the admitted ones, then the
+    /// backlog.
+    fn drain_unsent(&mut self) -> Vec<Pending> {
+        let mut out = self.drain_admitted();
+        out.extend(self.backlog.drain(..));
+        out
+    }
+}
+
+/// How much a shard may hold admitted and unsent: what the calls can take from it next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// Kinesis records ready to send (the aggregate being built aside).
+    records: usize,
+    /// Bytes ready to send and aggregating.
+    bytes: usize,
+}
+
+impl Window {
+    /// The least of: one call's worth (`collection_max_count`, `collection_max_size`); one second
+    /// of the shard's rate limit; and the shard's share of what `limit` calls carry at once when
+    /// the stream has more open shards than that. So a record admitted goes out in the next call
+    /// or two that carry its shard, whatever the limit, and its TTL measures the time Kinesis
+    /// takes, not a queue. Never less than one record (a shard with nothing unsent admits any
+    /// record, whatever its size).
+    fn new(config: &ProducerConfig, limit: usize, open_shards: usize) -> Self {
+        let scale = f64::from(config.rate_limit_percent) / 100.0;
+        let share = |per_call: usize| (per_call.saturating_mul(limit.max(1))).div_ceil(open_shards.max(1));
+        let records = config
+            .collection_max_count
+            .min(share(config.collection_max_count))
+            .min((SHARD_MAX_RECORDS_PER_SEC * scale) as usize)
+            .max(1);
+        let bytes = config
+            .collection_max_size
+            .min(share(config.collection_max_size))
+            .min((SHARD_MAX_BYTES_PER_SEC * scale) as usize)
+            .max(1);
+        Window { records, bytes }
+    }
 }
 
 /// A `PutRecords` call in flight: the records it carries, per entry.
 struct InFlight {
     entries: Vec<(Arc<str>, Ready)>,
     started_at: SystemTime,
+    /// When it was sent, and the timeout it was given (for the concurrency limit).
+    sent: Instant,
+    timeout: Duration,
 }
 
 struct CallDone {
@@ -372,6 +531,11 @@ pub(crate) struct Counters {
     pub(crate) throttled: AtomicU64,
     pub(crate) shard_map_refreshes: AtomicU64,
     pub(crate) mispredicted: AtomicU64,
+    pub(crate) timed_out_calls: AtomicU64,
+    pub(crate) resent_after_timeout: AtomicU64,
+    /// Snapshots of the adaptive call limit and the next call's timeout.
+    pub(crate) concurrency_limit: AtomicU64,
+    pub(crate) request_timeout_ms: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -391,6 +555,10 @@ pub(crate) struct Engine {
     order: Vec<Arc<str>>,
     cursor: usize,
     in_flight: HashMap<u64, InFlight>,
+    /// How many calls may be in flight, and their timeout (adaptive).
+    calls: CallLimit,
+    /// What each shard may hold admitted and unsent, for the current limit and shard map.
+    window: Window,
     next_call_id: u64,
     calls_done_tx: mpsc::Sender<CallDone>,
     calls_done: mpsc::Receiver<CallDone>,
@@ -436,6 +604,8 @@ impl Engine {
         let (refresh_tx, refresh_rx) = mpsc::channel(1);
         let stream: Arc<str> = Arc::from(config.stream.as_str());
         let metrics = Metrics::new(&stream);
+        let calls = CallLimit::new(config.max_connections, config.request_timeout, config.max_request_timeout);
+        let window = Window::new(&config, calls.limit(), shards.iter().filter(|s| s.open).count());
         let mut engine = Engine {
             config,
             aggregator_config,
@@ -448,6 +618,8 @@ impl Engine {
             order: Vec::new(),
             cursor: 0,
             in_flight: HashMap::new(),
+            calls,
+            window,
             next_call_id: 0,
             calls_done_tx,
             calls_done,
@@ -468,7 +640,18 @@ impl Engine {
             spare_members: Vec::new(),
         };
         engine.install_map(ShardMap::new(shards), Instant::now());
+        engine.publish_limit();
         engine
+    }
+
+    /// Makes the call limit and timeout visible (stats, gauges) and resizes the shards' windows.
+    fn publish_limit(&mut self) {
+        let (limit, timeout) = (self.calls.limit(), self.calls.timeout());
+        self.counters.concurrency_limit.store(limit as u64, Ordering::Relaxed);
+        self.counters.request_timeout_ms.store(timeout.as_millis() as u64, Ordering::Relaxed);
+        self.metrics.concurrency_limit.set(limit as f64);
+        self.metrics.request_timeout_ms.set(timeout.as_secs_f64() * 1000.0);
+        self.window = Window::new(&self.config, limit, self.map.len());
     }
 
     pub(crate) async fn run(mut self) {
@@ -627,7 +810,7 @@ impl Engine {
 
     /// Puts a record in its predicted shard's buffers.
     fn route(&mut self, pending: Pending, now: Instant) {
-        if pending.expires(self.config.record_ttl) <= now {
+        if pending.expired_by(self.config.record_ttl, now) {
             bump(&self.counters.user_records_expired, 1);
             self.metrics.user_record_expired.increment(1);
             self.resolve(pending, Err(PutErrorKind::Expired));
@@ -640,14 +823,16 @@ impl Engine {
             return;
         };
         let (buffered_time, aggregation) = (self.config.record_max_buffered_time, self.config.aggregation_enabled);
+        let window = self.window;
         // Every shard of the map has its state (see `install_map`): looked up without touching
         // the id's reference count.
         let refused = match self.shards.get_mut(&**shard_id) {
-            Some(state) => state.add(pending, buffered_time, aggregation, &mut self.spare_members),
+            Some(state) => state.add(pending, window, now, buffered_time, aggregation, &mut self.spare_members),
             None => {
                 let shard_id = Arc::clone(shard_id);
                 let mut spare = std::mem::take(&mut self.spare_members);
-                let refused = self.state_for(shard_id, now).add(pending, buffered_time, aggregation, &mut spare);
+                let refused =
+                    self.state_for(shard_id, now).add(pending, window, now, buffered_time, aggregation, &mut spare);
                 self.spare_members = spare;
                 refused
             }
@@ -707,9 +892,12 @@ impl Engine {
     fn dispatch(&mut self, now: Instant) {
         let flushing = self.flushing();
         let buffered_time = self.config.record_max_buffered_time;
-        // Aggregates whose first record has waited long enough (or everything, when flushing).
+        // Aggregates whose first record has waited long enough (or everything, when flushing, or
+        // when the shard's window is full and it can send: waiting would not fill the call more).
         for state in self.shards.values_mut() {
-            if state.aggregating_since.is_some_and(|since| flushing || since + buffered_time <= now) {
+            if state.aggregating_since.is_some_and(|since| {
+                flushing || since + buffered_time <= now || (!state.backlog.is_empty() && !state.in_flight)
+            }) {
                 state.finish_aggregate(buffered_time);
             }
         }
@@ -738,14 +926,41 @@ impl Engine {
                 state.finish_aggregate(buffered_time);
             }
         }
+        self.admit_backlogs(now);
         self.maybe_refresh(now);
-        while self.in_flight.len() < self.config.max_connections {
+        while self.in_flight.len() < self.calls.limit() {
             if !self.send_one_call(now, flushing) {
                 break;
             }
         }
+        // The calls just started took records out of their shards' windows: admit what fits.
+        self.admit_backlogs(now);
+        if flushing {
+            for state in self.shards.values_mut() {
+                if !state.in_flight && state.aggregating_since.is_some() {
+                    state.finish_aggregate(buffered_time);
+                }
+            }
+        }
         self.answer_flush_waiters_now();
         self.drop_idle_closed_shards();
+    }
+
+    /// Admits, shard by shard, the records of the backlogs that fit in the windows.
+    fn admit_backlogs(&mut self, now: Instant) {
+        let (buffered_time, aggregation, window) =
+            (self.config.record_max_buffered_time, self.config.aggregation_enabled, self.window);
+        let mut refused = Vec::new();
+        for state in self.shards.values_mut() {
+            if !state.backlog.is_empty() {
+                refused.extend(state.admit_backlog(window, now, buffered_time, aggregation, &mut self.spare_members));
+            }
+        }
+        // `put` checked the size, and an empty aggregator takes any record within it.
+        for pending in refused {
+            let (size, max) = (pending.record().plain_size(), self.config.max_record_size);
+            self.resolve(pending, Err(PutErrorKind::TooLarge { size, max }));
+        }
     }
 
     fn answer_flush_waiters_now(&mut self) {
@@ -769,7 +984,9 @@ impl Engine {
             !s.in_flight
                 && s.blocked_until.is_none()
                 && s.limited_until.is_none_or(|t| t <= now)
-                && s.ready.front().is_some_and(|r| flushing || r.due <= now || s.ready_bytes >= SHARD_EARLY_FLUSH_BYTES)
+                && s.ready.front().is_some_and(|r| {
+                    flushing || r.due <= now || s.ready_bytes >= SHARD_EARLY_FLUSH_BYTES || !s.backlog.is_empty()
+                })
         };
         if !self.shards.values().any(due) {
             return false;
@@ -804,11 +1021,11 @@ impl Engine {
                 // A record can outlive its TTL waiting here (behind a rate limit): it fails as
                 // expired instead of being sent late, and the rest of its aggregate goes back in
                 // front of the shard, to be aggregated again.
-                if front.members.iter().any(|m| m.expires(ttl) <= now) {
+                if front.members.iter().any(|m| m.expired_by(ttl, now)) {
                     let Some(stale) = state.ready.pop_front() else { break };
                     state.ready_bytes -= size;
                     let (expired, live): (Vec<Pending>, Vec<Pending>) =
-                        stale.members.into_iter().partition(|m| m.expires(ttl) <= now);
+                        stale.members.into_iter().partition(|m| m.expired_by(ttl, now));
                     expired_records.extend(expired);
                     state.requeue_front(live, now);
                     break;
@@ -866,10 +1083,10 @@ impl Engine {
             let oldest = ready.members.first().map_or(now, |m| m.arrived);
             self.metrics.buffering_time_ms.record(now.saturating_duration_since(oldest).as_secs_f64() * 1000.0);
         }
-        self.in_flight.insert(id, InFlight { entries, started_at: SystemTime::now() });
+        let timeout = self.calls.timeout();
+        self.in_flight.insert(id, InFlight { entries, started_at: SystemTime::now(), sent: now, timeout });
         let api = Arc::clone(&self.api);
         let stream = Arc::clone(&self.stream);
-        let timeout = self.config.request_timeout;
         let done = self.calls_done_tx.clone();
         let span = tracing::debug_span!("PutRecords", stream = %stream, records = count, call = id);
         tokio::spawn(
@@ -890,11 +1107,13 @@ impl Engine {
     }
 
     fn on_call_done(&mut self, done: CallDone) {
+        let in_flight = self.in_flight.len();
         let Some(call) = self.in_flight.remove(&done.id) else {
             return; // given up on at the shutdown deadline
         };
         let now = Instant::now();
         self.metrics.request_time_ms.record(done.duration.as_secs_f64() * 1000.0);
+        self.learn(&done, &call, in_flight, now);
         for (shard, _) in &call.entries {
             if let Some(state) = self.shards.get_mut(shard) {
                 state.in_flight = false;
@@ -997,6 +1216,51 @@ impl Engine {
         }
     }
 
+    /// Tells the call limit how a call went; `in_flight` counts the calls in flight with it.
+    fn learn(&mut self, done: &CallDone, call: &InFlight, in_flight: usize, now: Instant) {
+        let outcome = match &done.result {
+            Err(error) if error.is_timeout() => {
+                bump(&self.counters.timed_out_calls, 1);
+                Outcome::TimedOut
+            }
+            Err(error) if error.retry == Retry::Throttled => Outcome::Throttled(done.duration),
+            Err(_) => Outcome::Failed,
+            Ok(results) => {
+                let throttled = results
+                    .iter()
+                    .filter(
+                        |r| matches!(r, EntryResult::Failed { code, .. } if retry_for_entry(code) == Retry::Throttled),
+                    )
+                    .count();
+                if throttled > 0 && throttled * 2 >= call.entries.len() {
+                    Outcome::Throttled(done.duration)
+                } else {
+                    Outcome::Answered(done.duration)
+                }
+            }
+        };
+        let (limit, timeout) = (self.calls.limit(), self.calls.timeout());
+        let change = self.calls.on_answer(outcome, call.sent, call.timeout, in_flight, now);
+        if change != Change::Unchanged || timeout != self.calls.timeout() {
+            debug!(
+                stream = %self.stream,
+                ?outcome,
+                limit_before = limit,
+                limit = self.calls.limit(),
+                timeout_ms = self.calls.timeout().as_millis() as u64,
+                "PutRecords concurrency"
+            );
+            self.publish_limit();
+        }
+        if change == Change::Decreased {
+            // What was admitted under the old limit would wait for calls that no longer go out
+            // at once: back to the backlogs, to be admitted again within the new windows.
+            for state in self.shards.values_mut() {
+                state.unadmit_unsent();
+            }
+        }
+    }
+
     /// Records of a failed entry: fail them if retrying cannot help or would outlive their TTL;
     /// otherwise put them back at the front of their shard, which backs off.
     fn retry_or_fail(&mut self, shard: &Arc<str>, members: Vec<Pending>, error: &CallError, now: Instant) {
@@ -1015,7 +1279,7 @@ impl Engine {
             let outcome = match error.retry {
                 Retry::No => Some(PutErrorKind::Rejected { code: error.code.clone(), message: error.message.clone() }),
                 Retry::Throttled if self.config.fail_if_throttled => Some(PutErrorKind::Throttled),
-                _ if member.expires(self.config.record_ttl) <= retry_at => Some(PutErrorKind::Expired),
+                _ if member.expired_by(self.config.record_ttl, retry_at) => Some(PutErrorKind::Expired),
                 _ => None,
             };
             match outcome {
@@ -1033,6 +1297,10 @@ impl Engine {
             return;
         }
         bump(&self.counters.retries, keep.len() as u64);
+        if error.is_timeout() {
+            // The call may have been written: these may end up in the stream twice.
+            bump(&self.counters.resent_after_timeout, keep.len() as u64);
+        }
         let Some(state) = self.shards.get_mut(shard) else {
             for member in keep {
                 self.route(member, now);
@@ -1090,6 +1358,7 @@ impl Engine {
     /// Switches to a new shard map; records buffered for shards that are gone are routed again.
     fn install_map(&mut self, map: ShardMap, now: Instant) {
         self.map = map;
+        self.window = Window::new(&self.config, self.calls.limit(), self.map.len());
         let ids: Vec<Arc<str>> = self.map.ids().cloned().collect();
         for id in ids {
             self.state_for(id, now);
@@ -1122,7 +1391,7 @@ impl Engine {
         let buffered_time = self.config.record_max_buffered_time;
         // With every connection busy, nothing can be sent before a call returns, which wakes the
         // loop anyway; due records must not make it spin meanwhile.
-        let can_send = self.in_flight.len() < self.config.max_connections;
+        let can_send = self.in_flight.len() < self.calls.limit();
         let mut wake: Option<Instant> = None;
         let mut consider = |t: Instant| wake = Some(wake.map_or(t, |w| w.min(t)));
         for state in self.shards.values() {
@@ -1135,7 +1404,11 @@ impl Engine {
                 && !state.in_flight
                 && let Some(front) = state.ready.front()
             {
-                let due = if state.ready_bytes >= SHARD_EARLY_FLUSH_BYTES { Instant::now() } else { front.due };
+                let due = if state.ready_bytes >= SHARD_EARLY_FLUSH_BYTES || !state.backlog.is_empty() {
+                    Instant::now()
+                } else {
+                    front.due
+                };
                 consider(state.limited_until.map_or(due, |t| t.max(due)));
             }
         }

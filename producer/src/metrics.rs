@@ -12,9 +12,14 @@
 //! | `KinesisRecordsPerPutRecordsRequest` | histogram | stream |
 //! | `RetriesPerRecord` | histogram | stream |
 //! | `UserRecordExpired` | counter | stream |
-//! | `BufferingTime` (ms) | histogram | stream |
+//! | `BufferingTime` (ms: from admission into the shard's window to the call) | histogram | stream |
 //! | `RequestTime` (ms) | histogram | stream |
 //! | `ErrorsByCode` | counter | stream, code |
+//! | `ConcurrencyLimit` | gauge | stream |
+//! | `RequestTimeout` (ms) | gauge | stream |
+//!
+//! The last two are ours (the KPL has no adaptive concurrency): how many `PutRecords` calls may
+//! be in flight now, and the timeout the next call gets (see `adaptive.rs`).
 
 use std::collections::HashMap;
 
@@ -32,6 +37,8 @@ pub(crate) struct Metrics {
     pub(crate) user_record_expired: Counter,
     pub(crate) buffering_time_ms: Histogram,
     pub(crate) request_time_ms: Histogram,
+    pub(crate) concurrency_limit: Gauge,
+    pub(crate) request_timeout_ms: Gauge,
     errors: HashMap<String, Counter>,
     /// (`UserRecordsPut`, `KinesisRecordsPut`) labelled with the shard, made once per shard.
     shards: HashMap<String, (Counter, Counter)>,
@@ -51,6 +58,8 @@ impl Metrics {
             user_record_expired: counter!("UserRecordExpired", "stream" => s.clone()),
             buffering_time_ms: histogram!("BufferingTime", "stream" => s.clone()),
             request_time_ms: histogram!("RequestTime", "stream" => s.clone()),
+            concurrency_limit: gauge!("ConcurrencyLimit", "stream" => s.clone()),
+            request_timeout_ms: gauge!("RequestTimeout", "stream" => s.clone()),
             errors: HashMap::new(),
             shards: HashMap::new(),
             stream: s,

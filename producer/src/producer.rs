@@ -60,6 +60,18 @@ pub struct ProducerStats {
     pub shard_map_refreshes: u64,
     /// Kinesis records that landed on another shard than predicted (each triggers a refresh).
     pub mispredicted: u64,
+    /// `PutRecords` calls that got no answer within their timeout.
+    pub timed_out_calls: u64,
+    /// User records sent again after a call carrying them timed out. Such a call may have been
+    /// written, so this is how many user records may be in the stream twice (at-least-once; the
+    /// consumer pipeline drops the copies by event id).
+    pub resent_after_timeout: u64,
+    /// `PutRecords` calls that may be in flight now (the adaptive limit, at most
+    /// `max_connections`).
+    pub concurrency_limit: u64,
+    /// The timeout the next `PutRecords` call gets, in milliseconds (from `request_timeout` up
+    /// to `max_request_timeout`).
+    pub request_timeout_ms: u64,
 }
 
 impl ProducerStats {
@@ -172,15 +184,12 @@ impl Producer {
             // Larger than the limits: room record by record, handing over what has room before
             // waiting, so the engine can put it and free room for the rest.
             let mut chunk = Vec::new();
-            for mut pending in batch {
+            for pending in batch {
                 let size = pending.size();
                 let room = match limits.try_take(size) {
                     Err(NoRoom::Full) => {
                         self.send_batch(std::mem::take(&mut chunk));
-                        let room = limits.take(size, timeout).await;
-                        // Its TTL runs from when it was accepted, not from when it began to wait.
-                        pending.restart_clock(Instant::now());
-                        room
+                        limits.take(size, timeout).await
                     }
                     other => other,
                 };
@@ -292,6 +301,10 @@ impl Producer {
             throttled: get(&c.throttled),
             shard_map_refreshes: get(&c.shard_map_refreshes),
             mispredicted: get(&c.mispredicted),
+            timed_out_calls: get(&c.timed_out_calls),
+            resent_after_timeout: get(&c.resent_after_timeout),
+            concurrency_limit: get(&c.concurrency_limit),
+            request_timeout_ms: get(&c.request_timeout_ms),
         }
     }
 

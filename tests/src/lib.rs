@@ -42,6 +42,11 @@ pub async fn flaky_aws_config() -> SdkConfig {
     config_for(endpoint).await
 }
 
+/// Like [`aws_config`], but for another endpoint (a proxy in front of LocalStack, say).
+pub async fn aws_config_at(endpoint: &str) -> SdkConfig {
+    config_for(endpoint.to_owned()).await
+}
+
 async fn config_for(endpoint: String) -> SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).endpoint_url(endpoint).timeout_config(
         TimeoutConfig::builder()

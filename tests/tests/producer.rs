@@ -1,5 +1,6 @@
 //! The producer against a real Kinesis API (LocalStack): volume, resharding while producing,
-//! TTL expiry behind the rate limit, backpressure, and a missing stream.
+//! TTL expiry behind the rate limit, backpressure, and a missing stream. (Slow and throttling
+//! Kinesis: `producer_adaptive.rs`.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -145,11 +146,13 @@ async fn records_held_back_by_the_rate_limit_expire_with_their_record() {
     let client = kinesis().await;
     let stream = unique_name("ktk-prod-ttl");
     create_stream(&client, &stream, 1).await;
-    // 1% of the shard quota (10 records/s), one user record per Kinesis record, a 1.5 s TTL.
+    // 1% of the shard quota (10 records/s), one user record per Kinesis record. The shard admits
+    // one second's worth (10 records) at a time, and its TTL starts then: the last of each ten
+    // wait up to a second for the rate limit, longer than the 300 ms TTL.
     let config = ProducerConfig::new(&stream)
         .with_aggregation(false)
         .with_rate_limit_percent(1)
-        .with_record_ttl(Duration::from_millis(1_500));
+        .with_record_ttl(Duration::from_millis(300));
     let producer = Producer::new(config, &aws_config().await).await.expect("producer starts");
     let mut receipts = Vec::new();
     for i in 0..60 {

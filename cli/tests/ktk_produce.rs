@@ -89,6 +89,14 @@ fn assert_clean_summary(summary: &Value, records: usize) {
     assert!(summary["user_records_per_kinesis_record"].as_f64().expect("ratio") > 1.0, "{summary}");
     assert!(summary["elapsed_seconds"].as_f64().expect("elapsed") > 0.0, "{summary}");
     assert!(summary["user_records_per_second"].as_f64().expect("rate") > 0.0, "{summary}");
+    // The adaptive concurrency over the run: it starts at MaxConnections (24).
+    let first = &summary["concurrency"][0];
+    assert_eq!((first["t"].as_f64(), first["limit"].as_u64()), (Some(0.0), Some(24)), "{summary}");
+    assert_eq!(first["request_timeout_ms"], 6_000, "{summary}");
+    let limit = summary["concurrency_limit"].as_u64().expect("concurrency_limit");
+    assert!((1..=24).contains(&limit), "{summary}");
+    assert_eq!(summary["concurrency_limit_highest"], 24, "{summary}");
+    assert!(summary["timed_out_calls"].is_u64() && summary["resent_after_timeout"].is_u64(), "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,6 +116,7 @@ async fn json_lines_are_put_aggregated_and_read_back_exactly_once() {
         assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
         assert_clean_summary(&summary(&output), RECORDS);
         assert!(stderr(&output).contains("5000 user records put"), "{}", stderr(&output));
+        assert!(stderr(&output).contains("PutRecords calls in flight: at most"), "{}", stderr(&output));
 
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (key, data) in read_back(&client, &stream).await {

@@ -180,13 +180,15 @@ impl Report {
         writeln!(
             out,
             "ktk produce: PutRecords calls in flight: at most {} at the lowest, {} at the highest, {} at the end; \
-             request timeout up to {:.1} s; {} calls timed out, {} user records sent again after a timeout \
-             (each may be in the stream twice)",
+             request timeout up to {:.1} s; {} calls timed out ({} answered late and settled by their answer, \
+             {} given up on), {} user records sent again after a call given up on (each may be in the stream twice)",
             c.lowest_limit,
             c.highest_limit,
             s.concurrency_limit,
             c.highest_timeout_ms as f64 / 1000.0,
             s.timed_out_calls,
+            s.late_answers,
+            s.abandoned_calls,
             s.resent_after_timeout,
         )?;
         if c.changes.len() > 1 {
@@ -230,6 +232,8 @@ impl Report {
             user_records_per_kinesis_record: s.user_records_per_kinesis_record(),
             interrupted: self.interrupted,
             timed_out_calls: s.timed_out_calls,
+            late_answers: s.late_answers,
+            abandoned_calls: s.abandoned_calls,
             resent_after_timeout: s.resent_after_timeout,
             concurrency_limit: s.concurrency_limit,
             concurrency_limit_lowest: self.concurrency.lowest_limit,
@@ -257,6 +261,8 @@ struct SummaryJson<'a> {
     user_records_per_kinesis_record: f64,
     interrupted: bool,
     timed_out_calls: u64,
+    late_answers: u64,
+    abandoned_calls: u64,
     resent_after_timeout: u64,
     concurrency_limit: u64,
     concurrency_limit_lowest: u64,
@@ -748,6 +754,8 @@ mod tests {
         let stats = ProducerStats {
             concurrency_limit: 8,
             timed_out_calls: 3,
+            late_answers: 2,
+            abandoned_calls: 1,
             resent_after_timeout: 1_500,
             ..Default::default()
         };
@@ -765,12 +773,19 @@ mod tests {
         report.write_text(&mut text).expect("write");
         let text = String::from_utf8(text).expect("utf8");
         assert!(text.contains("at most 1 at the lowest, 24 at the highest, 8 at the end"), "{text}");
-        assert!(text.contains("3 calls timed out, 1500 user records sent again after a timeout"), "{text}");
+        assert!(
+            text.contains(
+                "3 calls timed out (2 answered late and settled by their answer, 1 given up on), \
+                 1500 user records sent again after a call given up on"
+            ),
+            "{text}"
+        );
         assert!(text.contains("0.0 s: 24 (6.0 s), 3.0 s: 2 (12.0 s)"), "{text}");
         let json = report.to_json();
         assert_eq!((json["concurrency_limit"].as_u64(), json["concurrency_limit_lowest"].as_u64()), (Some(8), Some(1)));
         assert_eq!(json["concurrency"][2], serde_json::json!({"t": 9.0, "limit": 1, "request_timeout_ms": 24_000}));
         assert_eq!(json["resent_after_timeout"], 1_500);
+        assert_eq!((json["late_answers"].as_u64(), json["abandoned_calls"].as_u64()), (Some(2), Some(1)));
     }
 
     #[tokio::test]

@@ -96,7 +96,13 @@ fn assert_clean_summary(summary: &Value, records: usize) {
     let limit = summary["concurrency_limit"].as_u64().expect("concurrency_limit");
     assert!((1..=24).contains(&limit), "{summary}");
     assert_eq!(summary["concurrency_limit_highest"], 24, "{summary}");
-    assert!(summary["timed_out_calls"].is_u64() && summary["resent_after_timeout"].is_u64(), "{summary}");
+    assert!(
+        summary["timed_out_calls"].is_u64()
+            && summary["late_answers"].is_u64()
+            && summary["abandoned_calls"].is_u64()
+            && summary["resent_after_timeout"].is_u64(),
+        "{summary}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -175,6 +175,13 @@ impl CallLimit {
         Change::Unchanged
     }
 
+    /// Learns the latency of a call whose timeout already counted as congestion (it passed its
+    /// timeout, and the engine waited for its answer): the timeout follows it, the limit does not
+    /// move again for the same call.
+    pub(crate) fn on_late_answer(&mut self, latency: Duration) {
+        self.learn_latency(latency);
+    }
+
     /// Updates the latency estimate and moves the timeout toward `max(srtt + 4 * rttvar, 2 * srtt)`.
     fn learn_latency(&mut self, latency: Duration) {
         let sample = latency.as_secs_f64();

@@ -140,9 +140,11 @@ impl ProducerConfig {
     }
 
     /// Timeout of one `PutRecords` call while calls are answered in time (KPL `RequestTimeout`,
-    /// default 6 s). After a timeout the calls that follow get longer ones, up to
-    /// [`with_max_request_timeout`](Self::with_max_request_timeout), and come back down to this
-    /// as answers come back fast again. It is also the latency the concurrency limit measures
+    /// default 6 s). A call past its timeout counts as congestion, and the producer waits for its
+    /// answer up to twice its timeout before giving up on it and sending its records again
+    /// (a late answer settles its records without copies). After a timeout the calls that follow
+    /// get longer ones, up to [`with_max_request_timeout`](Self::with_max_request_timeout), and
+    /// come back down to this as answers come back fast again. It is also the latency the concurrency limit measures
     /// health against: a call answered within half of it is healthy, one answered after it is
     /// congestion (see [`with_max_connections`](Self::with_max_connections)).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
@@ -152,9 +154,9 @@ impl ProducerConfig {
 
     /// Longest timeout a `PutRecords` call is given after calls before it timed out (ours;
     /// default 30 s, and never less than the request timeout). Each timeout doubles the next
-    /// calls' timeout up to this. A call that timed out may still have been written, and its
-    /// records are sent again (at-least-once; consumers drop the copies by event id): waiting
-    /// longer before giving up on a slow call means fewer copies.
+    /// calls' timeout up to this; the producer gives up on a call at twice the timeout it was
+    /// given. A call given up on may still have been written, and its records are sent again
+    /// (at-least-once; consumers drop the copies by event id).
     pub fn with_max_request_timeout(mut self, timeout: Duration) -> Self {
         self.max_request_timeout = timeout;
         self

@@ -34,7 +34,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, warn};
 
 use crate::adaptive::{CallLimit, Change, Outcome};
-use crate::api::{CallError, Entry, EntryResult, KinesisApi, Retry, ShardInfo, retry_for_entry, with_timeout};
+use crate::api::{
+    CallError, Entry, EntryResult, KinesisApi, REQUEST_TIMEOUT, Retry, ShardInfo, retry_for_entry, with_timeout,
+};
 use crate::config::{ProducerConfig, SHARD_EARLY_FLUSH_BYTES, SHARD_MAX_BYTES_PER_SEC, SHARD_MAX_RECORDS_PER_SEC};
 use crate::error::{PutError, PutErrorKind};
 use crate::limiter::ShardLimiter;
@@ -510,6 +512,15 @@ struct InFlight {
     /// When it was sent, and the timeout it was given (for the concurrency limit).
     sent: Instant,
     timeout: Duration,
+    /// Whether it passed its timeout without an answer (counted as congestion once; the engine
+    /// still waits for its answer, up to twice the timeout).
+    late: bool,
+}
+
+/// What a call's task tells the engine: that the call passed its timeout, then how it ended.
+enum CallEvent {
+    Late { id: u64 },
+    Done(CallDone),
 }
 
 struct CallDone {
@@ -532,6 +543,8 @@ pub(crate) struct Counters {
     pub(crate) shard_map_refreshes: AtomicU64,
     pub(crate) mispredicted: AtomicU64,
     pub(crate) timed_out_calls: AtomicU64,
+    pub(crate) late_answers: AtomicU64,
+    pub(crate) abandoned_calls: AtomicU64,
     pub(crate) resent_after_timeout: AtomicU64,
     /// Snapshots of the adaptive call limit and the next call's timeout.
     pub(crate) concurrency_limit: AtomicU64,
@@ -560,8 +573,8 @@ pub(crate) struct Engine {
     /// What each shard may hold admitted and unsent, for the current limit and shard map.
     window: Window,
     next_call_id: u64,
-    calls_done_tx: mpsc::Sender<CallDone>,
-    calls_done: mpsc::Receiver<CallDone>,
+    calls_done_tx: mpsc::Sender<CallEvent>,
+    calls_done: mpsc::Receiver<CallEvent>,
     refresh_tx: mpsc::Sender<Result<Vec<ShardInfo>, CallError>>,
     refresh_rx: mpsc::Receiver<Result<Vec<ShardInfo>, CallError>>,
     refreshing: bool,
@@ -600,7 +613,9 @@ impl Engine {
             .and_then(|c| c.with_max_aggregate_size(config.aggregation_max_size))
             // Validated by `ProducerConfig::validate` before the engine is built.
             .unwrap_or_default();
-        let (calls_done_tx, calls_done) = mpsc::channel(config.max_connections + 1);
+        // Each call sends at most two events (late, done); a full channel only makes a call's
+        // task wait to report.
+        let (calls_done_tx, calls_done) = mpsc::channel(2 * config.max_connections + 1);
         let (refresh_tx, refresh_rx) = mpsc::channel(1);
         let stream: Arc<str> = Arc::from(config.stream.as_str());
         let metrics = Metrics::new(&stream);
@@ -659,7 +674,10 @@ impl Engine {
             let wake = self.next_wake();
             tokio::select! {
                 biased;
-                Some(done) = self.calls_done.recv() => self.on_call_done(done),
+                Some(event) = self.calls_done.recv() => match event {
+                    CallEvent::Late { id } => self.on_call_late(id, Instant::now()),
+                    CallEvent::Done(done) => self.on_call_done(done),
+                },
                 Some(listing) = self.refresh_rx.recv() => self.on_refresh(listing),
                 command = self.commands.recv(), if self.commands_open => match command {
                     Some(command) => {
@@ -1084,7 +1102,7 @@ impl Engine {
             self.metrics.buffering_time_ms.record(now.saturating_duration_since(oldest).as_secs_f64() * 1000.0);
         }
         let timeout = self.calls.timeout();
-        self.in_flight.insert(id, InFlight { entries, started_at: SystemTime::now(), sent: now, timeout });
+        self.in_flight.insert(id, InFlight { entries, started_at: SystemTime::now(), sent: now, timeout, late: false });
         let api = Arc::clone(&self.api);
         let stream = Arc::clone(&self.stream);
         let done = self.calls_done_tx.clone();
@@ -1092,7 +1110,27 @@ impl Engine {
         tokio::spawn(
             async move {
                 let started = Instant::now();
-                let result = with_timeout(timeout, api.put_records(&stream, request)).await;
+                let mut call = api.put_records(&stream, request);
+                // Past its timeout the call is congestion (the engine lowers the limit and
+                // lengthens the timeout) but not lost: its answer says which records were
+                // written, where sending them again could store them twice. The engine gives up
+                // on it, and sends its records again, only at twice its timeout.
+                let result = match tokio::time::timeout(timeout, &mut call).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        // A closed channel: the engine stopped and no longer wants the answer.
+                        let _ = done.send(CallEvent::Late { id }).await;
+                        let give_up = timeout.saturating_mul(2);
+                        match tokio::time::timeout_at(started + give_up, call).await {
+                            Ok(result) => result,
+                            Err(_) => Err(CallError {
+                                code: REQUEST_TIMEOUT.into(),
+                                message: format!("no answer within {} ms", give_up.as_millis()),
+                                retry: Retry::Yes,
+                            }),
+                        }
+                    }
+                };
                 let duration = started.elapsed();
                 if let Err(error) = &result {
                     debug!(code = %error.code, message = %error.message, "PutRecords failed");
@@ -1100,10 +1138,23 @@ impl Engine {
                 // The engine outlives every call it starts (it waits for them before stopping,
                 // or has given up on them at the shutdown deadline): a closed channel only means
                 // the answer is no longer wanted.
-                let _ = done.send(CallDone { id, result, duration }).await;
+                let _ = done.send(CallEvent::Done(CallDone { id, result, duration })).await;
             }
             .instrument(span),
         );
+    }
+
+    /// A call passed its timeout without an answer: congestion, learned now rather than when
+    /// the answer (or the give-up) comes. Its records stay with it.
+    fn on_call_late(&mut self, id: u64, now: Instant) {
+        let in_flight = self.in_flight.len();
+        let Some(call) = self.in_flight.get_mut(&id) else {
+            return;
+        };
+        call.late = true;
+        let (sent, given) = (call.sent, call.timeout);
+        bump(&self.counters.timed_out_calls, 1);
+        self.apply(Outcome::TimedOut, sent, given, in_flight, now);
     }
 
     fn on_call_done(&mut self, done: CallDone) {
@@ -1218,8 +1269,26 @@ impl Engine {
 
     /// Tells the call limit how a call went; `in_flight` counts the calls in flight with it.
     fn learn(&mut self, done: &CallDone, call: &InFlight, in_flight: usize, now: Instant) {
+        if call.late {
+            // Its timeout already counted as congestion: the limit learns nothing more from
+            // it, the latency estimate learns how late it was.
+            match &done.result {
+                Err(error) if error.is_timeout() => bump(&self.counters.abandoned_calls, 1),
+                Err(_) => {}
+                Ok(_) => {
+                    bump(&self.counters.late_answers, 1);
+                    let timeout = self.calls.timeout();
+                    self.calls.on_late_answer(done.duration);
+                    if timeout != self.calls.timeout() {
+                        self.publish_limit();
+                    }
+                }
+            }
+            return;
+        }
         let outcome = match &done.result {
             Err(error) if error.is_timeout() => {
+                // A timeout of the SDK's own, before the engine's.
                 bump(&self.counters.timed_out_calls, 1);
                 Outcome::TimedOut
             }
@@ -1239,8 +1308,14 @@ impl Engine {
                 }
             }
         };
+        self.apply(outcome, call.sent, call.timeout, in_flight, now);
+    }
+
+    /// Moves the call limit and the timeout with one outcome; a decrease sends what was admitted
+    /// but not sent back to the backlogs.
+    fn apply(&mut self, outcome: Outcome, sent: Instant, given: Duration, in_flight: usize, now: Instant) {
         let (limit, timeout) = (self.calls.limit(), self.calls.timeout());
-        let change = self.calls.on_answer(outcome, call.sent, call.timeout, in_flight, now);
+        let change = self.calls.on_answer(outcome, sent, given, in_flight, now);
         if change != Change::Unchanged || timeout != self.calls.timeout() {
             debug!(
                 stream = %self.stream,

@@ -22,8 +22,9 @@
 //! - Memory is bounded by the outstanding records/bytes limits, whatever the put rate. When
 //!   Kinesis is slow, records wait in their shard's backlog (their TTL not running) and `put`
 //!   waits for room: the caller slows down instead of records expiring.
-//! - At least once: a record whose call timed out is sent again, and may be in the stream twice
-//!   (`ProducerStats::resent_after_timeout` counts them).
+//! - At least once: a call past its timeout is waited for (its late answer settles its records),
+//!   up to twice its timeout; a record whose call was given up on then is sent again, and may be
+//!   in the stream twice (`ProducerStats::resent_after_timeout` counts them).
 //! - Records of one shard are sent in the order they were put, at most one call per shard at a
 //!   time, and a failed record is retried before anything newer of its shard is sent. Kinesis can
 //!   still reorder records of one call when only some of them fail;

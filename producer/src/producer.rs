@@ -60,11 +60,17 @@ pub struct ProducerStats {
     pub shard_map_refreshes: u64,
     /// Kinesis records that landed on another shard than predicted (each triggers a refresh).
     pub mispredicted: u64,
-    /// `PutRecords` calls that got no answer within their timeout.
+    /// `PutRecords` calls that got no answer within their timeout. Each counts as congestion;
+    /// the producer keeps waiting for its answer, up to twice its timeout.
     pub timed_out_calls: u64,
-    /// User records sent again after a call carrying them timed out. Such a call may have been
-    /// written, so this is how many user records may be in the stream twice (at-least-once; the
-    /// consumer pipeline drops the copies by event id).
+    /// Timed-out calls whose answer came before twice their timeout: their records were settled
+    /// by the answer, not sent again.
+    pub late_answers: u64,
+    /// Timed-out calls given up on at twice their timeout: their records were sent again.
+    pub abandoned_calls: u64,
+    /// User records sent again after a call carrying them was given up on. Such a call may have
+    /// been written, so this is how many user records may be in the stream twice (at-least-once;
+    /// the consumer pipeline drops the copies by event id).
     pub resent_after_timeout: u64,
     /// `PutRecords` calls that may be in flight now (the adaptive limit, at most
     /// `max_connections`).
@@ -302,6 +308,8 @@ impl Producer {
             shard_map_refreshes: get(&c.shard_map_refreshes),
             mispredicted: get(&c.mispredicted),
             timed_out_calls: get(&c.timed_out_calls),
+            late_answers: get(&c.late_answers),
+            abandoned_calls: get(&c.abandoned_calls),
             resent_after_timeout: get(&c.resent_after_timeout),
             concurrency_limit: get(&c.concurrency_limit),
             request_timeout_ms: get(&c.request_timeout_ms),

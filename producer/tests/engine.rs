@@ -23,6 +23,9 @@ enum Plan {
     Entries(Vec<usize>, &'static str),
     /// Take `Duration` to answer (then succeed).
     Stall(Duration),
+    /// Store the records at once, then take `Duration` to answer: the answer is late, the
+    /// records are already in the stream (what a client that gives up cannot tell from a loss).
+    AnswerLate(Duration),
 }
 
 #[derive(Default)]
@@ -104,6 +107,7 @@ impl KinesisApi for FakeKinesis {
             };
             let mut failing: Vec<usize> = Vec::new();
             let mut code = "";
+            let mut answer_after = None;
             match plan {
                 Some(Plan::Call(error)) => return Err(error),
                 Some(Plan::Entries(indices, c)) => {
@@ -111,38 +115,14 @@ impl KinesisApi for FakeKinesis {
                     code = c;
                 }
                 Some(Plan::Stall(duration)) => tokio::time::sleep(duration).await,
+                Some(Plan::AnswerLate(duration)) => answer_after = Some(duration),
                 None => {}
             }
-            let shards = self.shards.lock().expect("lock").clone();
-            let mut stored = self.stored.lock().expect("lock");
-            Ok(entries
-                .into_iter()
-                .enumerate()
-                .map(|(i, entry)| {
-                    if std::env::var("FAKE_DEBUG").is_ok() {
-                        let d = Deaggregator::new().deaggregate(entry.data.clone(), &entry.partition_key, None);
-                        let ids: Vec<String> =
-                            d.records.iter().map(|r| String::from_utf8_lossy(&r.data[6..]).into_owned()).collect();
-                        eprintln!(
-                            "call {} entry {i} ehk {:?} failing {} ids {:?}",
-                            self.calls.load(Ordering::SeqCst),
-                            entry.explicit_hash_key.as_deref().map(|s| &s[..4]),
-                            failing.contains(&i),
-                            &ids[..ids.len().min(4)]
-                        );
-                    }
-                    if failing.contains(&i) {
-                        return EntryResult::Failed { code: code.into(), message: "injected".into() };
-                    }
-                    let hash =
-                        effective_hash_key(&entry.partition_key, entry.explicit_hash_key.as_deref()).expect("valid");
-                    let shard =
-                        shards.iter().find(|s| s.open && s.range.contains(hash)).expect("open shards cover the space");
-                    let sequence = self.sequence.fetch_add(1, Ordering::SeqCst);
-                    stored.entry(shard.shard_id.clone()).or_default().push((sequence, entry));
-                    EntryResult::Put { shard_id: shard.shard_id.clone(), sequence_number: format!("{sequence:020}") }
-                })
-                .collect())
+            let results = self.store(entries, &failing, code);
+            if let Some(duration) = answer_after {
+                tokio::time::sleep(duration).await;
+            }
+            Ok(results)
         })
     }
 
@@ -151,6 +131,41 @@ impl KinesisApi for FakeKinesis {
             self.list_calls.fetch_add(1, Ordering::SeqCst);
             Ok(self.shards.lock().expect("lock").clone())
         })
+    }
+}
+
+impl FakeKinesis {
+    /// Stores the entries (but those at `failing`, which fail with `code`) and gives their results.
+    fn store(&self, entries: Vec<Entry>, failing: &[usize], code: &str) -> Vec<EntryResult> {
+        let shards = self.shards.lock().expect("lock").clone();
+        let mut stored = self.stored.lock().expect("lock");
+        entries
+            .into_iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                if std::env::var("FAKE_DEBUG").is_ok() {
+                    let d = Deaggregator::new().deaggregate(entry.data.clone(), &entry.partition_key, None);
+                    let ids: Vec<String> =
+                        d.records.iter().map(|r| String::from_utf8_lossy(&r.data[6..]).into_owned()).collect();
+                    eprintln!(
+                        "call {} entry {i} ehk {:?} failing {} ids {:?}",
+                        self.calls.load(Ordering::SeqCst),
+                        entry.explicit_hash_key.as_deref().map(|s| &s[..4]),
+                        failing.contains(&i),
+                        &ids[..ids.len().min(4)]
+                    );
+                }
+                if failing.contains(&i) {
+                    return EntryResult::Failed { code: code.into(), message: "injected".into() };
+                }
+                let hash = effective_hash_key(&entry.partition_key, entry.explicit_hash_key.as_deref()).expect("valid");
+                let shard =
+                    shards.iter().find(|s| s.open && s.range.contains(hash)).expect("open shards cover the space");
+                let sequence = self.sequence.fetch_add(1, Ordering::SeqCst);
+                stored.entry(shard.shard_id.clone()).or_default().push((sequence, entry));
+                EntryResult::Put { shard_id: shard.shard_id.clone(), sequence_number: format!("{sequence:020}") }
+            })
+            .collect()
     }
 }
 
@@ -554,7 +569,9 @@ async fn put_all_sampling(
 
 #[tokio::test(start_paused = true)]
 async fn a_kinesis_slower_than_the_timeout_gets_fewer_calls_and_longer_timeouts_and_nothing_expires() {
-    const N: usize = 20_000;
+    // Enough records that the fast phase takes a few hundred calls: the limit grows back by one
+    // per window of healthy answers.
+    const N: usize = 40_000;
     let fake = FakeKinesis::new(8);
     // Every call takes 3 s, three times the request timeout; 8 shards, up to 8 calls at once.
     *fake.always.lock().expect("lock") = Some(Plan::Stall(Duration::from_secs(3)));
@@ -591,6 +608,66 @@ async fn a_kinesis_slower_than_the_timeout_gets_fewer_calls_and_longer_timeouts_
     let after = limits.iter().rposition(|l| *l == lowest).map_or(&[][..], |i| &limits[i..]);
     assert!(after.iter().any(|l| *l >= 6), "and went back up once calls were fast: {limits:?}");
     assert!(stats.request_timeout_ms < slow.request_timeout_ms, "the timeout came back down: {stats:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn answers_later_than_the_timeout_settle_their_records_without_copies() {
+    const N: usize = 10_000;
+    let fake = FakeKinesis::new(4);
+    // Every call is written at once and answered 1.5 s later: past the 1 s timeout, within twice
+    // it. The producer learns congestion from the timeout but waits for the answer, so nothing
+    // is sent twice.
+    *fake.always.lock().expect("lock") = Some(Plan::AnswerLate(Duration::from_millis(1_500)));
+    let config = ProducerConfig::new("s")
+        .with_aggregation(false)
+        .with_max_connections(8)
+        .with_request_timeout(Duration::from_secs(1))
+        .with_max_request_timeout(Duration::from_secs(8));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let writer = {
+        let producer = producer.clone();
+        tokio::spawn(async move { put_all_sampling(&producer, N, 400).await })
+    };
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let slow = producer.stats();
+    *fake.always.lock().expect("lock") = None;
+    let (outcomes, limits) = writer.await.expect("writer");
+    let stats = producer.shutdown(Duration::from_secs(5)).await;
+    println!("slow phase {slow:?}; end {stats:?}");
+    assert!(outcomes.iter().all(Result::is_ok), "every record is put");
+    assert!(slow.timed_out_calls > 0 && slow.late_answers > 0, "calls passed their timeout, answered late: {slow:?}");
+    assert_eq!((stats.abandoned_calls, stats.resent_after_timeout, stats.retries), (0, 0, 0), "{stats:?}");
+    assert!(slow.request_timeout_ms >= 3_000, "the timeout follows the 1.5 s answers: {slow:?}");
+    assert!(limits.iter().any(|l| *l < 8), "the limit came down: {limits:?}");
+    assert_exactly_once_in_order(&fake, N, 400);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_without_an_answer_by_twice_its_timeout_is_given_up_and_resent() {
+    let fake = FakeKinesis::new(1);
+    // The first call is written and answered after an hour; the producer gives up on it at 2 s
+    // (twice the 1 s timeout) and sends its records again: they are stored twice, and counted.
+    fake.plan(Plan::AnswerLate(Duration::from_secs(3_600)));
+    let config = ProducerConfig::new("s")
+        .with_aggregation(false)
+        .with_request_timeout(Duration::from_secs(1))
+        .with_max_request_timeout(Duration::from_secs(8))
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(100));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let receipts: Vec<_> = (0..10).map(|i| producer.try_put(record(i, 1)).expect("room")).collect();
+    let started = tokio::time::Instant::now();
+    for receipt in receipts {
+        let outcome = receipt.await.expect("put on the second call");
+        let codes: Vec<_> = outcome.attempts().iter().map(|a| a.error_code.clone()).collect();
+        assert_eq!(codes, [Some("RequestTimeout".to_owned()), None]);
+        let message = outcome.attempts()[0].error_message.as_deref().unwrap_or_default();
+        assert!(message.contains("2000 ms"), "given up on at twice the timeout: {message}");
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let stats = producer.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((stats.timed_out_calls, stats.late_answers, stats.abandoned_calls), (1, 0, 1), "{stats:?}");
+    assert_eq!(stats.resent_after_timeout, 10);
+    assert_eq!(fake.user_records().len(), 20, "the given-up call was written: every record twice");
 }
 
 #[tokio::test(start_paused = true)]

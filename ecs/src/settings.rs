@@ -121,6 +121,9 @@ pub struct WorkerTimings {
     /// Balancing (taking leases from busier workers) runs this often [default: (failover + 25) * 2].
     #[arg(long = "taking-ms", env = "KTK_TAKING_MS", value_name = "MS", value_parser = millis(), help_heading = "Worker timings")]
     pub taking_ms: Option<u64>,
+    /// Shortest time between two balance rounds: a worker balances early, at its next scan, when a new worker appears or its last round lost a race, but never closer than this to its previous round [default: 1000].
+    #[arg(long = "min-balance-ms", env = "KTK_MIN_BALANCE_MS", value_name = "MS", value_parser = millis(), help_heading = "Worker timings")]
+    pub min_balance_ms: Option<u64>,
     /// The lease table is scanned for unowned and expired leases this often [default: 1000].
     #[arg(long = "discovery-ms", env = "KTK_DISCOVERY_MS", value_name = "MS", value_parser = millis(), help_heading = "Worker timings")]
     pub discovery_ms: Option<u64>,
@@ -133,6 +136,9 @@ pub struct WorkerTimings {
     /// Pause between reads of a shard that returned nothing [default: 1500].
     #[arg(long = "idle-ms", env = "KTK_IDLE_MS", value_name = "MS", value_parser = millis(), help_heading = "Worker timings")]
     pub idle_ms: Option<u64>,
+    /// Read a shard's next batch while the pipeline works on the current one (one batch ahead per shard; polling only).
+    #[arg(long = "read-ahead", env = "KTK_READ_AHEAD", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set, help_heading = "Worker timings")]
+    pub read_ahead: bool,
     /// How long SIGTERM waits for shards to finish before releasing their leases.
     #[arg(long = "shutdown-timeout-ms", env = "KTK_SHUTDOWN_TIMEOUT_MS", value_name = "MS", default_value_t = 20_000, value_parser = millis(), help_heading = "Worker timings")]
     pub shutdown_timeout_ms: u64,
@@ -170,6 +176,9 @@ impl Settings {
         if let Some(v) = t.taking_ms {
             worker = worker.with_taking_interval(ms(v));
         }
+        if let Some(v) = t.min_balance_ms {
+            worker = worker.with_min_balance_interval(ms(v));
+        }
         if let Some(v) = t.discovery_ms {
             worker = worker.with_discovery_interval(ms(v));
         }
@@ -183,7 +192,10 @@ impl Settings {
             worker = worker.with_idle_time_between_reads(ms(v));
         }
         // The pipeline closes a quiet shard's batch window on empty reads.
-        worker = worker.with_empty_batches(true).with_shutdown_timeout(ms(t.shutdown_timeout_ms));
+        worker = worker
+            .with_read_ahead(t.read_ahead)
+            .with_empty_batches(true)
+            .with_shutdown_timeout(ms(t.shutdown_timeout_ms));
         worker.validate().map_err(|e| SettingError { setting: "KTK_*_MS worker timings", problem: e.to_string() })?;
         Ok(worker)
     }
@@ -214,6 +226,13 @@ mod tests {
         assert_eq!(s.listen, "0.0.0.0:8080".parse().expect("addr"));
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.pipeline_config(), PipelineConfig::default());
+        assert!(worker.read_ahead(), "read-ahead is on by default");
+        assert_eq!(worker.min_balance_interval(), Duration::from_secs(1));
+        let mut args = BASE.to_vec();
+        args.extend(["--read-ahead", "false", "--min-balance-ms", "250"]);
+        let tuned = settings(&args).expect("valid").worker_config().expect("valid worker");
+        assert!(!tuned.read_ahead());
+        assert_eq!(tuned.min_balance_interval(), Duration::from_millis(250));
         let no_stream = settings(&["--application", "app", "--s3-bucket", "b"]).expect_err("no stream");
         assert!(no_stream.to_string().contains("--stream"), "{no_stream}");
         let no_sink = settings(&["--stream", "s", "--application", "a"]).expect_err("no sink");
@@ -232,6 +251,8 @@ mod tests {
             ("--log-format", "xml"),
             ("--s3-path-style", "maybe"),
             ("--batch-max-records", "0"),
+            ("--read-ahead", "maybe"),
+            ("--min-balance-ms", "0"),
         ] {
             let mut args = BASE.to_vec();
             args.extend([flag, value]);

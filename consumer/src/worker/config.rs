@@ -238,6 +238,16 @@ impl WorkerConfig {
         self.taking_interval.unwrap_or((self.failover_time + EPSILON) * 2)
     }
 
+    /// The shortest time between two balance rounds.
+    pub fn min_balance_interval(&self) -> Duration {
+        self.min_balance_interval
+    }
+
+    /// Whether shards read one batch ahead of their processor.
+    pub fn read_ahead(&self) -> bool {
+        self.read_ahead
+    }
+
     /// Checks the settings together; the error names the setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |setting, problem: &str| Err(Error::Config { setting, problem: problem.to_owned() });

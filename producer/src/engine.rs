@@ -1288,8 +1288,10 @@ impl Engine {
         }
         let outcome = match &done.result {
             Err(error) if error.is_timeout() => {
-                // A timeout of the SDK's own, before the engine's.
+                // A timeout of the SDK's own, before the engine's: the call is given up on, and
+                // its records are sent again, as at the engine's give-up.
                 bump(&self.counters.timed_out_calls, 1);
+                bump(&self.counters.abandoned_calls, 1);
                 Outcome::TimedOut
             }
             Err(error) if error.retry == Retry::Throttled => Outcome::Throttled(done.duration),

@@ -671,6 +671,25 @@ async fn a_call_without_an_answer_by_twice_its_timeout_is_given_up_and_resent() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_timeout_of_the_sdk_counts_as_a_call_given_up_on() {
+    let fake = FakeKinesis::new(1);
+    // The SDK's own timeout (its operation timeout) ends the call before the engine's does.
+    fake.plan(Plan::Call(CallError { code: "RequestTimeout".into(), message: "sdk".into(), retry: Retry::Yes }));
+    let config = ProducerConfig::new("s")
+        .with_aggregation(false)
+        .with_backoff(Duration::from_millis(100), Duration::from_millis(100));
+    let producer = Producer::with_api(config, fake.clone()).await.expect("starts");
+    let receipts: Vec<_> = (0..10).map(|i| producer.try_put(record(i, 1)).expect("room")).collect();
+    for receipt in receipts {
+        receipt.await.expect("put on the second call");
+    }
+    let stats = producer.shutdown(Duration::from_secs(1)).await;
+    assert_eq!((stats.timed_out_calls, stats.late_answers, stats.abandoned_calls), (1, 0, 1), "{stats:?}");
+    assert_eq!(stats.resent_after_timeout, 10);
+    assert_exactly_once_in_order(&fake, 10, 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn throttled_calls_lower_the_limit_and_fast_answers_raise_it_again() {
     let fake = FakeKinesis::new(8);
     let config = ProducerConfig::new("s").with_aggregation(false).with_max_connections(8);
